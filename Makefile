@@ -1,0 +1,50 @@
+# multihost: one entry point.  `make demo` shows the product, `make test` checks it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the lab, the root tests and the benchmarks use.
+DEBS   := nftables iproute2 nginx-light iperf3 arping tcpdump keepalived wrk iptables \
+          conntrack ethtool procps kmod
+
+.PHONY: setup debs test lint types unit demo bench lock clean
+.DEFAULT_GOAL := test
+
+setup: $(STAMP) debs
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	@$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+debs:
+	@scripts/install-debs.sh $(DEBS)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+types: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: lint types unit
+
+demo: setup
+	$(BIN)/multihost demo
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+# Regenerate the lock file from pyproject.toml (needs network access to PyPI).
+lock:
+	$(PYTHON) -m pip install -q uv
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	    --generate-hashes -o requirements.lock --quiet
+	@echo "requirements.lock updated"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info
