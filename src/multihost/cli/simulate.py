@@ -73,8 +73,12 @@ def to_text(sim: Simulation) -> str:
         out.append("")
         out.append(f"== {st.event}: live {','.join(st.live) or '(none)'}")
         rows = [
-            [m, fraction_text(st.shares[m]) if m in st.shares else "-",
-             str(st.assignment.count(i)), "live" if m in st.shares else "failed"]
+            [
+                m,
+                fraction_text(st.shares[m]) if m in st.shares else "-",
+                str(st.assignment.count(i)),
+                "live" if m in st.shares else "failed",
+            ]
             for i, m in enumerate(sim.members)
         ]
         out.append(render_table(["member", "share", "buckets", "state"], rows))

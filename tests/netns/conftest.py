@@ -1,0 +1,1 @@
+"""Fixtures for root tests (tests/conftest.py marks everything here ``root``)."""
