@@ -94,7 +94,8 @@ class OrderingTable:
             raise AssignmentError("every row must be a permutation of range(slots)")
         arr.setflags(write=False)
         self._orderings = arr
-        self._rows = np.arange(arr.shape[0])
+        # Column-major copy: the owner computation walks one preference rank at a time.
+        self._columns = np.ascontiguousarray(arr.T)
         self.name = name
         # One cached owner array per live set: 255 sets x 40 KB at most.
         self._owners_cached = functools.lru_cache(maxsize=None)(self._compute_owners)
@@ -117,13 +118,17 @@ class OrderingTable:
         return result
 
     def _compute_owners(self, live: frozenset[int]) -> OwnerArray:
-        if not live:
-            out = np.full(self.buckets, NO_OWNER, dtype=np.int8)
-        else:
+        out = np.full(self.buckets, NO_OWNER, dtype=np.int8)
+        if live:
             mask = np.zeros(self.slots, dtype=bool)
             mask[sorted(live)] = True
-            first = mask[self._orderings].argmax(axis=1)
-            out = self._orderings[self._rows, first]
+            open_ = np.ones(self.buckets, dtype=bool)  # buckets still without an owner
+            for column in self._columns:  # rank 0, 1, ...: first live slot wins
+                take = open_ & mask[column]
+                out[take] = column[take]
+                open_ &= ~take
+                if not open_.any():
+                    break
         out.setflags(write=False)
         return out
 
@@ -219,11 +224,12 @@ class Assignment:
         cuts = np.flatnonzero(own[1:] != own[:-1]) + 1
         starts = np.concatenate(([0], cuts))
         ends = np.concatenate((cuts, [own.size])) - 1
-        runs: dict[int, list[tuple[int, int]]] = {}
-        for lo, hi, slot in zip(starts.tolist(), ends.tolist(), own[starts].tolist(), strict=True):
-            if slot != NO_OWNER:
-                runs.setdefault(slot, []).append((lo, hi))
-        return {s: tuple(r) for s, r in runs.items()}
+        slots = own[starts]
+        return {
+            int(s): tuple(zip(starts[slots == s].tolist(), ends[slots == s].tolist(), strict=True))
+            for s in np.unique(slots)
+            if s != NO_OWNER
+        }
 
 
 def assign(live: Iterable[int], table: PreferenceTable | None = None) -> Assignment:

@@ -122,7 +122,7 @@ def jhash(key: bytes, initval: int) -> int:
 
 def reciprocal_scale(value: int, modulus: int) -> int:
     """The kernel's ``reciprocal_scale``: ``(value * modulus) >> 32``."""
-    return ((value & _M32) * modulus) >> 32
+    return int(((value & _M32) * modulus) >> 32)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def _seed(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer (e.g. 0x5eed1234)")
+        msg = f"seed {text!r} is not an integer (e.g. 0x5eed1234)"
+        raise argparse.ArgumentTypeError(msg) from None
     if not 0 <= value <= 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"seed {text!r} is not a 32-bit value")
     return value

@@ -1,0 +1,379 @@
+"""Cluster configuration: one TOML file, the same on every node -> frozen dataclasses.
+
+Owns: the schema (``[cluster]``, ``[[node]]``, ``[[traffic_ip_group]]``), defaults,
+validation, the digest of the ownership-relevant part (carried in heartbeats so members with
+different configurations never share buckets), and finding this node's entry.  Every error
+names the file, the key path and the reason, e.g.
+``/etc/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'``.
+
+Must not: touch the network or the kernel.  :func:`parse_config` is pure; :func:`load_config`
+only reads the file (and, when asked, checks the key file's permissions and reads it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import stat
+import tomllib
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multihost.assignment import MAX_SLOTS, default_table
+from multihost.flowhash import HashMode
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
+MIN_KEY_BYTES = 16
+METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem: ``path: key: reason``."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source, self.key, self.reason = source, key, reason
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    interface: str
+    multicast_group: ipaddress.IPv4Address
+    port: int
+    key_file: Path
+    hash_seed: int
+    heartbeat_interval_ms: int = 100
+    dead_after_ms: int = 400
+    quorum: bool = False
+    max_drain_ms: int = 60_000
+    control_socket: Path = Path("/run/multihost/control.sock")
+    metrics_address: str | None = None  # "HOST:PORT"; None = off
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    address: IPAddress
+    slot: int
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    addresses: tuple[IPAddress, ...]
+    members: tuple[str, ...]
+    hash: HashMode = HashMode.FOUR_TUPLE
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    cluster: ClusterConfig
+    nodes: tuple[NodeConfig, ...]
+    groups: tuple[GroupConfig, ...]
+    buckets: int = field(default_factory=lambda: default_table().buckets)
+
+    def node(self, name: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ConfigError(self.source, "node", f"no node named {name!r}")
+
+    @property
+    def slots(self) -> dict[str, int]:
+        return {n.name: n.slot for n in self.nodes}
+
+    def digest(self) -> bytes:
+        """16-byte digest of everything that decides bucket ownership."""
+        canon = {
+            "buckets": self.buckets,
+            "seed": self.cluster.hash_seed,
+            "nodes": sorted((n.name, n.slot) for n in self.nodes),
+            "groups": sorted(
+                (g.name, sorted(str(a) for a in g.addresses), sorted(g.members), g.hash.value)
+                for g in self.groups
+            ),
+        }
+        blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).digest()[:16]
+
+    def find_local_node(self, local_addresses: Sequence[IPAddress]) -> NodeConfig:
+        """The node whose ``address`` is one of this host's addresses (exactly one)."""
+        mine = [n for n in self.nodes if n.address in set(local_addresses)]
+        if len(mine) != 1:
+            found = ", ".join(n.name for n in mine) or "none"
+            raise ConfigError(
+                self.source,
+                "node",
+                f"cannot tell which node this host is (matches: {found}); pass --node NAME",
+            )
+        return mine[0]
+
+
+class _Reader:
+    """Typed access to a TOML table that reports errors with the full key path."""
+
+    def __init__(self, source: str, table: Mapping[str, Any], path: str) -> None:
+        self.source, self.table, self.path = source, table, path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def err(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), reason)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            if default is ...:
+                raise self.err(name, "is required")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and kind is not bool and bool not in _tuple(kind):
+            raise self.err(name, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.err(name, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def int_in(self, name: str, lo: int, hi: int, default: Any = ...) -> int:
+        value: int = self.get(name, int, default)
+        if not lo <= value <= hi:
+            raise self.err(name, f"{value} is outside {lo}..{hi}")
+        return value
+
+    def finish(self) -> None:
+        for k in self.table:
+            if k not in self.used:
+                raise ConfigError(self.source, self.key(k), "unknown key")
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        int: "an integer",
+        str: "a string",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in _tuple(kind))
+
+
+def _address(r: _Reader, key: str, text: Any) -> IPAddress:
+    if not isinstance(text, str):
+        raise ConfigError(r.source, key, f"expected an IP address string, got {text!r}")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(r.source, key, f"{text!r} is not an IP address") from None
+
+
+def _seed(r: _Reader, name: str, cluster_name: str) -> int:
+    value = r.get(name, (int, str), None)
+    if value is None:
+        return zlib.crc32(cluster_name.encode())
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise r.err(name, f"{value!r} is not an integer (e.g. 0x5eed1234)") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise r.err(name, f"{value} is not a 32-bit value")
+    return int(value)
+
+
+def _cluster(source: str, raw: Any) -> ClusterConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "cluster", "a [cluster] table is required")
+    r = _Reader(source, raw, "cluster")
+    name = r.get("name", str)
+    if not NAME_RE.match(name):
+        raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
+    interface = r.get("interface", str)
+    if not 1 <= len(interface) <= 15 or "/" in interface or " " in interface:
+        raise r.err("interface", f"{interface!r} is not a valid interface name")
+    group_text = r.get("multicast_group", str)
+    try:
+        group = ipaddress.IPv4Address(group_text)
+    except ValueError:
+        raise r.err("multicast_group", f"{group_text!r} is not an IPv4 address") from None
+    if not group.is_multicast:
+        raise r.err("multicast_group", f"{group} is not a multicast address (224.0.0.0/4)")
+    if group in ipaddress.IPv4Network("224.0.0.0/24"):
+        raise r.err("multicast_group", f"{group} is link-local control; use 239.192.0.0/14")
+    port = r.int_in("port", 1, 65535, 7946)
+    interval = r.int_in("heartbeat_interval_ms", 5, 10_000, 100)
+    dead_after = r.int_in("dead_after_ms", 1, 600_000, 4 * interval)
+    if dead_after < 2 * interval:
+        raise r.err(
+            "dead_after_ms", f"{dead_after} must be at least 2 x heartbeat_interval_ms ({interval})"
+        )
+    metrics = r.get("metrics_address", str, None)
+    if metrics is not None and not re.match(
+        r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$", metrics
+    ):
+        raise r.err("metrics_address", f"{metrics!r} is not HOST:PORT (e.g. 127.0.0.1:9650)")
+    cfg = ClusterConfig(
+        name=name,
+        interface=interface,
+        multicast_group=group,
+        port=port,
+        key_file=Path(r.get("key_file", str)),
+        hash_seed=_seed(r, "hash_seed", name),
+        heartbeat_interval_ms=interval,
+        dead_after_ms=dead_after,
+        quorum=r.get("quorum", bool, False),
+        max_drain_ms=r.int_in("max_drain_ms", 0, 86_400_000, 60_000),
+        control_socket=Path(r.get("control_socket", str, "/run/multihost/control.sock")),
+        metrics_address=metrics,
+    )
+    r.finish()
+    return cfg
+
+
+def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(source, "node", "at least one [[node]] table is required")
+    out: list[NodeConfig] = []
+    for i, item in enumerate(raw):
+        path = f"node[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, path, "expected a table")
+        r = _Reader(source, item, path)
+        name = r.get("name", str)
+        if not NAME_RE.match(name):
+            raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
+        address = _address(r, r.key("address"), r.get("address", str))
+        slot = r.int_in("slot", 0, MAX_SLOTS - 1)
+        r.finish()
+        for prev in out:
+            if prev.name == name:
+                raise r.err("name", f"node {name!r} is defined twice")
+            if prev.slot == slot:
+                raise r.err("slot", f"slot {slot} is already node {prev.name!r}'s")
+            if prev.address == address:
+                raise r.err("address", f"{address} is already node {prev.name!r}'s")
+        out.append(NodeConfig(name, address, slot))
+    return tuple(out)
+
+
+def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[GroupConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            source, "traffic_ip_group", "at least one [[traffic_ip_group]] is required"
+        )
+    names = {n.name for n in nodes}
+    node_addrs = {n.address: n.name for n in nodes}
+    seen_addr: dict[IPAddress, str] = {}
+    out: list[GroupConfig] = []
+    for i, item in enumerate(raw):
+        path = f"traffic_ip_group[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, path, "expected a table")
+        r = _Reader(source, item, path)
+        name = r.get("name", str)
+        if not GROUP_RE.match(name):
+            raise r.err("name", f"{name!r} must be 1-24 of A-Z a-z 0-9 _ - (starting alnum)")
+        if any(g.name == name for g in out):
+            raise r.err("name", f"group {name!r} is defined twice")
+        addr_list = r.get("addresses", list)
+        if not addr_list:
+            raise r.err("addresses", "needs at least one traffic IP")
+        addrs: list[IPAddress] = []
+        for j, text in enumerate(addr_list):
+            key = f"{path}.addresses[{j}]"
+            a = _address(r, key, text)
+            if a.is_multicast or a.is_unspecified or a.is_loopback:
+                raise ConfigError(source, key, f"{a} cannot be a traffic IP")
+            if a in node_addrs:
+                raise ConfigError(source, key, f"{a} is node {node_addrs[a]!r}'s own address")
+            if a in seen_addr:
+                raise ConfigError(source, key, f"{a} is already in group {seen_addr[a]!r}")
+            seen_addr[a] = name
+            addrs.append(a)
+        members = r.get("members", list)
+        if not members:
+            raise r.err("members", "needs at least one member")
+        if len(members) > MAX_SLOTS:
+            raise r.err("members", f"{len(members)} members, at most {MAX_SLOTS}")
+        for j, m in enumerate(members):
+            key = f"{path}.members[{j}]"
+            if not isinstance(m, str) or m not in names:
+                raise ConfigError(source, key, f"unknown node {m!r}")
+            if members.index(m) != j:
+                raise ConfigError(source, key, f"node {m!r} is listed twice")
+        mode_text = r.get("hash", str, HashMode.FOUR_TUPLE.value)
+        try:
+            mode = HashMode(mode_text)
+        except ValueError:
+            choices = ", ".join(f'"{m.value}"' for m in HashMode)
+            raise r.err("hash", f"{mode_text!r} is not one of {choices}") from None
+        r.finish()
+        out.append(GroupConfig(name, tuple(addrs), tuple(members), mode))
+    return tuple(out)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text.  Pure: raises :class:`ConfigError` on any problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    top = _Reader(source, raw, "")
+    cluster = _cluster(source, top.get("cluster", dict, None))
+    nodes = _nodes(source, top.get("node", list, None))
+    groups = _groups(source, top.get("traffic_ip_group", list, None), nodes)
+    top.finish()
+    return Config(source, cluster, nodes, groups)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file (does not read the key)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), "", "is not UTF-8 text") from None
+    return parse_config(text, str(p))
+
+
+def read_key(cfg: Config) -> bytes:
+    """The shared secret from ``cluster.key_file``; refuses world-readable or short keys."""
+    path = cfg.cluster.key_file
+    if not path.is_absolute():
+        path = Path(cfg.source).parent / path
+    key = "cluster.key_file"
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError(cfg.source, key, f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(cfg.source, key, f"{path} is not a regular file")
+    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(
+            cfg.source,
+            key,
+            f"{path} is accessible by others (mode {st.st_mode & 0o777:o}); chmod 600 it",
+        )
+    data = path.read_bytes().strip()
+    if len(data) < MIN_KEY_BYTES:
+        raise ConfigError(
+            cfg.source, key, f"{path} holds {len(data)} bytes; at least {MIN_KEY_BYTES} needed"
+        )
+    return data
