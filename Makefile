@@ -34,7 +34,7 @@ unit: setup
 test: lint types unit
 
 demo: setup
-	$(BIN)/multihost demo
+	$(BIN)/multihost simulate --members A,B,C,D --event fail:D --event fail:C --event recover:D
 
 bench: setup
 	$(BIN)/python bench/run_all.py

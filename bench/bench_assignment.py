@@ -30,9 +30,7 @@ def one(table: OrderingTable, live: frozenset[int]) -> float:
 
 def main() -> int:
     base = default_table()
-    subsets = [
-        frozenset(c) for r in range(1, 9) for c in itertools.combinations(range(8), r)
-    ]
+    subsets = [frozenset(c) for r in range(1, 9) for c in itertools.combinations(range(8), r)]
     rounds = 5
     cold: dict[frozenset[int], list[float]] = {s: [] for s in subsets}
     warm: list[float] = []

@@ -117,7 +117,7 @@ def jhash(key: bytes, initval: int) -> int:
     b = (b - _rol32(a, 14)) & _M32
     c ^= b
     c = (c - _rol32(b, 24)) & _M32
-    return c
+    return int(c)
 
 
 def reciprocal_scale(value: int, modulus: int) -> int:

@@ -75,30 +75,62 @@ def test_find_local_node() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "key", "reason"),
     [
-        ('multicast_group = "239.192.0.1"', 'multicast_group = "198.18.0.1"',
-         "cluster.multicast_group", "not a multicast address"),
+        (
+            'multicast_group = "239.192.0.1"',
+            'multicast_group = "198.18.0.1"',
+            "cluster.multicast_group",
+            "not a multicast address",
+        ),
         ('name = "c1"', 'name = "c 1"', "cluster.name", "must be"),
         ('interface = "eth0"', "interface = 5", "cluster.interface", "expected a string"),
-        ('key_file = "key"', 'key_file = "key"\nheartbeat_interval_ms = 100\ndead_after_ms = 150',
-         "cluster.dead_after_ms", "at least 2 x"),
+        (
+            'key_file = "key"',
+            'key_file = "key"\nheartbeat_interval_ms = 100\ndead_after_ms = 150',
+            "cluster.dead_after_ms",
+            "at least 2 x",
+        ),
         ('key_file = "key"', 'key_file = "key"\nport = 70000', "cluster.port", "outside 1..65535"),
-        ('key_file = "key"', 'key_file = "key"\nhash_seed = "zz"', "cluster.hash_seed",
-         "not an integer"),
+        (
+            'key_file = "key"',
+            'key_file = "key"\nhash_seed = "zz"',
+            "cluster.hash_seed",
+            "not an integer",
+        ),
         ('key_file = "key"', 'key_file = "key"\nheartbeat = 1', "cluster.heartbeat", "unknown key"),
         ("slot = 3", "slot = 0", "node[1].slot", "already node 'A'"),
         ("slot = 3", "slot = 8", "node[1].slot", "outside 0..7"),
         ('address = "198.18.0.12"', 'address = "198.18.0.11"', "node[1].address", "already"),
         ('address = "198.18.0.12"', 'address = "nope"', "node[1].address", "not an IP address"),
-        ('members = ["A", "B"]', 'members = ["A", "E"]', "traffic_ip_group[0].members[1]",
-         "unknown node 'E'"),
-        ('members = ["A", "B"]', 'members = ["A", "A"]', "traffic_ip_group[0].members[1]",
-         "listed twice"),
-        ('members = ["A", "B"]', 'members = ["A"]\nhash = "5-tuple"', "traffic_ip_group[0].hash",
-         "not one of"),
-        ('addresses = ["198.18.0.100"]', 'addresses = ["198.18.0.11"]',
-         "traffic_ip_group[0].addresses[0]", "node 'A'"),
-        ('addresses = ["198.18.0.100"]', "addresses = []", "traffic_ip_group[0].addresses",
-         "at least one"),
+        (
+            'members = ["A", "B"]',
+            'members = ["A", "E"]',
+            "traffic_ip_group[0].members[1]",
+            "unknown node 'E'",
+        ),
+        (
+            'members = ["A", "B"]',
+            'members = ["A", "A"]',
+            "traffic_ip_group[0].members[1]",
+            "listed twice",
+        ),
+        (
+            'members = ["A", "B"]',
+            'members = ["A"]\nhash = "5-tuple"',
+            "traffic_ip_group[0].hash",
+            "not one of",
+        ),
+        (
+            'addresses = ["198.18.0.100"]',
+            'addresses = ["198.18.0.11"]',
+            "traffic_ip_group[0].addresses[0]",
+            "node 'A'",
+        ),
+        (
+            'addresses = ["198.18.0.100"]',
+            "addresses = []",
+            "traffic_ip_group[0].addresses",
+            "at least one",
+        ),
         ("slot = 0", 'slot = 0\nextra = "x"', "node[0].extra", "unknown key"),
         ("slot = 0", "slot = true", "node[0].slot", "got a boolean"),
     ],
@@ -136,7 +168,7 @@ def test_key_file_checks(tmp_path: Path) -> None:
     cfg_path.write_text(MINIMAL)
     cfg = load_config(cfg_path)
     key = tmp_path / "key"
-    with pytest.raises(ConfigError, match="cluster.key_file"):
+    with pytest.raises(ConfigError, match=r"cluster\.key_file"):
         read_key(cfg)
     key.write_bytes(b"0123456789abcdef0123\n")
     os.chmod(key, 0o644)

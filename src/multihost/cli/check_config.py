@@ -81,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(s)
         return 0
     print(f"{cfg.source}: valid")
-    print(f"  cluster {s['cluster']} on {s['interface']}, group {s['multicast_group']}"
-          f" (ARP MAC {s['multicast_mac']}), seed {s['hash_seed']}")
+    print(
+        f"  cluster {s['cluster']} on {s['interface']}, group {s['multicast_group']}"
+        f" (ARP MAC {s['multicast_mac']}), seed {s['hash_seed']}"
+    )
     for n in cfg.nodes:
         print(f"  node {n.name}: {n.address} slot {n.slot}")
     for g in cfg.groups:

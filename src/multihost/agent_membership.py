@@ -1,0 +1,224 @@
+"""Wires the sans-I/O membership core into the agent's event loop.
+
+Owns: the multicast socket's reader, the core's timer (``loop.call_at`` the core's next
+deadline), and carrying out the core's effects — send heartbeats, log, count, and on
+``ClaimsChanged`` reprogram the kernel through the agent's handover (buckets taken from a
+member that is still alive arrive through ``incoming``; from a dead one straight to
+``owned``) and confirm with ``core.applied(epoch)``.
+
+Must not: decide membership or ownership (the core does) or talk to nft directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from multihost.mcast import open_multicast
+from multihost.membership.config import MembershipConfig
+from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
+from multihost.membership.protocol import MembershipCore
+from multihost.metrics import Snapshot
+from multihost.ownership import ownership
+
+if TYPE_CHECKING:
+    from multihost.agent import Agent
+
+MAX_DATAGRAMS_PER_WAKEUP = 64
+
+
+def membership_config(agent: Agent, key: bytes) -> MembershipConfig:
+    cfg = agent.cfg
+    c = cfg.cluster
+    return MembershipConfig(
+        cluster=c.name,
+        node=agent.node.name,
+        members=cfg.slots,
+        groups={g.name: frozenset(g.members) for g in cfg.groups},
+        key=key,
+        interval=c.heartbeat_interval_ms / 1000,
+        dead_after=c.dead_after_ms / 1000,
+        config_digest=cfg.digest(),
+        quorum=c.quorum,
+        strict_transitions=False,
+    )
+
+
+class MembershipDriver:
+    def __init__(self, agent: Agent, key: bytes) -> None:
+        self.agent = agent
+        self.core = MembershipCore(membership_config(agent, key), agent.boot_id, time.monotonic())
+        self.sock: socket.socket | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._view: frozenset[str] = frozenset()
+        self._applied_view: frozenset[str] = frozenset()
+        self.view_changes = 0
+        self.send_errors = 0
+        self._view_changed_at: float | None = None
+        c = agent.cfg.cluster
+        self._dest = (str(c.multicast_group), c.port)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        addr = self.agent.node.address
+        if not isinstance(addr, ipaddress.IPv4Address):
+            raise OSError(f"node {self.agent.node.name}: heartbeats need an IPv4 address")
+        c = self.agent.cfg.cluster
+        self.sock = open_multicast(c.multicast_group, c.port, c.interface, addr)
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+        self._run(self.core.tick(loop.time()))
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sock is not None:
+            if self.loop is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    # ------------------------------------------------------------------- inputs
+    def _on_readable(self) -> None:
+        assert self.sock is not None and self.loop is not None
+        effects: list[Effect] = []
+        for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
+            try:
+                data = self.sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.agent.log("heartbeat-recv-failed", level="warning", error=str(e))
+                break
+            effects += self.core.receive(data, self.loop.time())
+        self._run(effects)
+
+    def _on_timer(self) -> None:
+        assert self.loop is not None
+        self._timer = None
+        self._run(self.core.tick(self.loop.time()))
+
+    def set_draining(self, draining: bool) -> None:
+        assert self.loop is not None
+        self._run(self.core.set_draining(draining, self.loop.time()))
+
+    # ------------------------------------------------------------------ effects
+    def _run(self, effects: list[Effect]) -> None:
+        assert self.loop is not None
+        pending = list(effects)
+        while pending:
+            eff = pending.pop(0)
+            if isinstance(eff, Send):
+                self._send(eff.payload)
+            elif isinstance(eff, ViewChanged):
+                self.view_changes += 1
+                self._view_changed_at = time.monotonic()
+                old, self._view = self._view, eff.live
+                self.agent.log(
+                    "view-changed",
+                    live=sorted(eff.live),
+                    joined=sorted(eff.live - old) or None,
+                    left=sorted(old - eff.live) or None,
+                )
+            elif isinstance(eff, ClaimsChanged):
+                pending += self._apply(eff)
+            elif isinstance(eff, Log):
+                self.agent.log(eff.event, level=eff.level, **dict(eff.fields))
+            elif isinstance(eff, Rejected):
+                pass  # counted by the core; the core logs what deserves a log line
+        self._schedule()
+
+    def _send(self, payload: bytes) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto(payload, self._dest)
+        except OSError:
+            self.send_errors += 1  # link down, buffer full: the next heartbeat retries
+
+    def _apply(self, eff: ClaimsChanged) -> list[Effect]:
+        assert self.loop is not None
+        before = ownership(self.agent.cfg, self._applied_view)
+        slot_names = {n.slot: n.name for n in self.agent.cfg.nodes}
+        view = self._view
+
+        def previous_owner(group: str, bucket: int) -> str | None:
+            s = before[group].assignment.owner(bucket)
+            return None if s is None else slot_names[s]
+
+        claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
+        self.agent.retarget(
+            claims, previous_owner, lambda m: m in view, self._view_changed_at, f"epoch {eff.epoch}"
+        )
+        self._view_changed_at = None
+        self._applied_view = view
+        return self.core.applied(eff.epoch, self.loop.time())
+
+    def _schedule(self) -> None:
+        assert self.loop is not None
+        deadline = self.core.next_deadline()
+        if self._timer is not None:
+            if abs(self._timer.when() - deadline) < 1e-4:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    # ------------------------------------------------------------------- queries
+    def live(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.agent.cfg.nodes if n.name in self._view)
+
+    def finished_draining(self, member: str) -> bool:
+        st = self.core.members().get(member)
+        return st is None or st.state != "alive" or not getattr(st, "handover", False)
+
+    def status(self) -> dict[str, Any]:
+        now = self.loop.time() if self.loop is not None else time.monotonic()
+        members: dict[str, Any] = {}
+        for name, m in self.core.members().items():
+            members[name] = {
+                "state": m.state,
+                "slot": m.slot,
+                "last_heard_ms": None
+                if m.last_heard is None
+                else round((now - m.last_heard) * 1000, 1),
+                "boot_id": m.boot_id,
+                "seq": m.seq,
+                "view": sorted(m.view),
+                "applied_epoch": m.applied_epoch,
+                "draining": m.draining,
+                "serving": m.serving,
+                "lease_ms": None
+                if m.lease_expires is None
+                else round((m.lease_expires - now) * 1000, 1),
+            }
+        c = self.core.counters()
+        return {
+            "epoch": self.core.epoch,
+            "applied_epoch": self.core.applied_epoch,
+            "draining": self.core.draining,
+            "quorum_ok": self.core.quorum_ok,
+            "members": members,
+            "counters": {
+                "heartbeats_sent": c.sent,
+                "heartbeats_received": c.received,
+                "heartbeats_accepted": c.accepted,
+                "rejected": dict(c.rejected),
+                "send_errors": self.send_errors,
+                "view_changes": self.view_changes,
+            },
+        }
+
+    def fill_snapshot(self, snap: Snapshot) -> None:
+        c = self.core.counters()
+        snap.heartbeats_sent = c.sent
+        snap.heartbeats_received = c.accepted
+        snap.rejected = dict(c.rejected)
+        snap.view_changes = self.view_changes
+        snap.members_up = {name: m.state == "alive" for name, m in self.core.members().items()}

@@ -1,0 +1,453 @@
+"""``multihost lab``: build, inspect, probe and remove a namespace lab on this host.
+
+Owns: the ``lab`` actions' arguments, help texts and output (text or one JSON object).
+Must not: contain lab logic; it calls :mod:`multihost.lab.topology`, ``build``, ``clean``
+and ``probe``.  Errors: invalid input -> :class:`UsageError` (exit 2); a failed operation ->
+one ``multihost: error: ...`` line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from multihost.assignment import assign, default_table, slots_of
+from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json, render_table
+from multihost.lab import build as labbuild
+from multihost.lab.clean import clean as clean_lab
+from multihost.lab.topology import (
+    MAX_CLIENTS,
+    MAX_NODES,
+    NETNS_DIR,
+    PREFIX_ENV,
+    SwitchMode,
+    TopologyError,
+    default_prefix,
+    describe,
+    validate_prefix,
+)
+
+FILES = f"""\
+files:
+  /run/multihost-lab/PREFIX/state.json   what the lab created and started (PIDs, start times)
+  /run/multihost-lab/PREFIX/             nginx configs and logs, UDP echo logs
+  /run/netns/PREFIX{{sw,A..H,c1..c8}}      the lab's network namespaces
+
+environment:
+  {PREFIX_ENV}   name prefix of everything the lab creates (default 'mh-'); --prefix wins
+
+exit status: 0 success, 1 the operation failed, 2 invalid input."""
+
+LAB = f"""\
+A lab is a cluster of network namespaces on this host, wired to one switch: a Linux bridge
+with IGMP snooping in its own namespace.  Nodes A, B, ... each run nginx on port 80 (the
+body's first line is the node's name) and a UDP echo service on port 7 (the reply's first
+line is the node's name); clients c1, ... send traffic.  Every address is in 198.18.0.0/15
+and the cluster group in 239.192.0.0/14; nothing is added to the root namespace.  The
+traffic IP is held by the per-node agents, which 'lab up' starts last.
+
+Needs root.  Typical session:
+  multihost lab up --nodes 4
+  multihost lab probe --connections 3000
+  multihost lab set-live A,C,D
+  multihost lab probe --connections 3000
+  multihost lab down
+
+{FILES}
+"""
+
+UP = f"""\
+Create the lab: namespaces, the switch, one veth pair per host, addresses, nginx and the UDP
+echo service on every node, then the agents.  All or nothing: if a step fails, everything
+made so far is removed and the error names the step.  Fails if a lab with the prefix exists.
+
+Switch modes (--switch): frames to the traffic IP carry the group's multicast MAC but a
+unicast IP; the bridge cannot match those against its IP-keyed snooping table, so:
+  snooping  snooping + querier on, node ports are permanent multicast-router ports: the
+            traffic IP reaches every node and no client (default; for about 1 s after
+            'lab up', until the querier takes effect, the bridge floods it to clients too)
+  flood     snooping on, no querier: the bridge floods multicast to every port
+  strict    snooping + querier on, no router ports: the traffic IP reaches NO node
+            (a snooping switch not configured for the cluster)
+
+examples:
+  multihost lab up --nodes 4
+  multihost lab up --nodes 8 --clients 2 --seed 0x5eed1234 --json
+
+{FILES}
+"""
+
+PROBE = f"""\
+Open CONNECTIONS flows from a client namespace, each from its own explicitly bound source
+port (ports drawn from --port-seed, so a run can be repeated), concurrently, and record which
+node answered each: TCP (default) does one HTTP/1.0 GET (the node is the body's first line),
+--udp sends one datagram to the echo service, --icmp one echo request (the node is found from
+the reply's source MAC; ICMP hashes on addresses only, so pings rotate over the client's 17
+source addresses and distinct ids).  Each flow's expected node is computed by the model
+(flowhash + assignment, with the lab's seed and the live set from the state file); flows
+answered by another node are 'mispredicted'.  --target NODE-ADDRESS probes one node directly
+(every flow is then expected from that node).  Progress goes to stderr.
+
+--json prints {{"connections", "answered": {{"A": n, ...}}, "failed", "reset", "timeout",
+"mispredicted", "duplicated", ...}}: reset = refused or reset, failed = anything else
+unexpected, duplicated = flows answered by more than one node (UDP, ICMP).
+
+examples:
+  multihost lab probe --connections 3000
+  multihost lab probe --udp --connections 1000 --json
+  multihost lab probe --icmp --connections 200
+  multihost lab probe --target 198.18.0.11 --connections 500 --check
+
+{FILES}
+"""
+
+EXEC = f"""\
+Run a command inside a lab namespace (as 'ip netns exec' does): HOST is a node (A, B, ...),
+a client (c1, ...; 'client' means c1) or 'sw' (the switch).  The exit status is the
+command's.  'lab down' stops anything still running in the lab's namespaces.
+
+examples:
+  multihost lab exec c1 -- curl -s http://198.18.0.11/
+  multihost lab exec A -- nft list ruleset
+  multihost lab exec sw -- bridge mdb show
+
+{FILES}
+"""
+
+
+def _handle(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except TopologyError as e:
+            raise UsageError(str(e)) from None
+        except labbuild.LabError as e:
+            print(f"multihost: error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _prefix(args: argparse.Namespace) -> str:
+    return validate_prefix(args.prefix or default_prefix())
+
+
+def _state(args: argparse.Namespace) -> labbuild.LabState:
+    prefix = _prefix(args)
+    state = labbuild.load_state(prefix)
+    if state is None:
+        raise labbuild.LabError(
+            f"no lab with prefix {prefix!r} is up ('multihost lab up' builds one; "
+            "'multihost lab clean' removes leftovers of a broken one)"
+        )
+    return state
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not a 32-bit value")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "lab", help="build and probe a namespace lab", description=LAB, formatter_class=Formatter
+    )
+    acts = p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+
+    def action(name: str, helptext: str, desc: str, func: Callable[..., int]) -> Any:
+        a = acts.add_parser(name, help=helptext, description=desc, formatter_class=Formatter)
+        a.add_argument("--prefix", help=f"lab name prefix (default: ${PREFIX_ENV} or 'mh-')")
+        a.set_defaults(func=_handle(func))
+        return a
+
+    a = action("up", "build the lab and start its services", UP, run_up)
+    a.add_argument(
+        "--nodes", type=int, metavar="N", default=4, help=f"nodes, 1..{MAX_NODES} (default 4)"
+    )
+    a.add_argument(
+        "--clients", type=int, metavar="K", default=1, help=f"clients, 1..{MAX_CLIENTS} (default 1)"
+    )
+    a.add_argument(
+        "--seed", type=_seed, metavar="SEED", help="hash seed (default: random, printed)"
+    )
+    a.add_argument(
+        "--switch",
+        choices=[m.value for m in SwitchMode],
+        default=SwitchMode.SNOOPING.value,
+        help="how the switch forwards multicast (default snooping; see above)",
+    )
+    a.add_argument(
+        "--manual",
+        action="store_true",
+        help="agents without heartbeats: ownership follows 'lab set-live' (release, then take)",
+    )
+    add_json_flag(a)
+
+    desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
+    a = action("down", "remove the lab", desc, run_down)
+    add_json_flag(a)
+
+    desc = (
+        "Remove every leftover of any lab with the prefix, even one whose builder crashed: "
+        "recorded processes (only if PID, start time and command line still match), "
+        "processes inside the lab's namespaces, the namespaces (exact names only) and the "
+        "state directory.  Safe to repeat; reports what it removed.\n\n" + FILES
+    )
+    a = action("clean", "remove leftovers of any earlier lab", desc, run_clean)
+    add_json_flag(a)
+
+    desc = (
+        "Show the lab: traffic IP, seed, nodes, live set, and whether every namespace "
+        "exists and every recorded process runs.  Exit status 1 if there is no lab or it "
+        "is degraded.\n\n" + FILES
+    )
+    a = action("status", "show the lab and its health", desc, run_status)
+    add_json_flag(a)
+
+    desc = (
+        "Make NODES (comma-separated, e.g. A,C; '' for none) the live set: the agents are "
+        "told, and the state file records it for 'lab probe' predictions.\n\n"
+        "example:\n  multihost lab set-live A,C,D\n\n" + FILES
+    )
+    a = action("set-live", "set the live nodes", desc, run_set_live)
+    a.add_argument("live", metavar="NODES", help="live nodes, e.g. A,C")
+    add_json_flag(a)
+
+    a = action("probe", "probe the traffic IP from a client", PROBE, run_probe)
+    a.add_argument(
+        "--connections", type=int, metavar="N", default=1000, help="flows (default 1000)"
+    )
+    kind = a.add_mutually_exclusive_group()
+    kind.add_argument("--udp", action="store_true", help="UDP echo instead of TCP/HTTP")
+    kind.add_argument("--icmp", action="store_true", help="ICMP echo instead of TCP/HTTP")
+    a.add_argument("--target", metavar="ADDR", help="traffic IP (default) or a node's address")
+    a.add_argument(
+        "--client", default="c1", metavar="HOST", help="client to probe from (default c1)"
+    )
+    a.add_argument(
+        "--concurrency", type=int, metavar="N", default=200, help="flows in flight (default 200)"
+    )
+    a.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=3.0,
+        help="per flow, seconds (default 3)",
+    )
+    a.add_argument(
+        "--port-seed", type=int, metavar="N", help="seed of the source ports (default random)"
+    )
+    a.add_argument("--sources", type=int, metavar="K", help="client addresses to rotate over")
+    a.add_argument("--check", action="store_true", help="exit 1 unless every flow was as expected")
+    add_json_flag(a)
+
+    from multihost.cli import lab_cluster
+
+    lab_cluster.register_actions(action, _state)
+
+    a = action("exec", "run a command in a lab namespace", EXEC, run_exec)
+    a.add_argument("host", metavar="HOST", help="A.., c1.., client or sw")
+    a.add_argument("cmd", metavar="-- CMD", nargs=argparse.REMAINDER, help="command and args")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    topo = describe(
+        args.nodes, args.clients, _prefix(args), seed=args.seed, switch_mode=SwitchMode(args.switch)
+    )
+    started = time.monotonic()
+
+    def progress(step: str) -> None:
+        if not args.json:
+            print(f"lab {topo.prefix}: {step}", file=sys.stderr)
+
+    state = labbuild.build(topo, progress, manual=args.manual)
+    took = time.monotonic() - started
+    if args.json:
+        print_json({**topo.summary(), "state": str(state.path), "seconds": round(took, 2)})
+        return 0
+    print(
+        f"lab {topo.prefix} is up: {len(topo.nodes)} nodes, {len(topo.clients)} client(s), "
+        f"built in {took:.1f}s"
+    )
+    _print_overview(state)
+    c = topo.clients[0]
+    print("\ntry:")
+    print("  multihost lab probe --connections 1000")
+    print(f"  multihost lab exec {c.name} -- curl -s http://{topo.nodes[0].address}/")
+    return 0
+
+
+def _print_overview(state: labbuild.LabState) -> None:
+    topo = state.topology
+    print(
+        f"  traffic IP {topo.vip} tcp/{topo.port} udp/{topo.echo_port}  "
+        f"group {topo.group} (MAC {topo.group_mac})"
+    )
+    print(
+        f"  seed {topo.seed_text}, {topo.buckets} buckets, hash {topo.hash_mode}, "
+        f"switch {topo.switch.netns} ({topo.switch.mode.value})"
+    )
+    print(f"  live: {','.join(state.live) or '(none)'}\n")
+    rows = [[h.name, h.role, h.netns, h.address, h.mac] for h in topo.hosts]
+    print(render_table(["HOST", "ROLE", "NETNS", "ADDRESS", "MAC"], rows))
+
+
+def run_down(args: argparse.Namespace) -> int:
+    labbuild.require_root()
+    state = _state(args)
+    report = labbuild.teardown(state)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(
+            f"lab {state.prefix} is down: stopped {len(report.stopped)} process(es), "
+            f"deleted {len(report.namespaces)} namespace(s)"
+        )
+    return 0
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    labbuild.require_root()
+    report = clean_lab(_prefix(args))
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        for line in report.lines():
+            print(line)
+        if not report.removed_anything and not report.errors:
+            print(f"nothing to clean for prefix {report.prefix!r}")
+    return 1 if report.errors else 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    prefix = _prefix(args)
+    state = labbuild.load_state(prefix)
+    if state is None:
+        if args.json:
+            print_json({"prefix": prefix, "up": False})
+        else:
+            print(f"no lab with prefix {prefix!r}")
+        return 1
+    topo = state.topology
+    namespaces = {n: (NETNS_DIR / n).exists() for n in state.namespaces}
+    procs = [
+        {"name": p.name, "pid": p.pid, "alive": labbuild.process_alive(p)} for p in state.processes
+    ]
+    healthy = state.status == "up" and all(namespaces.values()) and all(p["alive"] for p in procs)
+    if args.json:
+        print_json(
+            {
+                **topo.summary(),
+                "up": state.status == "up",
+                "status": state.status,
+                "healthy": healthy,
+                "live": state.live,
+                "created": state.created,
+                "namespaces": namespaces,
+                "processes": procs,
+                "agents": state.agents,
+            }
+        )
+        return 0 if healthy else 1
+    print(f"lab {prefix}: {state.status}{'' if healthy else ' (DEGRADED)'}, since {state.created}")
+    _print_overview(state)
+    down = [n for n, ok in namespaces.items() if not ok]
+    dead = [f"{p['name']} (pid {p['pid']})" for p in procs if not p["alive"]]
+    print(f"\nprocesses: {len(procs) - len(dead)}/{len(procs)} running")
+    if down:
+        print(f"missing namespaces: {', '.join(down)}")
+    if dead:
+        print(f"not running: {', '.join(dead)}")
+    return 0 if healthy else 1
+
+
+def run_set_live(args: argparse.Namespace) -> int:
+    labbuild.require_root()
+    state = _state(args)
+    live = [n.strip() for n in args.live.split(",") if n.strip()]
+    unknown = [n for n in live if n not in state.topology.members]
+    if unknown:
+        raise UsageError(f"unknown node {unknown[0]!r} (nodes: {','.join(state.topology.members)})")
+    labbuild.set_live(state, live)
+    a = assign(slots_of(state.live, state.topology.members), default_table())
+    members = state.topology.members
+    shares = {members[s]: str(a.share(s)) for s in sorted(a.live)}
+    if args.json:
+        print_json({"live": state.live, "shares": shares})
+    else:
+        print(f"live: {','.join(state.live) or '(none)'}")
+        for name, share in shares.items():
+            print(f"  {name} owns {share} of the buckets")
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from multihost.lab.probe import run_probe as probe
+
+    labbuild.require_root()
+    state = _state(args)
+    proto = "udp" if args.udp else "icmp" if args.icmp else "tcp"
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rprobe: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    result = probe(
+        state,
+        proto,
+        args.connections,
+        target=args.target,
+        client=args.client,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        port_seed=args.port_seed,
+        sources=args.sources,
+        progress=progress,
+    )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(
+            f"{result.connections} {proto} flows to {result.target} in {result.seconds:.1f}s "
+            f"({result.rate:.0f}/s), live {','.join(result.live) or '(none)'}"
+        )
+        names = sorted(set(result.answered) | set(result.predicted))
+        rows = [[n, str(result.answered.get(n, 0)), str(result.predicted.get(n, 0))] for n in names]
+        print(render_table(["NODE", "ANSWERED", "PREDICTED"], rows))
+        print(
+            f"failed {result.failed}, reset {result.reset}, timeout {result.timeout}, "
+            f"mispredicted {result.mispredicted}, duplicated {result.duplicated}"
+        )
+        for err, n in sorted(result.errors.items()):
+            print(f"  {n} x {err}")
+        for ex in result.examples:
+            print(f"  e.g. {ex['flow']} answered by {ex['node']}, expected {ex['expected']}")
+    return 1 if args.check and not result.ok else 0
+
+
+def run_exec(args: argparse.Namespace) -> int:
+    labbuild.require_root()
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command given (multihost lab exec HOST -- CMD ...)")
+    state = _state(args)
+    topo = state.topology
+    netns = topo.switch.netns if args.host in ("sw", "switch") else topo.host(args.host).netns
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp("ip", ["ip", "netns", "exec", netns, *cmd])
+    except OSError as e:
+        raise labbuild.LabError(f"cannot run ip netns exec: {e}") from None

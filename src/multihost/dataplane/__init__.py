@@ -1,0 +1,1 @@
+"""Kernel data plane: nft ruleset, host setup, ARP/NDP responder."""

@@ -1,0 +1,218 @@
+"""Per-node host setup for multi-hosted traffic IPs, and its exact undo.  Thin shell.
+
+Owns, for one cluster interface:
+
+* the traffic IPs on ``lo`` (IPv4 ``/32``, IPv6 ``/128 nodad``), so the kernel accepts
+  packets for them without ever answering ARP/ND for them on the wire itself;
+* ``net.ipv4.conf.<if>.arp_ignore = 1`` (answer ARP only for addresses configured on the
+  interface itself: the traffic IPs on ``lo`` are answered by the responder with the
+  multicast MAC) and ``arp_announce = 2`` (never use a traffic IP as ARP source);
+* ``net.ipv6.conf.<if>.drop_unicast_in_l2_multicast = 0`` when there are IPv6 traffic IPs
+  (IPv6 checks it *before* the prerouting hook that marks owned packets ``host``; IPv4
+  checks its twin after that hook, so it needs no change);
+* membership of the cluster multicast group on the interface (``IP_ADD_MEMBERSHIP`` on a
+  socket held open by this object): this programs the NIC's multicast filter with the MAC
+  ``01:00:5e`` + low 23 bits of the group, so frames to that MAC reach the host.
+
+:meth:`HostSetup.restore` undoes exactly what :meth:`HostSetup.apply` changed: it removes
+only addresses it added and puts back the previous sysctl values (unless someone else
+changed them meanwhile); both calls are idempotent.
+
+Must not: touch nftables (``nft``), answer ARP/ND (the responder), change link state, or
+modify interfaces and settings other than the ones listed above.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from multihost.dataplane.nft import netns_entered
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IFA_F_NODAD = 0x02
+
+
+class HostSetupError(RuntimeError):
+    """The host cannot be set up as asked (the message says what to fix)."""
+
+
+@dataclass(frozen=True)
+class _Sysctl:
+    path: str
+    wanted: str
+
+
+def _sysctl_path(family: str, interface: str, key: str) -> str:
+    # VLAN names such as eth0.100 appear as eth0/100 under /proc/sys.
+    return f"/proc/sys/net/{family}/conf/{interface.replace('.', '/')}/{key}"
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read().strip()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(value + "\n")
+
+
+class HostSetup:
+    """Set up (and later restore) one node for serving ``addresses`` via ``interface``."""
+
+    def __init__(
+        self,
+        interface: str,
+        addresses: Iterable[IPAddress],
+        group: ipaddress.IPv4Address,
+        *,
+        netns: str | None = None,
+        loopback: str = "lo",
+    ) -> None:
+        self.interface = interface
+        self.addresses = tuple(dict.fromkeys(addresses))
+        self.group = group
+        self.netns = netns
+        self.loopback = loopback
+        if not (isinstance(group, ipaddress.IPv4Address) and group.is_multicast):
+            raise HostSetupError(f"cluster group {group} is not an IPv4 multicast address")
+        self._added: list[IPAddress] = []
+        self._sysctls: dict[str, tuple[str, str]] = {}  # path -> (previous, ours)
+        self._mcast: socket.socket | None = None
+        self._applied = False
+
+    @property
+    def applied(self) -> bool:
+        return self._applied
+
+    @property
+    def added_addresses(self) -> tuple[IPAddress, ...]:
+        """The addresses :meth:`apply` added (and :meth:`restore` will remove)."""
+        return tuple(self._added)
+
+    def _wanted_sysctls(self) -> list[_Sysctl]:
+        out = [
+            _Sysctl(_sysctl_path("ipv4", self.interface, "arp_ignore"), "1"),
+            _Sysctl(_sysctl_path("ipv4", self.interface, "arp_announce"), "2"),
+        ]
+        if any(a.version == 6 for a in self.addresses):
+            path = _sysctl_path("ipv6", self.interface, "drop_unicast_in_l2_multicast")
+            out.append(_Sysctl(path, "0"))
+        return out
+
+    def apply(self) -> None:
+        """Configure the host; on failure undo the partial work and raise.  Idempotent."""
+        if self._applied:
+            return
+        try:
+            with netns_entered(self.netns):
+                self._apply()
+        except BaseException:
+            self.restore()
+            raise
+        self._applied = True
+
+    def _apply(self) -> None:
+        with IPRoute() as ipr:
+            iface = self._index(ipr, self.interface)
+            lo = self._index(ipr, self.loopback)
+            present = self._addresses_by_index(ipr)
+            for addr in self.addresses:
+                elsewhere = [i for i, addrs in present.items() if addr in addrs and i != lo]
+                if elsewhere:
+                    raise HostSetupError(
+                        f"traffic IP {addr} is configured on interface index {elsewhere[0]};"
+                        f" it must only be on {self.loopback}"
+                    )
+            for s in self._wanted_sysctls():
+                previous = _read(s.path)
+                if previous != s.wanted:
+                    _write(s.path, s.wanted)
+                    self._sysctls[s.path] = (previous, s.wanted)
+            for addr in self.addresses:
+                if addr in present.get(lo, set()):
+                    continue
+                if addr.version == 4:
+                    ipr.addr("add", index=lo, address=str(addr), prefixlen=32)
+                else:
+                    ipr.addr("add", index=lo, address=str(addr), prefixlen=128, flags=IFA_F_NODAD)
+                self._added.append(addr)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            mreqn = struct.pack("=4s4si", self.group.packed, bytes(4), iface)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+        except OSError as e:
+            sock.close()
+            raise HostSetupError(f"cannot join {self.group} on {self.interface}: {e}") from e
+        self._mcast = sock
+
+    def restore(self) -> None:
+        """Undo what :meth:`apply` did (leave the group, remove added addresses, put back
+        sysctls that still hold our value).  Idempotent; safe after a failed apply."""
+        if self._mcast is not None:
+            self._mcast.close()  # the kernel leaves the group with the last member socket
+            self._mcast = None
+        with netns_entered(self.netns):
+            if self._added:
+                with IPRoute() as ipr:
+                    lo = self._index(ipr, self.loopback)
+                    for addr in list(self._added):
+                        plen = 32 if addr.version == 4 else 128
+                        try:
+                            ipr.addr("del", index=lo, address=str(addr), prefixlen=plen)
+                        except Exception as e:  # pyroute2 raises NetlinkError (an OSError)
+                            if getattr(e, "code", None) not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                                raise
+                        self._added.remove(addr)
+            for path, (previous, ours) in list(self._sysctls.items()):
+                try:
+                    if _read(path) == ours:
+                        _write(path, previous)
+                except FileNotFoundError:
+                    pass  # the interface is gone, and its settings with it
+                del self._sysctls[path]
+        self._applied = False
+
+    @staticmethod
+    def _index(ipr: IPRoute, name: str) -> int:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            raise HostSetupError(f"no interface {name!r}")
+        return int(found[0])
+
+    @staticmethod
+    def _addresses_by_index(ipr: IPRoute) -> dict[int, set[IPAddress]]:
+        out: dict[int, set[IPAddress]] = {}
+        for msg in ipr.get_addr():
+            raw = msg.get_attr("IFA_ADDRESS")
+            if raw is None:
+                continue
+            out.setdefault(int(msg["index"]), set()).add(ipaddress.ip_address(raw))
+        return out
+
+
+def multicast_memberships(interface: str, netns: str | None = None) -> set[str]:
+    """Link-layer multicast addresses programmed on ``interface`` (``/proc/net/dev_mcast``)."""
+    with netns_entered(netns):
+        fd = os.open("/proc/thread-self/net/dev_mcast", os.O_RDONLY)
+        try:
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        finally:
+            os.close(fd)
+    out: set[str] = set()
+    for line in data.decode().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[1] == interface:
+            mac = parts[4]
+            out.add(":".join(mac[i : i + 2] for i in range(0, 12, 2)))
+    return out

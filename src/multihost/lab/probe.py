@@ -1,0 +1,285 @@
+"""Probe a running lab from a client and compare who answered with the model's prediction.
+
+Owns: choosing the flows (distinct, explicitly bound source ports drawn from a recorded
+``port_seed``; ICMP: distinct ids over the client's source addresses), predicting the node
+of each flow (the traffic IP: :func:`multihost.flowhash.flow_bucket` with the lab's seed,
+then the owner for the live set in the state file; a node's own address: that node),
+running :mod:`multihost.lab.probe_worker` inside the client namespace, and tallying its
+per-flow results into a :class:`ProbeResult` (the ``lab probe --json`` object).
+
+Must not: send traffic itself (the worker does, inside the lab), target anything but the
+traffic IP or a node's address, or change the lab.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multihost
+from multihost.assignment import assign, default_table, slots_of
+from multihost.flowhash import Flow, HashMode, flow_bucket
+from multihost.lab.build import LabError, LabState
+from multihost.lab.topology import Host, Topology
+
+PROTOCOLS = ("tcp", "udp", "icmp")
+PORT_RANGE = (10000, 61000)
+MAX_CONNECTIONS = PORT_RANGE[1] - PORT_RANGE[0]
+MAX_CONCURRENCY = 1000
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ProbeResult:
+    proto: str
+    target: str
+    connections: int
+    answered: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    reset: int = 0
+    timeout: int = 0
+    mispredicted: int = 0
+    duplicated: int = 0
+    predicted: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    live: list[str] = field(default_factory=list)
+    port_seed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.connections / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        bad = self.failed + self.reset + self.timeout + self.mispredicted + self.duplicated
+        return bad == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "connections": self.connections,
+            "answered": dict(sorted(self.answered.items())),
+            "failed": self.failed,
+            "reset": self.reset,
+            "timeout": self.timeout,
+            "mispredicted": self.mispredicted,
+            "duplicated": self.duplicated,
+            "proto": self.proto,
+            "target": self.target,
+            "predicted": dict(sorted(self.predicted.items())),
+            "live": self.live,
+            "errors": self.errors,
+            "examples": self.examples,
+            "port_seed": self.port_seed,
+            "seconds": round(self.seconds, 3),
+            "per_second": round(self.rate, 1),
+        }
+
+
+def plan_flows(
+    client: Host, proto: str, count: int, port_seed: int, sources: int | None = None
+) -> list[tuple[str, int]]:
+    """``count`` distinct (source address, source port | ICMP id) pairs, reproducibly.
+
+    Addresses rotate over the client's first ``sources`` addresses (default: 1 for TCP and
+    UDP, all for ICMP, whose hash ignores ids).
+    """
+    if not 1 <= count <= MAX_CONNECTIONS:
+        raise LabError(f"connections: {count} is outside 1..{MAX_CONNECTIONS}")
+    addrs = client.addresses
+    n = (len(addrs) if proto == "icmp" else 1) if sources is None else sources
+    if not 1 <= n <= len(addrs):
+        raise LabError(f"sources: {n} is outside 1..{len(addrs)} for client {client.name}")
+    rng = random.Random(port_seed)
+    if proto == "icmp":
+        base = rng.randrange(1, 0x10000)
+        ids = [(base + i) % 0xFFFF + 1 for i in range(count)]
+        return [(addrs[i % n], ids[i]) for i in range(count)]
+    ports = rng.sample(range(*PORT_RANGE), count)
+    return [(addrs[i % n], p) for i, p in enumerate(ports)]
+
+
+def expected_nodes(
+    topo: Topology,
+    *,
+    live: list[str],
+    target: str,
+    proto: str,
+    port: int,
+    flows: list[tuple[str, int]],
+) -> list[str | None]:
+    """The node that should answer each flow (None: no live owner)."""
+    node = topo.node_by_address(target)
+    if node is not None:
+        return [node.name] * len(flows)
+    if target != topo.vip:
+        raise LabError(f"target {target} is neither the traffic IP nor a node's address")
+    table = default_table()
+    if table.buckets != topo.buckets:
+        raise LabError(f"lab has {topo.buckets} buckets, the model {table.buckets}")
+    owners = assign(slots_of(live, topo.members), table)
+    mode = HashMode(topo.hash_mode)
+    daddr = ipaddress.IPv4Address(target)
+    out: list[str | None] = []
+    for saddr, sport in flows:
+        if proto == "icmp":
+            flow = Flow(ipaddress.IPv4Address(saddr), 0, daddr, 0, "icmp")
+        else:
+            flow = Flow(ipaddress.IPv4Address(saddr), sport, daddr, port, proto)
+        slot = owners.owner(flow_bucket(flow, topo.buckets, topo.seed, mode))
+        out.append(None if slot is None else topo.members[slot])
+    return out
+
+
+def run_probe(
+    state: LabState,
+    proto: str = "tcp",
+    connections: int = 1000,
+    *,
+    target: str | None = None,
+    client: str = "c1",
+    concurrency: int = 200,
+    timeout: float = 3.0,
+    port_seed: int | None = None,
+    sources: int | None = None,
+    progress: Progress | None = None,
+) -> ProbeResult:
+    """Probe ``target`` (default: the traffic IP) with ``connections`` flows from ``client``."""
+    topo = state.topology
+    if proto not in PROTOCOLS:
+        raise LabError(f"protocol {proto!r} is not one of {', '.join(PROTOCOLS)}")
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise LabError(f"concurrency: {concurrency} is outside 1..{MAX_CONCURRENCY}")
+    if not 0 < timeout <= 60:
+        raise LabError(f"timeout: {timeout} is outside (0, 60] seconds")
+    src = topo.host(client)
+    if src.role != "client":
+        raise LabError(f"{client} is a node, not a client")
+    target = target or topo.vip
+    port = {"tcp": topo.port, "udp": topo.echo_port, "icmp": 0}[proto]
+    seed = random.randrange(1 << 32) if port_seed is None else port_seed
+    flows = plan_flows(src, proto, connections, seed, sources)
+    expected = expected_nodes(
+        topo, live=state.live, target=target, proto=proto, port=port, flows=flows
+    )
+    request = {
+        "proto": proto,
+        "target": target,
+        "port": port,
+        "flows": flows,
+        "concurrency": concurrency,
+        "timeout": timeout,
+        "dup_wait": 0.1,
+        "interface": src.interface,
+        "macs": {n.mac: n.name for n in topo.nodes},
+    }
+    result = ProbeResult(proto, target, connections, live=list(state.live), port_seed=seed)
+    result.predicted = dict(Counter(e or "(none)" for e in expected))
+    started = time.monotonic()
+    rows = _run_worker(
+        src.netns,
+        request,
+        total=connections,
+        timeout=timeout,
+        concurrency=concurrency,
+        progress=progress,
+    )
+    result.seconds = time.monotonic() - started
+    _tally(result, rows, flows, expected)
+    return result
+
+
+def _tally(
+    result: ProbeResult,
+    rows: list[dict[str, Any]],
+    flows: list[tuple[str, int]],
+    expected: list[str | None],
+) -> None:
+    seen: set[int] = set()
+    answered: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for row in rows:
+        i = int(row["i"])
+        seen.add(i)
+        outcome = row["outcome"]
+        if outcome == "answered":
+            answered[row["node"]] += 1
+            if row["dups"]:
+                result.duplicated += 1
+            if row["node"] != expected[i]:
+                result.mispredicted += 1
+                if len(result.examples) < 5:
+                    saddr, sport = flows[i]
+                    result.examples.append(
+                        {"flow": f"{saddr}:{sport}", "node": row["node"], "expected": expected[i]}
+                    )
+        elif outcome in ("reset", "timeout"):
+            setattr(result, outcome, getattr(result, outcome) + 1)
+        else:
+            result.failed += 1
+            errors[row.get("error") or "unknown"] += 1
+    missing = len(flows) - len(seen)
+    if missing:
+        result.failed += missing
+        errors["no result from worker"] += missing
+    result.answered = dict(answered)
+    result.errors = dict(errors)
+
+
+def _run_worker(
+    netns: str,
+    request: dict[str, Any],
+    *,
+    total: int,
+    timeout: float,
+    concurrency: int,
+    progress: Progress | None,
+) -> list[dict[str, Any]]:
+    env = dict(os.environ)
+    srcdir = str(Path(multihost.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (srcdir, env.get("PYTHONPATH")) if p)
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "multihost.lab.probe_worker"]
+    limit = (total / concurrency + 2) * (timeout + 1) + 30
+    deadline = time.monotonic() + limit
+    rows: list[dict[str, Any]] = []
+    with subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            proc.stdin.write(json.dumps(request))
+            proc.stdin.close()
+            last = 0.0
+            for line in proc.stdout:
+                rows.append(json.loads(line))
+                now = time.monotonic()
+                if progress is not None and (now - last >= 1.0 or len(rows) == total):
+                    progress(len(rows), total)
+                    last = now
+                if now > deadline:
+                    raise LabError(f"probe worker still running after {limit:.0f}s")
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        err = proc.stderr.read().strip()
+    if proc.returncode != 0:
+        raise LabError(f"probe worker failed (status {proc.returncode}): {err[-300:]}")
+    return rows

@@ -1,0 +1,399 @@
+"""Pure description of a lab: names, addresses, MACs, the traffic IP, the group, the seed.
+
+Owns: the naming scheme (every namespace is ``<prefix><role>``: ``<prefix>sw`` for the
+switch, ``<prefix>A``... for nodes, ``<prefix>c1``... for clients; :func:`netns_pattern` is
+the exact pattern the cleaner matches), the addressing plan inside 198.18.0.0/15, the group
+inside 239.192.0.0/14, the switch's multicast configuration (:class:`SwitchMode`), and the
+JSON form of a topology (``to_dict``/``from_dict``; ``summary`` is ``lab up --json``).
+
+Must not: create, read or delete anything (no sockets, files, processes or netlink);
+:mod:`multihost.lab.build` turns a :class:`Topology` into namespaces.
+
+Addressing plan (one /16 broadcast domain, every host on-link)::
+
+    198.18.0.100         the traffic IP (VIP), port 80 (nginx) and 7 (UDP echo)
+    198.18.0.11 ...      nodes A, B, ... (A = .11)
+    198.18.0.201 ...     clients c1, c2, ... (primary address)
+    198.18.K.1 ...       client cK's extra source addresses (ICMP hashes on addresses only)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from multihost.macaddr import format_mac, multicast_mac
+
+#: Parent of every lab's state directory (``/run/multihost-lab/<prefix>/``).
+RUN_DIR = Path("/run/multihost-lab")
+#: Namespaces live here (iproute2's convention, also pyroute2's).
+NETNS_DIR = Path("/run/netns")
+DEFAULT_PREFIX = "mh-"
+PREFIX_ENV = "MULTIHOST_LAB_PREFIX"
+#: Benchmarking range (RFC 2544): the only addresses a lab host ever gets.
+LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
+#: Organisation-local scope (RFC 2365): the only groups a lab uses.
+GROUP_RANGE = ipaddress.IPv4Network("239.192.0.0/14")
+SUBNET = ipaddress.IPv4Network("198.18.0.0/16")
+DEFAULT_VIP = "198.18.0.100"
+DEFAULT_GROUP = "239.192.0.1"
+#: ``multihost.assignment.default_table().buckets`` (8! orderings); a unit test checks it.
+BUCKETS = 40320
+HTTP_PORT = 80
+ECHO_PORT = 7
+MAX_NODES = 8
+MAX_CLIENTS = 8
+#: Extra source addresses per client, so ICMP probes (address-only hash) spread over nodes.
+EXTRA_SOURCES = 16
+NODE_NAMES = "ABCDEFGH"
+HASH_MODE = "4-tuple"
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]{0,18}-$")
+
+
+class TopologyError(ValueError):
+    """A lab description that cannot be built (the message names the offending value)."""
+
+
+class SwitchMode(StrEnum):
+    """How the switch bridge treats multicast frames; the traffic IP's frames are multicast.
+
+    Frames to the traffic IP carry a multicast MAC but a *unicast* IP destination.  The Linux
+    bridge keys its snooping table (mdb) by IP group, so such a frame never matches an mdb
+    entry; while a querier exists the bridge sends it to multicast-router ports only, and
+    while none exists it floods it to every port (verified on kernel 6.x).
+    """
+
+    #: Snooping and the bridge's own querier on (the mdb learns the group from IGMP
+    #: reports) and node ports are permanent multicast-router ports, so the traffic IP's
+    #: frames reach every node and no client.  The default.
+    SNOOPING = "snooping"
+    #: Snooping on, no querier: the bridge floods multicast (and the traffic IP) everywhere.
+    FLOOD = "flood"
+    #: Snooping and querier on, no router ports: the traffic IP's frames reach no node.
+    #: Models a snooping switch not configured for the cluster (a failure to demonstrate).
+    STRICT = "strict"
+
+
+def default_prefix() -> str:
+    """``$MULTIHOST_LAB_PREFIX`` if set, else ``mh-``."""
+    return os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if usable: 2-20 of ``[A-Za-z0-9_.]`` ending in ``-``."""
+    if not _PREFIX_RE.match(prefix):
+        raise TopologyError(
+            f"lab prefix {prefix!r} must be 2-20 characters of letters, digits, '_' or '.', "
+            "ending in '-' (e.g. 'mh-')"
+        )
+    return prefix
+
+
+def netns_pattern(prefix: str) -> re.Pattern[str]:
+    """Exactly the namespace names a lab with ``prefix`` can create (and nothing longer)."""
+    return re.compile(rf"^{re.escape(validate_prefix(prefix))}(?:sw|[A-H]|c[1-8])$")
+
+
+def state_dir(prefix: str) -> Path:
+    return RUN_DIR / validate_prefix(prefix)
+
+
+def state_file(prefix: str) -> Path:
+    return state_dir(prefix) / "state.json"
+
+
+@dataclass(frozen=True)
+class Switch:
+    """The switch: a bridge in its own namespace, one port per host."""
+
+    netns: str
+    bridge: str = "br0"
+    mode: SwitchMode = SwitchMode.SNOOPING
+
+    @property
+    def mcast_snooping(self) -> bool:
+        return True
+
+    @property
+    def mcast_querier(self) -> bool:
+        return self.mode is not SwitchMode.FLOOD
+
+    @property
+    def node_ports_mrouter(self) -> bool:
+        """Node ports are permanent multicast-router ports (``multicast_router 2``)."""
+        return self.mode is SwitchMode.SNOOPING
+
+
+@dataclass(frozen=True)
+class Host:
+    """A node or client: one namespace with one interface on the switch."""
+
+    name: str
+    role: str  # "node" | "client"
+    netns: str
+    interface: str
+    switch_port: str
+    mac: str
+    address: str
+    prefixlen: int
+    extra_addresses: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return (self.address, *self.extra_addresses)
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str
+    switch: Switch
+    nodes: tuple[Host, ...]
+    clients: tuple[Host, ...]
+    vip: str = DEFAULT_VIP
+    group: str = DEFAULT_GROUP
+    seed: int = 0
+    buckets: int = BUCKETS
+    port: int = HTTP_PORT
+    echo_port: int = ECHO_PORT
+    hash_mode: str = HASH_MODE
+    subnet: str = field(default=str(SUBNET))
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Node names in slot order (member ``i`` occupies slot ``i``)."""
+        return tuple(n.name for n in self.nodes)
+
+    @property
+    def hosts(self) -> tuple[Host, ...]:
+        return (*self.nodes, *self.clients)
+
+    @property
+    def group_mac(self) -> str:
+        return format_mac(multicast_mac(self.group))
+
+    @property
+    def seed_text(self) -> str:
+        return f"{self.seed:#010x}"
+
+    def netns_names(self) -> tuple[str, ...]:
+        """Every namespace of the lab, switch first."""
+        return (self.switch.netns, *(h.netns for h in self.hosts))
+
+    def host(self, name: str) -> Host:
+        """A node or client by name; ``client`` means the first client."""
+        if name == "client" and self.clients:
+            return self.clients[0]
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        known = ", ".join(h.name for h in self.hosts)
+        raise TopologyError(f"no host {name!r} in this lab (hosts: {known}, client)")
+
+    def node_by_address(self, address: str) -> Host | None:
+        return next((n for n in self.nodes if address in n.addresses), None)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``lab up --json`` object."""
+        return {
+            "vip": self.vip,
+            "port": self.port,
+            "client_netns": self.clients[0].netns,
+            "nodes": {
+                n.name: {"netns": n.netns, "address": n.address, "mac": n.mac} for n in self.nodes
+            },
+            "members": list(self.members),
+            "seed": self.seed_text,
+            "buckets": self.buckets,
+            "prefix": self.prefix,
+            "group": self.group,
+            "group_mac": self.group_mac,
+            "echo_port": self.echo_port,
+            "hash": self.hash_mode,
+            "switch": {"netns": self.switch.netns, "mode": self.switch.mode.value},
+            "clients": {
+                c.name: {"netns": c.netns, "address": c.address, "sources": len(c.addresses)}
+                for c in self.clients
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "switch": {
+                "netns": self.switch.netns,
+                "bridge": self.switch.bridge,
+                "mode": self.switch.mode.value,
+            },
+            "nodes": [_host_dict(h) for h in self.nodes],
+            "clients": [_host_dict(h) for h in self.clients],
+            "vip": self.vip,
+            "group": self.group,
+            "seed": self.seed,
+            "buckets": self.buckets,
+            "port": self.port,
+            "echo_port": self.echo_port,
+            "hash_mode": self.hash_mode,
+            "subnet": self.subnet,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Topology:
+        try:
+            sw = d["switch"]
+            topo = cls(
+                prefix=str(d["prefix"]),
+                switch=Switch(str(sw["netns"]), str(sw["bridge"]), SwitchMode(sw["mode"])),
+                nodes=tuple(_host_from(h) for h in d["nodes"]),
+                clients=tuple(_host_from(h) for h in d["clients"]),
+                vip=str(d["vip"]),
+                group=str(d["group"]),
+                seed=int(d["seed"]),
+                buckets=int(d["buckets"]),
+                port=int(d["port"]),
+                echo_port=int(d["echo_port"]),
+                hash_mode=str(d["hash_mode"]),
+                subnet=str(d["subnet"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TopologyError(f"malformed topology record: {e!r}") from None
+        check(topo)
+        return topo
+
+
+def _host_dict(h: Host) -> dict[str, Any]:
+    return {
+        "name": h.name,
+        "role": h.role,
+        "netns": h.netns,
+        "interface": h.interface,
+        "switch_port": h.switch_port,
+        "mac": h.mac,
+        "address": h.address,
+        "prefixlen": h.prefixlen,
+        "extra_addresses": list(h.extra_addresses),
+    }
+
+
+def _host_from(d: dict[str, Any]) -> Host:
+    return Host(
+        name=str(d["name"]),
+        role=str(d["role"]),
+        netns=str(d["netns"]),
+        interface=str(d["interface"]),
+        switch_port=str(d["switch_port"]),
+        mac=str(d["mac"]),
+        address=str(d["address"]),
+        prefixlen=int(d["prefixlen"]),
+        extra_addresses=tuple(str(a) for a in d["extra_addresses"]),
+    )
+
+
+def _mac(role: int, index: int) -> str:
+    # Locally administered unicast (02:...), "mh" (6d:68), role byte, index.
+    return format_mac(bytes((0x02, 0x6D, 0x68, role, 0x00, index)))
+
+
+def describe(
+    nodes: int,
+    clients: int = 1,
+    prefix: str | None = None,
+    *,
+    seed: int | None = None,
+    vip: str = DEFAULT_VIP,
+    group: str = DEFAULT_GROUP,
+    switch_mode: SwitchMode = SwitchMode.SNOOPING,
+) -> Topology:
+    """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
+
+    ``prefix`` defaults to :func:`default_prefix`; ``seed`` to a random 32-bit value.
+    """
+    prefix = validate_prefix(default_prefix() if prefix is None else prefix)
+    if not 1 <= nodes <= MAX_NODES:
+        raise TopologyError(f"nodes: {nodes} is outside 1..{MAX_NODES}")
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise TopologyError(f"clients: {clients} is outside 1..{MAX_CLIENTS}")
+    if seed is None:
+        seed = secrets.randbits(32)
+    net = SUBNET
+    node_hosts = tuple(
+        Host(
+            name=name,
+            role="node",
+            netns=f"{prefix}{name}",
+            interface="eth0",
+            switch_port=f"p-{name}",
+            mac=_mac(0x0A, i + 1),
+            address=str(net.network_address + 11 + i),
+            prefixlen=net.prefixlen,
+        )
+        for i, name in enumerate(NODE_NAMES[:nodes])
+    )
+    client_hosts = tuple(
+        Host(
+            name=f"c{k}",
+            role="client",
+            netns=f"{prefix}c{k}",
+            interface="eth0",
+            switch_port=f"p-c{k}",
+            mac=_mac(0x0C, k),
+            address=str(net.network_address + 200 + k),
+            prefixlen=net.prefixlen,
+            extra_addresses=tuple(
+                str(net.network_address + 256 * k + j) for j in range(1, EXTRA_SOURCES + 1)
+            ),
+        )
+        for k in range(1, clients + 1)
+    )
+    topo = Topology(
+        prefix=prefix,
+        switch=Switch(netns=f"{prefix}sw", mode=SwitchMode(switch_mode)),
+        nodes=node_hosts,
+        clients=client_hosts,
+        vip=vip,
+        group=group,
+        seed=seed,
+    )
+    check(topo)
+    return topo
+
+
+def check(topo: Topology) -> None:
+    """Raise :class:`TopologyError` unless ``topo`` obeys the lab's hard rules."""
+    validate_prefix(topo.prefix)
+    if not 0 <= topo.seed <= 0xFFFFFFFF:
+        raise TopologyError(f"seed {topo.seed:#x} is not a 32-bit value")
+    try:
+        group = ipaddress.IPv4Address(topo.group)
+        vip = ipaddress.IPv4Address(topo.vip)
+    except ValueError as e:
+        raise TopologyError(str(e)) from None
+    if group not in GROUP_RANGE:
+        raise TopologyError(f"group {group} is outside {GROUP_RANGE}")
+    subnet = ipaddress.IPv4Network(topo.subnet)
+    if not subnet.subnet_of(LAB_RANGE) or vip not in subnet:
+        raise TopologyError(f"traffic IP {vip} must be in the lab subnet {subnet}")
+    pattern = netns_pattern(topo.prefix)
+    seen: set[str] = {topo.vip}
+    macs: set[str] = set()
+    for name in topo.netns_names():
+        if not pattern.match(name):
+            raise TopologyError(f"namespace {name!r} does not match the lab's naming scheme")
+    for h in topo.hosts:
+        for a in h.addresses:
+            if ipaddress.IPv4Address(a) not in subnet:
+                raise TopologyError(f"{h.name}: address {a} is outside {subnet}")
+            if a in seen:
+                raise TopologyError(f"{h.name}: address {a} is used twice")
+            seen.add(a)
+        if h.mac in macs:
+            raise TopologyError(f"{h.name}: MAC {h.mac} is used twice")
+        macs.add(h.mac)
+    if len(set(topo.netns_names())) != len(topo.netns_names()):
+        raise TopologyError("namespace names are not unique")

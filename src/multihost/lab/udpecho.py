@@ -1,0 +1,72 @@
+"""UDP echo service of a lab node: answers each datagram with ``<node name>\\n<payload>``.
+
+Run as ``python -m multihost.lab.udpecho --name A --port 7`` inside the node's namespace
+(``multihost lab up`` does).  It binds the wildcard address, so it serves the node's own
+address and the traffic IP alike, and replies *from the address the datagram was sent to*
+(``IP_PKTINFO``), so a client connected to the traffic IP accepts the reply.
+
+Must not: reply to anything but the datagram's sender, or open any other socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+#: ``IP_PKTINFO`` from <linux/in.h> (Python does not export it on every build).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("@i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+MAX_REPLY = 65507
+
+
+def reply_for(name: str, payload: bytes) -> bytes:
+    return (name.encode() + b"\n" + payload)[:MAX_REPLY]
+
+
+def serve(name: str, port: int, bind: str = "0.0.0.0") -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    sock.bind((bind, port))
+    cmsg_space = socket.CMSG_SPACE(_PKTINFO.size)
+    while True:
+        payload, ancdata, _flags, sender = sock.recvmsg(65535, cmsg_space)
+        local = b""
+        for level, kind, data in ancdata:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
+                _ifindex, _spec_dst, local = _PKTINFO.unpack_from(data)
+        anc = []
+        if local:
+            # Reply with the datagram's destination as source, on any interface.
+            anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, local, bytes(4)))]
+        try:
+            sock.sendmsg([reply_for(name, payload)], anc, 0, sender)
+        except OSError as e:  # e.g. the sender's address became unreachable
+            print(f"udpecho {name}: reply to {sender} failed: {e}", file=sys.stderr, flush=True)
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m multihost.lab.udpecho", description=__doc__)
+    p.add_argument("--name", required=True, help="node name sent back as the first line")
+    p.add_argument("--port", type=int, default=7, help="UDP port (default 7)")
+    p.add_argument("--bind", default="0.0.0.0", help="address to bind (default: all)")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    print(f"udpecho {args.name}: serving udp/{args.port}", file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(args.name, args.port, args.bind)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

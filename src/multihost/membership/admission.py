@@ -1,0 +1,56 @@
+"""Admission of datagrams: which authenticated heartbeats may change membership at all.
+
+Owns: :func:`admit`, the screening every datagram passes before the core acts on it:
+decode and authenticate (:mod:`.wire`), then reject another cluster's heartbeats, our own
+name (looped back, or a duplicate node), senders not configured or with the wrong slot,
+and replays (a sequence number not newer for the sender's incarnation, or an incarnation
+already superseded).  A configuration-digest mismatch is *not* decided here: the sender
+is then known and authenticated, and the core records it as ``mismatch``.
+
+Must not: mutate peer records, read clocks or log; it returns a verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from multihost.membership.state import PeerRecord
+from multihost.membership.wire import Heartbeat, WireError, decode
+
+
+@dataclass(frozen=True)
+class Admitted:
+    hb: Heartbeat
+    peer: PeerRecord
+    new_boot: bool  # first heartbeat of an incarnation we have not heard before
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str  # one of effects.REJECT_REASONS
+    sender: str | None
+    boot: bytes | None = None  # for "self": the boot id it carried
+
+
+def admit(
+    datagram: bytes, key: bytes, cluster: str, me: str, peers: Mapping[str, PeerRecord]
+) -> Admitted | Refused:
+    try:
+        hb = decode(datagram, key)
+    except WireError as exc:
+        return Refused(exc.reason, None)
+    if hb.cluster != cluster:
+        return Refused("other-cluster", hb.sender)
+    if hb.sender == me:
+        return Refused("self", hb.sender, hb.boot)
+    peer = peers.get(hb.sender)
+    if peer is None or peer.slot != hb.slot:
+        return Refused("unknown-sender", hb.sender)
+    if hb.boot == peer.boot:
+        if hb.seq <= peer.seq:
+            return Refused("replay", hb.sender)
+        return Admitted(hb, peer, new_boot=False)
+    if hb.boot in peer.old_boots:
+        return Refused("replay", hb.sender)
+    return Admitted(hb, peer, new_boot=True)

@@ -1,0 +1,85 @@
+"""Lease and hold arithmetic of the membership core, as pure functions of recorded facts.
+
+Owns: when this node's lease from a peer expires (from the peer's ack of one of our
+heartbeats and the time we sent it), when a departed member's lease from a third node has
+provably expired (from that node's heartbeats no longer acking it), and the bound on what
+the kernel may serve across not-yet-confirmed claim sets (:class:`KernelState`,
+:func:`advertised`).
+
+Must not: keep state or read clocks; every time is an argument or recorded in a peer record.
+The reasoning behind each bound is in ``docs/membership.md`` ("Leases").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from multihost.membership.state import PeerRecord
+
+NEVER: Final = float("-inf")  # an expiry that has always passed
+
+
+@dataclass(frozen=True)
+class Timing:
+    dead_after: float
+    hold: float
+    margin: float
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """A claim set the kernel may serve: its epoch, live set (slot mask), held groups."""
+
+    epoch: int
+    eligible: int
+    held: int
+
+
+def lease_expiry(
+    peer: PeerRecord, slot: int, boot: bytes, sent_at: Mapping[int, float], t: Timing
+) -> float | None:
+    """Until when ``peer`` cannot have declared us (``slot``, ``boot``) dead, minus the
+    apply margin: it acked our seq ``n``, so it heard us no earlier than we sent ``n``."""
+    ack = peer.heartbeat.acks.get(slot) if peer.heartbeat is not None else None
+    if ack is None or ack.boot != boot:
+        return None
+    sent = sent_at.get(ack.seq)
+    if sent is None:
+        return None
+    return sent + t.dead_after + t.hold - t.margin
+
+
+def ack_expiry(x: PeerRecord, p: PeerRecord, t: Timing) -> float | None:
+    """When every lease ``p`` may hold from ``x`` has expired, per x's heartbeats; None
+    while x still acks p's current (or an unknown) incarnation.
+
+    x acks exactly the members alive in its view.  Once its heartbeats stop acking p
+    (first such heartbeat received at ``since``), x had declared p dead before sending
+    it, and p's lease from x ended by ``since + hold``.  How old x's last ack of p was says
+    nothing: x may have heard p again since its last heartbeat reached us.  An ack of an
+    older incarnation of p supports an incarnation that is gone.
+    """
+    if x.heartbeat is None:
+        return None
+    ack = x.heartbeat.acks.get(p.slot)
+    if ack is None:
+        since = x.noack_since.get(p.slot)
+        return None if since is None else since + t.hold
+    return NEVER if ack.boot in p.old_boots else None
+
+
+def advertised(states: Iterable[KernelState]) -> tuple[int, int]:
+    """(live-set mask, held groups) bounding every claim set the kernel may serve.
+
+    A slot's share only grows when the live set shrinks, so the share under the
+    intersection of the live sets covers the share under each of them.
+    """
+    states = list(states)
+    live, held = 0xFF, 0
+    for st in states:
+        if st.held:
+            live &= st.eligible
+            held |= st.held
+    return (live if held else states[0].eligible), held

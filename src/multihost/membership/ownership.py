@@ -1,0 +1,106 @@
+"""Bucket masks for the membership core: shares of slots under live sets, per group.
+
+Owns: :class:`GroupLayout` (a traffic IP group's index, member names and slots, derived from
+the configuration), :func:`share_mask` (the read-only boolean mask of the buckets a slot
+owns under a live set of slots, cached), :func:`claim_mask` (a share minus what peers
+advertise) and :func:`claims_bound` (the live-set mask whose shares cover given claims).
+Ownership itself is :func:`multihost.assignment.assign`; this module only shapes it.
+
+Must not: keep protocol state, read clocks, or know the wire format.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from multihost.assignment import default_table
+
+BoolArray = npt.NDArray[np.bool_]
+
+BUCKETS: Final = default_table().buckets
+
+
+def _readonly(arr: BoolArray) -> BoolArray:
+    arr.setflags(write=False)
+    return arr
+
+
+EMPTY: Final[BoolArray] = _readonly(np.zeros(BUCKETS, dtype=bool))
+
+
+@functools.lru_cache(maxsize=512)
+def share_mask(live: frozenset[int], slot: int) -> BoolArray:
+    """Buckets ``slot`` owns when exactly ``live`` slots are live (empty if not live)."""
+    if slot not in live:
+        return EMPTY
+    return _readonly(np.asarray(default_table().owners(live) == slot, dtype=bool))
+
+
+def mask_of(slots: Iterable[int]) -> int:
+    out = 0
+    for s in slots:
+        out |= 1 << s
+    return out
+
+
+def slots_in(mask: int) -> frozenset[int]:
+    return frozenset(s for s in range(8) if mask & (1 << s))
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """One traffic IP group: ``index`` is its bit in heartbeats (sorted-name order)."""
+
+    name: str
+    index: int
+    members: frozenset[str]
+    slots: frozenset[int]
+    slot_mask: int
+
+
+def layout_groups(
+    groups: Mapping[str, frozenset[str]], members: Mapping[str, int]
+) -> tuple[GroupLayout, ...]:
+    out = []
+    for index, name in enumerate(sorted(groups)):
+        names = frozenset(groups[name])
+        slots = frozenset(members[n] for n in names)
+        out.append(GroupLayout(name, index, names, slots, mask_of(slots)))
+    return tuple(out)
+
+
+def claim_mask(
+    slot: int,
+    live: frozenset[int],
+    adverts: Iterable[tuple[int, frozenset[int]]],
+    keep_only: BoolArray | None = None,
+) -> BoolArray:
+    """``slot``'s share under ``live``, minus each peer's share under the live set it
+    advertises (``(peer slot, live)`` pairs), intersected with ``keep_only`` if given."""
+    mask = share_mask(live, slot)
+    adverts = tuple(adverts)
+    if not adverts and keep_only is None:
+        return mask
+    mask = mask.copy()
+    for peer, their_live in adverts:
+        mask &= ~share_mask(their_live, peer)
+    if keep_only is not None:
+        mask &= keep_only
+    return _readonly(mask)
+
+
+def claims_bound(held: Iterable[tuple[GroupLayout, frozenset[int]]]) -> tuple[int, int]:
+    """(held-groups bitmap, live-set mask) for claims that, in each held group, lie in our
+    share under that group's live set: the mask keeps, inside each held group, only its
+    live slots, so our share under it (restricted to the group) covers the claims."""
+    groups, live = 0, 0xFF
+    for g, live_g in held:
+        groups |= 1 << g.index
+        live &= mask_of(live_g) | (0xFF & ~g.slot_mask)
+    return groups, live

@@ -1,0 +1,493 @@
+"""The sans-I/O membership core: heartbeats and ticks in; sends, views and claims out.
+
+Owns: :class:`MembershipCore`, the state machine deciding who is alive and which buckets
+this node may serve at every instant.  Inputs are ``receive(datagram, now)``,
+``tick(now)``, ``set_draining(flag, now)`` and ``applied(epoch, now)`` (the agent's
+confirmation that the kernel serves the claims of ``epoch``); ``next_deadline()`` says when
+to tick next.  Outputs are :mod:`.effects`.
+
+Safety rules (argued in ``docs/membership.md``), re-evaluated from scratch on every input:
+a group's claims are this node's share under its eligible live set, minus every bucket an
+alive peer's latest heartbeat says it may serve, and are empty unless this node holds a
+*fresh lease* from every alive peer of the group (the peer acknowledged one of our sequence
+numbers sent less than ``dead_after + takeover_hold - lease_margin`` ago).  Also empty while
+draining, without quorum (when enabled) and, during the start-up / quorum-regained grace,
+in groups with a member not heard since start.  After a peer departs, the group takes nothing new
+for ``takeover_hold`` (and, with quorum, until every alive peer's acks show the departed
+member's leases have expired).  Heartbeats advertise every claim set the kernel may still
+serve (applied or not yet confirmed).
+
+Must not: open sockets, read clocks, sleep or draw randomness (the boot id is passed in).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from multihost.membership.admission import Refused, admit
+from multihost.membership.config import MembershipConfig
+from multihost.membership.effects import (
+    REJECT_REASONS,
+    ClaimsChanged,
+    Counters,
+    Effect,
+    Log,
+    Rejected,
+    Send,
+    ViewChanged,
+)
+from multihost.membership.leases import KernelState, Timing, ack_expiry, advertised, lease_expiry
+from multihost.membership.ownership import (
+    EMPTY,
+    BoolArray,
+    GroupLayout,
+    claim_mask,
+    claims_bound,
+    layout_groups,
+    mask_of,
+    slots_in,
+)
+from multihost.membership.state import (
+    IllegalTransitionError,
+    MemberEvent,
+    MemberState,
+    MemberStatus,
+    PeerRecord,
+    peer_status,
+)
+from multihost.membership.wire import BOOT_ID_SIZE, Ack, Heartbeat, encode
+
+ALIVE: Final = MemberState.ALIVE
+INF: Final = float("inf")
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything a group's claims depend on (unchanged inputs: unchanged claims)."""
+
+    blocked: str = ""  # why nothing may be claimed ("" if claiming)
+    live: frozenset[int] = frozenset()  # our live set for the group
+    adverts: tuple[tuple[int, frozenset[int]], ...] = ()  # (peer slot, its advertised live)
+    frozen: bool = False  # a departed member may still serve: take nothing new
+
+
+class MembershipCore:
+    """Membership and claims of one node.  Pure: every time is passed in by the caller."""
+
+    def __init__(self, config: MembershipConfig, boot_id: bytes, now: float) -> None:
+        if len(boot_id) != BOOT_ID_SIZE:
+            raise ValueError(f"boot id must be {BOOT_ID_SIZE} random bytes")
+        self.config = config
+        self._boot = bytes(boot_id)
+        self._me = config.node
+        self._slot = config.slot
+        self._digest = config.wire_digest
+        self._da = config.dead_after
+        self._hold = config.takeover_hold
+        self._timing = Timing(config.dead_after, config.takeover_hold, config.lease_margin)
+        self._now = now
+        self._groups = layout_groups(config.groups, config.members)
+        self._my_groups = tuple(g for g in self._groups if self._me in g.members)
+        self._peers = {n: PeerRecord(n, s) for n, s in config.members.items() if n != self._me}
+        self._seq = 0
+        self._sent_at: dict[int, float] = {}
+        self._next_send = now
+        self._last_send = -INF
+        self._draining = False
+        # Per group: peers must ack at least this seq of ours (bumped when we become
+        # eligible again after draining or a suspension) before we claim anything in it.
+        self._fresh = {g.name: 1 for g in self._my_groups}
+        self._suspended: dict[str, bool] = {g.name: False for g in self._my_groups}
+        self._view: frozenset[str] = frozenset({self._me})
+        self._claims: dict[str, BoolArray] = {g.name: EMPTY for g in self._my_groups}
+        self._claim_keys: dict[str, _Inputs] = {}
+        self._epoch = 0
+        self._applied_epoch = 0
+        self._states: list[KernelState] = [KernelState(0, 0, 0)]  # [0] is confirmed
+        self._quorum_ok = not config.quorum or len(config.members) == 1
+        self._grace_until = now + self._da + self._hold
+        self._lease_ok: dict[str, bool] = {}  # time-valid lease per alive peer
+        self._impostors: set[bytes] = set()
+        self._sent = 0
+        self._received = 0
+        self._accepted = 0
+        self._rejected: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ inputs
+
+    def receive(self, datagram: bytes, now: float) -> list[Effect]:
+        """Handle one datagram from the cluster group."""
+        out: list[Effect] = []
+        now = self._clock(now)
+        self._received += 1
+        self._accept(datagram, now, out)
+        self._advance(now, out)
+        return out
+
+    def tick(self, now: float) -> list[Effect]:
+        """Handle the passage of time (call at ``next_deadline()``, or any time)."""
+        out: list[Effect] = []
+        self._advance(self._clock(now), out)
+        return out
+
+    def set_draining(self, draining: bool, now: float) -> list[Effect]:
+        """Draining: stay a member but serve nothing; peers take the buckets over."""
+        out: list[Effect] = []
+        now = self._clock(now)
+        if draining != self._draining:
+            self._draining = draining
+            if not draining:
+                self._fresh = dict.fromkeys(self._fresh, self._seq + 1)
+            out.append(Log("info", "draining" if draining else "undraining", {}))
+            self._soon(now)
+        self._advance(now, out)
+        return out
+
+    def applied(self, epoch: int, now: float) -> list[Effect]:
+        """The kernel now serves exactly the claims of ``epoch`` (from ClaimsChanged)."""
+        out: list[Effect] = []
+        now = self._clock(now)
+        if epoch > self._epoch:
+            out.append(Log("error", "applied-unknown-epoch", {"epoch": epoch}))
+        elif epoch > self._applied_epoch:
+            before = self._advertised()
+            self._states = [st for st in self._states if st.epoch >= epoch]
+            self._applied_epoch = epoch
+            if self._advertised() != before:
+                self._soon(now)
+        self._advance(now, out)
+        return out
+
+    def next_deadline(self) -> float:
+        """The next time at which ``tick`` changes something (absent new input)."""
+        now, da, hold = self._now, self._da, self._hold
+        best = self._next_send
+
+        def consider(t: float | None) -> None:
+            nonlocal best
+            if t is not None and now < t < best:
+                best = t
+
+        alive = [p for p in self._peers.values() if p.state is ALIVE]
+        for p in self._peers.values():
+            if p.state in (ALIVE, MemberState.MISMATCH) and p.last_heard is not None:
+                best = min(best, p.last_heard + da)
+            if p.departed_at is not None:
+                consider(p.departed_at + hold)
+            if p.state is ALIVE:
+                consider(self._lease_expiry(p))
+            elif self.config.quorum:
+                for x in alive:
+                    consider(ack_expiry(x, p, self._timing))
+        consider(self._grace_until)
+        return best
+
+    # ----------------------------------------------------------- introspection
+
+    @property
+    def boot_id(self) -> bytes:
+        return self._boot
+
+    @property
+    def view(self) -> frozenset[str]:
+        return self._view
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def quorum_ok(self) -> bool:
+        return self._quorum_ok
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def applied_epoch(self) -> int:
+        return self._applied_epoch
+
+    @property
+    def claims(self) -> Mapping[str, BoolArray]:
+        """Current claims (read-only masks); the kernel may lag until ``applied``."""
+        return dict(self._claims)
+
+    def counters(self) -> Counters:
+        rejected = {r: self._rejected[r] for r in REJECT_REASONS}
+        return Counters(self._sent, self._received, self._accepted, rejected)
+
+    def members(self) -> dict[str, MemberStatus]:
+        """Status of every configured member as seen by this node (itself included)."""
+        me = MemberStatus(
+            self._me,
+            self._slot,
+            ALIVE.value,
+            self._now,
+            self._boot.hex(),
+            self._seq,
+            self._view,
+            self._applied_epoch,
+            self._draining,
+            None,
+            serving=self._advertised()[1] != 0,
+            suspended=any(self._suspended.values()),
+        )
+        out = {self._me: me}
+        for p in self._peers.values():
+            expiry = self._lease_expiry(p) if p.state is ALIVE else None
+            out[p.name] = peer_status(p, self.config.members, expiry)
+        return out
+
+    # ------------------------------------------------------------- receiving
+
+    def _clock(self, now: float) -> float:
+        self._now = max(self._now, now)  # time never runs backwards inside the core
+        return self._now
+
+    def _reject(self, reason: str, sender: str | None, out: list[Effect]) -> None:
+        self._rejected[reason] += 1
+        out.append(Rejected(reason, sender))
+
+    def _accept(self, datagram: bytes, now: float, out: list[Effect]) -> None:
+        cfg = self.config
+        verdict = admit(datagram, cfg.key, cfg.cluster, self._me, self._peers)
+        if isinstance(verdict, Refused):
+            if verdict.boot not in (None, self._boot, *self._impostors):
+                assert verdict.boot is not None
+                self._impostors.add(verdict.boot)
+                out.append(Log("error", "duplicate-node-name", {"boot": verdict.boot.hex()}))
+            self._reject(verdict.reason, verdict.sender, out)
+            return
+        hb, peer = verdict.hb, verdict.peer
+        restarted = verdict.new_boot and peer.boot is not None
+        if verdict.new_boot:
+            peer.new_incarnation(hb.boot)
+        peer.record_receipt(hb, now)
+        peer.latest = hb
+        if hb.digest != self._digest:
+            self._reject("digest-mismatch", peer.name, out)
+            if peer.mismatch_digest != hb.digest:
+                peer.mismatch_digest = hb.digest
+                fields = {"member": peer.name, "theirs": hb.digest.hex()}
+                out.append(Log("error", "config-digest-mismatch", fields))
+            peer.heartbeat = None
+            event = MemberEvent.HEARD_MISMATCH
+        else:
+            if peer.mismatch_digest is not None:
+                peer.mismatch_digest = None
+                out.append(Log("info", "config-digest-match", {"member": peer.name}))
+            self._accepted += 1
+            previous = peer.heartbeat
+            peer.heartbeat = hb
+            peer.record_acks(hb, now)
+            if previous is not None and (
+                previous.draining != hb.draining or previous.suspended_groups != hb.suspended_groups
+            ):
+                self._soon(now)  # its eligibility changed: it needs our fresh ack
+            event = MemberEvent.RESTARTED if restarted else MemberEvent.HEARD
+        old, new = self._transition(peer, event, out)
+        if restarted:
+            peer.min_ack = self._seq + 1
+            out.append(Log("info", "member-restarted", {"member": peer.name}))
+            self._soon(now)
+        if old is ALIVE and new is not ALIVE:
+            peer.departed_at = now
+        if new is ALIVE and old is not ALIVE:
+            out.append(Log("info", "member-alive", {"member": peer.name, "was": old.value}))
+            self._soon(now)
+
+    def _transition(
+        self, peer: PeerRecord, event: MemberEvent, out: list[Effect]
+    ) -> tuple[MemberState, MemberState]:
+        try:
+            return peer.transition(event)
+        except IllegalTransitionError as exc:
+            if self.config.strict_transitions:
+                raise
+            out.append(Log("error", "illegal-transition", {"member": peer.name, "error": str(exc)}))
+            return peer.state, peer.state
+
+    # --------------------------------------------------------------- advancing
+
+    def _soon(self, now: float) -> None:
+        """Send the next heartbeat early (rate-limited by ``min_send_gap``)."""
+        self._next_send = min(self._next_send, max(now, self._last_send + self.config.min_send_gap))
+
+    def _advance(self, now: float, out: list[Effect]) -> None:
+        for p in self._peers.values():
+            silent = p.last_heard is not None and now >= p.last_heard + self._da
+            if silent and p.state in (ALIVE, MemberState.MISMATCH):
+                old, _ = self._transition(p, MemberEvent.SILENT, out)
+                if old is ALIVE:
+                    p.departed_at = now
+                    out.append(Log("warning", "member-dead", {"member": p.name}))
+        view = frozenset({self._me, *(p.name for p in self._peers.values() if p.state is ALIVE)})
+        if view != self._view:
+            self._view = view
+            out.append(ViewChanged(view))
+            self._soon(now)
+        self._update_quorum(now, out)
+        self._update_claims(now, out)
+        if now >= self._next_send:
+            self._send(now, out)
+
+    def _update_quorum(self, now: float, out: list[Effect]) -> None:
+        if not self.config.quorum:
+            return
+        reach = 1 + sum(
+            1 for p in self._peers.values() if p.state is ALIVE and self._lease_time_ok(p, now)
+        )
+        ok = 2 * reach > len(self.config.members)
+        if ok != self._quorum_ok:
+            self._quorum_ok = ok
+            out.append(
+                Log("info" if ok else "warning", "quorum-" + ("gained" if ok else "lost"), {})
+            )
+
+    def _update_claims(self, now: float, out: list[Effect]) -> None:
+        alive = [p for p in self._peers.values() if p.state is ALIVE]
+        for p in alive:
+            ok = self._lease_time_ok(p, now)
+            if self._lease_ok.get(p.name) and not ok:
+                out.append(Log("warning", "lease-lapsed", {"member": p.name}))
+            self._lease_ok[p.name] = ok
+        for g in self._my_groups:  # suspended: an alive peer of g cannot hear us
+            hb_views = (p.heartbeat.view for p in alive if p.heartbeat and p.name in g.members)
+            suspended = any(not view >> self._slot & 1 for view in hb_views)
+            if self._suspended[g.name] != suspended:
+                self._suspended[g.name] = suspended
+                out.append(Log("info", "suspended" if suspended else "resumed", {"group": g.name}))
+                if not suspended:
+                    self._fresh[g.name] = self._seq + 1
+                self._soon(now)
+        unsafe = {
+            p.name
+            for p in self._peers.values()
+            if p.state is not ALIVE and not self._takeover_safe(p, alive, now)
+        }
+        changed = keys_changed = False
+        keys: dict[str, _Inputs] = {}
+        for g in self._my_groups:
+            keys[g.name] = key = self._group_key(g, alive, now, unsafe)
+            if key == self._claim_keys.get(g.name):
+                continue
+            keys_changed = True
+            self._claim_keys[g.name] = key
+            new = self._compute(g, key)
+            if not np.array_equal(new, self._claims[g.name]):
+                self._claims[g.name] = new
+                changed = True
+        if not keys_changed:
+            return
+        held, live = claims_bound(
+            (g, keys[g.name].live) for g in self._my_groups if self._claims[g.name].any()
+        )
+        before = self._advertised()
+        if changed:
+            self._epoch += 1
+            self._states.append(KernelState(self._epoch, live, held))
+            out.append(ClaimsChanged(self._epoch, dict(self._claims)))
+        else:  # same claims, new live sets: a bound as valid as the old one, maybe tighter
+            self._states[-1] = KernelState(self._states[-1].epoch, live, held)
+        if self._advertised() != before:
+            self._soon(now)
+
+    def _group_key(
+        self, g: GroupLayout, alive: list[PeerRecord], now: float, unsafe: set[str]
+    ) -> _Inputs:
+        if self._draining or self._suspended[g.name]:
+            return _Inputs("ineligible")
+        if not self._quorum_ok:
+            return _Inputs("no-quorum")
+        peers = [self._peers[n] for n in sorted(g.members) if n != self._me]
+        if now < self._grace_until and any(p.state is MemberState.UNKNOWN for p in peers):
+            return _Inputs("grace")  # a member never heard may be serving anything
+        live = {self._slot}
+        adverts: list[tuple[int, frozenset[int]]] = []
+        for p in peers:
+            hb = p.heartbeat
+            if p.state is not ALIVE or hb is None:
+                continue
+            if not self._lease_ok[p.name] or hb.acks[self._slot].seq < max(
+                self._fresh[g.name], p.min_ack
+            ):
+                return _Inputs("lease")
+            if not hb.draining and not hb.suspended_groups >> g.index & 1:
+                live.add(p.slot)
+            if hb.held_groups >> g.index & 1 and hb.applied_view >> p.slot & 1:
+                adverts.append((p.slot, slots_in(hb.applied_view) & g.slots))
+        frozen = any(p.name in unsafe for p in peers)
+        return _Inputs("", frozenset(live), tuple(adverts), frozen)
+
+    def _compute(self, g: GroupLayout, key: _Inputs) -> BoolArray:
+        if key.blocked:
+            return EMPTY
+        keep_only = self._claims[g.name] if key.frozen else None
+        return claim_mask(self._slot, key.live, key.adverts, keep_only)
+
+    # ---------------------------------------------------------- leases, holds
+
+    def _lease_expiry(self, p: PeerRecord) -> float | None:
+        return lease_expiry(p, self._slot, self._boot, self._sent_at, self._timing)
+
+    def _lease_time_ok(self, p: PeerRecord, now: float) -> bool:
+        expiry = self._lease_expiry(p)
+        return expiry is not None and now < expiry
+
+    def _takeover_safe(self, p: PeerRecord, alive: list[PeerRecord], now: float) -> bool:
+        """May this node take buckets ``p`` (not alive) might still serve?"""
+        if not self.config.quorum:
+            return p.departed_at is None or now >= p.departed_at + self._hold
+        # With quorum, any member that left within the hold may still lend the other side
+        # a lease towards its quorum; and every alive peer must have let p go.
+        for y in self._peers.values():
+            if y.departed_at is not None and now < y.departed_at + self._hold:
+                return False
+        for x in alive:
+            expiry = ack_expiry(x, p, self._timing)
+            if x is not p and (expiry is None or now < expiry):
+                return False
+        return True
+
+    # ----------------------------------------------------------------- sending
+
+    def _advertised(self) -> tuple[int, int]:
+        return advertised(self._states)
+
+    def _send(self, now: float, out: list[Effect]) -> None:
+        self._seq += 1
+        live, held = self._advertised()
+        acks = {
+            p.slot: Ack(p.boot, p.seq)
+            for p in self._peers.values()
+            if p.state is ALIVE and p.boot is not None
+        }
+        hb = Heartbeat(
+            cluster=self.config.cluster,
+            sender=self._me,
+            slot=self._slot,
+            boot=self._boot,
+            seq=self._seq,
+            digest=self._digest,
+            view=mask_of(self.config.members[n] for n in self._view),
+            applied_view=live,
+            applied_epoch=self._applied_epoch,
+            held_groups=held,
+            suspended_groups=mask_of(g.index for g in self._my_groups if self._suspended[g.name]),
+            draining=self._draining,
+            acks=acks,
+        )
+        out.append(Send(encode(hb, self.config.key)))
+        self._sent += 1
+        self._sent_at[self._seq] = now
+        horizon = now - (self._da + self._hold)
+        for seq in [s for s, t in self._sent_at.items() if t < horizon]:
+            del self._sent_at[seq]
+        self._last_send = now
+        self._next_send = now + self.config.interval

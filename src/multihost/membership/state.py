@@ -1,0 +1,163 @@
+"""Per-member state: the one transition table, the mutable peer record, the status snapshot.
+
+Owns: :data:`TRANSITIONS` (every legal ``(state, event) -> state`` move of a peer as seen
+by this node; anything else is :class:`IllegalTransitionError`), :class:`PeerRecord` (what
+the core remembers about one peer: incarnation, sequence, latest heartbeat, departure time)
+and :class:`MemberStatus` (the read-only view for ``status``).
+
+Must not: read clocks, decide ownership or parse datagrams; times are passed in.
+
+States: ``unknown`` (not heard since this node started), ``alive`` (valid heartbeat with our
+configuration digest within ``dead_after``), ``dead`` (silent for ``dead_after``),
+``mismatch`` (authenticated, but a different configuration digest: not a member).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+from multihost.membership.wire import Heartbeat
+
+
+class MemberState(enum.Enum):
+    UNKNOWN = "unknown"
+    ALIVE = "alive"
+    DEAD = "dead"
+    MISMATCH = "mismatch"
+
+
+class MemberEvent(enum.Enum):
+    HEARD = "heard"  # valid heartbeat, same incarnation (or the first one heard)
+    RESTARTED = "restarted"  # valid heartbeat from a new incarnation (new boot id)
+    HEARD_MISMATCH = "heard-mismatch"  # authenticated, but another configuration digest
+    SILENT = "silent"  # dead_after elapsed without a heartbeat
+
+
+class IllegalTransitionError(RuntimeError):
+    """A state change the table does not allow: a bug in the core, never a network event."""
+
+
+_S = MemberState
+_E = MemberEvent
+
+TRANSITIONS: Final[Mapping[tuple[MemberState, MemberEvent], MemberState]] = MappingProxyType(
+    {
+        (_S.UNKNOWN, _E.HEARD): _S.ALIVE,
+        (_S.UNKNOWN, _E.HEARD_MISMATCH): _S.MISMATCH,
+        (_S.ALIVE, _E.HEARD): _S.ALIVE,
+        (_S.ALIVE, _E.RESTARTED): _S.ALIVE,
+        (_S.ALIVE, _E.HEARD_MISMATCH): _S.MISMATCH,
+        (_S.ALIVE, _E.SILENT): _S.DEAD,
+        (_S.DEAD, _E.HEARD): _S.ALIVE,
+        (_S.DEAD, _E.RESTARTED): _S.ALIVE,
+        (_S.DEAD, _E.HEARD_MISMATCH): _S.MISMATCH,
+        (_S.MISMATCH, _E.HEARD): _S.ALIVE,
+        (_S.MISMATCH, _E.RESTARTED): _S.ALIVE,
+        (_S.MISMATCH, _E.HEARD_MISMATCH): _S.MISMATCH,
+        (_S.MISMATCH, _E.SILENT): _S.DEAD,
+    }
+)
+
+
+def next_state(state: MemberState, event: MemberEvent) -> MemberState:
+    """The table lookup; raises :class:`IllegalTransitionError` for pairs not in the table."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransitionError(
+            f"{event.value} is not allowed in state {state.value}"
+        ) from None
+
+
+OLD_BOOTS_KEPT: Final = 8
+
+
+@dataclass
+class PeerRecord:
+    """What this node knows about one configured peer (mutable; owned by the core)."""
+
+    name: str
+    slot: int
+    state: MemberState = MemberState.UNKNOWN
+    last_heard: float | None = None
+    boot: bytes | None = None
+    seq: int = 0
+    old_boots: deque[bytes] = field(default_factory=lambda: deque(maxlen=OLD_BOOTS_KEPT))
+    heartbeat: Heartbeat | None = None  # latest accepted heartbeat with our digest
+    latest: Heartbeat | None = None  # latest authenticated heartbeat, any digest (status)
+    mismatch_digest: bytes | None = None  # last mismatching digest logged
+    departed_at: float | None = None  # when it last stopped being alive
+    min_ack: int = 0  # our seq its acks must reach before its lease counts (after restart)
+    # slot -> receipt time of its first heartbeat (since its last ack of that slot) without
+    # an ack for that slot.
+    noack_since: dict[int, float] = field(default_factory=dict)
+
+    def transition(self, event: MemberEvent) -> tuple[MemberState, MemberState]:
+        """Apply ``event`` through the table; returns ``(old, new)``."""
+        old = self.state
+        self.state = next_state(old, event)
+        return old, self.state
+
+    def new_incarnation(self, boot: bytes) -> None:
+        if self.boot is not None:
+            self.old_boots.append(self.boot)
+        self.boot = boot
+        self.seq = 0
+
+    def record_receipt(self, hb: Heartbeat, now: float) -> None:
+        self.seq = hb.seq
+        self.last_heard = now
+
+    def record_acks(self, hb: Heartbeat, now: float) -> None:
+        """Track, per slot, since when its heartbeats (with our digest) stopped acking it."""
+        for s in range(8):
+            if s in hb.acks:
+                self.noack_since.pop(s, None)
+            else:
+                self.noack_since.setdefault(s, now)
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """Read-only status of one member as seen by this node (for ``multihost status``)."""
+
+    name: str
+    slot: int
+    state: str
+    last_heard: float | None
+    boot_id: str | None
+    seq: int
+    view: frozenset[str]
+    applied_epoch: int | None
+    draining: bool
+    lease_expires: float | None  # peers: until when our lease from it runs
+    serving: bool = False  # may still serve buckets (drained: draining and not serving)
+    suspended: bool = False  # takes no share in some group (a peer cannot hear it)
+
+
+def peer_status(
+    p: PeerRecord, members: Mapping[str, int], lease_expires: float | None
+) -> MemberStatus:
+    """The status snapshot of ``p`` (``members`` maps names to slots, to name its view)."""
+    names = {s: n for n, s in members.items()}
+    hb = p.latest
+    view = frozenset(names[s] for s in range(8) if hb and hb.view >> s & 1 and s in names)
+    return MemberStatus(
+        name=p.name,
+        slot=p.slot,
+        state=p.state.value,
+        last_heard=p.last_heard,
+        boot_id=p.boot.hex() if p.boot else None,
+        seq=p.seq,
+        view=view,
+        applied_epoch=hb.applied_epoch if hb else None,
+        draining=bool(hb and hb.draining),
+        lease_expires=lease_expires,
+        serving=bool(hb and hb.held_groups),
+        suspended=bool(hb and hb.suspended_groups),
+    )

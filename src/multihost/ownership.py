@@ -1,0 +1,64 @@
+"""Which buckets this node serves, per traffic IP group, for a given live set.  Pure.
+
+Owns: mapping the cluster's node slots and each group's member list onto the assignment
+engine (a group is assigned over the slots of its members; other slots are permanently
+dead), and the two-phase "release, then take" step used by manual mode (``set-live``).
+
+Must not: touch the kernel or the network; the agent applies what this computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+
+from multihost.assignment import Assignment, assign, default_table
+from multihost.config import Config
+
+
+@dataclass(frozen=True)
+class GroupOwnership:
+    group: str
+    live: tuple[str, ...]  # live members of this group
+    assignment: Assignment
+
+    def shares(self, slots: Mapping[str, int]) -> dict[str, Fraction]:
+        return {m: self.assignment.share(slots[m]) for m in self.live}
+
+
+def group_live_slots(cfg: Config, group: str, live: Iterable[str]) -> frozenset[int]:
+    g = next(x for x in cfg.groups if x.name == group)
+    slots = cfg.slots
+    live_set = set(live)
+    return frozenset(slots[m] for m in g.members if m in live_set)
+
+
+def ownership(cfg: Config, live: Iterable[str]) -> dict[str, GroupOwnership]:
+    """Per group: the assignment for the live members of that group."""
+    live_set = frozenset(live)
+    table = default_table()
+    out: dict[str, GroupOwnership] = {}
+    for g in cfg.groups:
+        members = tuple(m for m in g.members if m in live_set)
+        out[g.name] = GroupOwnership(
+            g.name, members, assign(group_live_slots(cfg, g.name, live_set), table)
+        )
+    return out
+
+
+def targets(cfg: Config, node: str, live: Iterable[str]) -> dict[str, frozenset[int]]:
+    """Per group: the buckets ``node`` owns when ``live`` are the live members."""
+    slot = cfg.slots[node]
+    own = ownership(cfg, live)
+    return {
+        name: (o.assignment.buckets(slot) if node in o.live else frozenset())
+        for name, o in own.items()
+    }
+
+
+def release_step(
+    current: Mapping[str, frozenset[int]], target: Mapping[str, frozenset[int]]
+) -> dict[str, frozenset[int]]:
+    """Phase 1 of a manual change: keep only what stays ours (nothing new is taken)."""
+    return {g: current.get(g, frozenset()) & t for g, t in target.items()}
