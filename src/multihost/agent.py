@@ -232,6 +232,8 @@ class Agent:
         self.dataplane.update(new)
         t1 = time.monotonic()
         self.applied = new
+        if self.membership is not None:
+            self.membership.set_handover(self.handover.draining_count() > 0)
         self.updates += 1
         self.last_update_ms = (t1 - t0) * 1000
         if since is not None:

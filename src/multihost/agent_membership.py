@@ -176,7 +176,10 @@ class MembershipDriver:
 
     def finished_draining(self, member: str) -> bool:
         st = self.core.members().get(member)
-        return st is None or st.state != "alive" or not getattr(st, "handover", False)
+        return st is None or st.state != "alive" or not st.handover
+
+    def set_handover(self, draining_flows: bool) -> None:
+        self.core.set_handover(draining_flows)
 
     def status(self) -> dict[str, Any]:
         now = self.loop.time() if self.loop is not None else time.monotonic()
@@ -194,6 +197,7 @@ class MembershipDriver:
                 "applied_epoch": m.applied_epoch,
                 "draining": m.draining,
                 "serving": m.serving,
+                "handover": m.handover,
                 "lease_ms": None
                 if m.lease_expires is None
                 else round((m.lease_expires - now) * 1000, 1),

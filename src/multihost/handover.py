@@ -58,19 +58,17 @@ class Handover:
     ) -> None:
         """This node should now serve ``target``; ``previous_owner(b)`` names who served b."""
         g = self.groups[group]
-        for b in list(g.owned - target):  # lost: keep our established flows
-            g.owned.discard(b)
-            if self.enabled:
-                g.draining[b] = now
+        lost = g.owned - target
+        g.owned -= lost
+        if self.enabled:  # lost: keep our established flows
+            g.draining.update(dict.fromkeys(lost, now))
         for b in [b for b in g.incoming if b not in target]:  # gained, then lost again
             del g.incoming[b]
-        for b in target:
-            if b in g.owned or b in g.incoming:
-                continue
-            if b in g.draining:  # coming back before it finished draining: ours again
-                del g.draining[b]
-                g.owned.add(b)
-                continue
+        back = target & g.draining.keys()  # coming back before it finished draining
+        for b in back:
+            del g.draining[b]
+        g.owned |= back
+        for b in target - g.owned - g.incoming.keys():  # gained
             prev = previous_owner(b)
             if self.enabled and prev is not None and alive(prev):
                 g.incoming[b] = (prev, now)

@@ -10,12 +10,12 @@ Safety rules (argued in ``docs/membership.md``), re-evaluated from scratch on ev
 a group's claims are this node's share under its eligible live set, minus every bucket an
 alive peer's latest heartbeat says it may serve, and are empty unless this node holds a
 *fresh lease* from every alive peer of the group (the peer acknowledged one of our sequence
-numbers sent less than ``dead_after + takeover_hold - lease_margin`` ago).  Also empty while
-draining, without quorum (when enabled) and, during the start-up / quorum-regained grace,
-in groups with a member not heard since start.  After a peer departs, the group takes nothing new
-for ``takeover_hold`` (and, with quorum, until every alive peer's acks show the departed
-member's leases have expired).  Heartbeats advertise every claim set the kernel may still
-serve (applied or not yet confirmed).
+numbers sent less than ``dead_after + takeover_hold - lease_margin`` ago).  Also empty
+while draining or suspended (a peer of the group cannot hear us), without quorum (when
+enabled), and during the start-up grace in groups with a member not heard since start.
+After a peer departs, the group takes nothing new for ``takeover_hold`` (with quorum: until
+every alive peer has dropped it for that long).  Heartbeats advertise a bound on every
+claim set the kernel may still serve (applied or not yet confirmed).
 
 Must not: open sockets, read clocks, sleep or draw randomness (the boot id is passed in).
 """
@@ -99,6 +99,7 @@ class MembershipCore:
         self._next_send = now
         self._last_send = -INF
         self._draining = False
+        self._handover = False
         # Per group: peers must ack at least this seq of ours (bumped when we become
         # eligible again after draining or a suspension) before we claim anything in it.
         self._fresh = {g.name: 1 for g in self._my_groups}
@@ -147,6 +148,10 @@ class MembershipCore:
             self._soon(now)
         self._advance(now, out)
         return out
+
+    def set_handover(self, draining_flows: bool) -> None:
+        """Advertise (from the next heartbeat on) whether given-away buckets still drain."""
+        self._handover = draining_flows
 
     def applied(self, epoch: int, now: float) -> list[Effect]:
         """The kernel now serves exactly the claims of ``epoch`` (from ClaimsChanged)."""
@@ -481,6 +486,7 @@ class MembershipCore:
             held_groups=held,
             suspended_groups=mask_of(g.index for g in self._my_groups if self._suspended[g.name]),
             draining=self._draining,
+            handover=self._handover,
             acks=acks,
         )
         out.append(Send(encode(hb, self.config.key)))

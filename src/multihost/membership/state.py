@@ -137,6 +137,7 @@ class MemberStatus:
     draining: bool
     lease_expires: float | None  # peers: until when our lease from it runs
     serving: bool = False  # may still serve buckets (drained: draining and not serving)
+    handover: bool = False  # still has flows in buckets it gave away (docs/handover.md)
     suspended: bool = False  # takes no share in some group (a peer cannot hear it)
 
 
@@ -160,4 +161,5 @@ def peer_status(
         lease_expires=lease_expires,
         serving=bool(hb and hb.held_groups),
         suspended=bool(hb and hb.suspended_groups),
+        handover=bool(hb and hb.handover),
     )

@@ -41,7 +41,10 @@ MAX_HELD_BYTES: Final = 64  # room for 512 traffic IP groups
 MAX_U64: Final = 2**64 - 1
 
 FLAG_DRAINING: Final = 0x01
-KNOWN_FLAGS: Final = FLAG_DRAINING
+#: The sender still has established flows in buckets it gave away (connection-preserving
+#: handover, docs/handover.md); new owners keep those buckets ``incoming`` until it clears.
+FLAG_HANDOVER: Final = 0x02
+KNOWN_FLAGS: Final = FLAG_DRAINING | FLAG_HANDOVER
 
 WireReason = Literal["bad-mac", "truncated", "oversize", "bad-magic", "wrong-version", "malformed"]
 WIRE_REASONS: Final[tuple[str, ...]] = get_args(WireReason)
@@ -93,6 +96,7 @@ class Heartbeat:
     held_groups: int = 0
     suspended_groups: int = 0
     draining: bool = False
+    handover: bool = False
     acks: Mapping[int, Ack] = field(default_factory=dict)
 
 
@@ -146,7 +150,7 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
         _check_range(ack.seq, MAX_U64, "ack seq")
         ack_mask |= 1 << slot
         acks += _ACK.pack(ack.boot, ack.seq)
-    flags = FLAG_DRAINING if hb.draining else 0
+    flags = (FLAG_DRAINING if hb.draining else 0) | (FLAG_HANDOVER if hb.handover else 0)
     header = _HEADER.pack(
         MAGIC,
         VERSION,
@@ -261,5 +265,6 @@ def _parse(body: bytes) -> Heartbeat:
         held_groups=held,
         suspended_groups=suspended,
         draining=bool(flags & FLAG_DRAINING),
+        handover=bool(flags & FLAG_HANDOVER),
         acks=acks,
     )
