@@ -42,6 +42,8 @@ from multihost.ownership import ownership, targets
 from multihost.simulation import fraction_text
 
 Claims = dict[str, frozenset[int]]
+#: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
+COUNTER_EVERY = 5
 
 
 def ruleset_spec(cfg: Config) -> RulesetSpec:
@@ -170,13 +172,13 @@ class Agent:
             self.responder = None
 
     async def _housekeeping(self) -> None:
-        """Every second: nft counters for metrics/status, systemd watchdog, ARP refresh."""
+        """Every second: handover, systemd watchdog; every 5 s nft counters; ARP refresh."""
         wd = sdnotify.watchdog_interval()
         period = min(1.0, wd) if wd else 1.0
         ticks = 0
         while not self._stop.is_set():
             try:
-                if self.dataplane is not None:
+                if self.dataplane is not None and ticks % COUNTER_EVERY == 0:
                     self._packets = self.dataplane.counters()
                 await self._handover_tick()
                 self.publish()
@@ -306,6 +308,8 @@ class Agent:
     async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
         if cmd == "status":
+            if self.dataplane is not None:
+                self._packets = self.dataplane.counters()  # fresh for the operator
             return {"ok": True, **self.status()}
         if cmd == "set-live":
             return self._set_live(req)
@@ -403,7 +407,8 @@ class Agent:
             "draining_buckets": sum(len(s.draining) for s in snaps),
             "incoming_buckets": sum(len(s.incoming) for s in snaps),
             "flows_draining": self.flows_draining,
-            "time_left_s": None if deadline is None
+            "time_left_s": None
+            if deadline is None
             else round(max(0.0, deadline - time.monotonic()), 1),
             "max_drain_s": self.handover.max_drain,
         }

@@ -44,6 +44,7 @@ def membership_config(agent: Agent, key: bytes) -> MembershipConfig:
         dead_after=c.dead_after_ms / 1000,
         config_digest=cfg.digest(),
         quorum=c.quorum,
+        takeover_hold=c.takeover_hold_ms / 1000,
         strict_transitions=False,
     )
 

@@ -33,6 +33,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
 MIN_KEY_BYTES = 16
+DEAD_AFTER_INTERVALS = 3
 METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
 
 
@@ -53,8 +54,9 @@ class ClusterConfig:
     key_file: Path
     hash_seed: int
     heartbeat_interval_ms: int = 100
-    dead_after_ms: int = 400
+    dead_after_ms: int = 300
     quorum: bool = False
+    takeover_hold_ms: int = 0
     max_drain_ms: int = 60_000
     control_socket: Path = Path("/run/multihost/control.sock")
     metrics_address: str | None = None  # "HOST:PORT"; None = off
@@ -217,7 +219,9 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         raise r.err("multicast_group", f"{group} is link-local control; use 239.192.0.0/14")
     port = r.int_in("port", 1, 65535, 7946)
     interval = r.int_in("heartbeat_interval_ms", 5, 10_000, 100)
-    dead_after = r.int_in("dead_after_ms", 1, 600_000, 4 * interval)
+    # Default 3 intervals, like VRRP's master-down interval (3 x advert_int + skew): with
+    # 100 ms heartbeats, failover p50 ~280 ms (BENCHMARKS.md); raise it on lossy networks.
+    dead_after = r.int_in("dead_after_ms", 1, 600_000, DEAD_AFTER_INTERVALS * interval)
     if dead_after < 2 * interval:
         raise r.err(
             "dead_after_ms", f"{dead_after} must be at least 2 x heartbeat_interval_ms ({interval})"
@@ -237,6 +241,7 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         heartbeat_interval_ms=interval,
         dead_after_ms=dead_after,
         quorum=r.get("quorum", bool, False),
+        takeover_hold_ms=r.int_in("takeover_hold_ms", 0, 60_000, 0),
         max_drain_ms=r.int_in("max_drain_ms", 0, 86_400_000, 60_000),
         control_socket=Path(r.get("control_socket", str, "/run/multihost/control.sock")),
         metrics_address=metrics,

@@ -17,7 +17,15 @@ from multihost import __version__
 from multihost.cli.common import UsageError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("simulate", "whohas", "check-config", "agent", "status", "drain", "lab")
+SUBCOMMANDS: tuple[str, ...] = (
+    "simulate",
+    "whohas",
+    "check-config",
+    "agent",
+    "status",
+    "drain",
+    "lab",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
