@@ -118,8 +118,24 @@ class Agent:
     def _undo(self, what: str, fn: Callable[[], Any]) -> None:
         self._cleanups.append((what, fn))
 
+    def _set_priority(self) -> None:
+        """Heartbeats must go out on time on a busy host (as corosync does): SCHED_RR."""
+        prio = self.cfg.cluster.realtime_priority
+        if not prio:
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(prio))
+        except OSError as e:
+            self.log(
+                "realtime-priority-unavailable",
+                level="warning",
+                priority=prio,
+                error=e.strerror or str(e),
+            )
+
     async def _start(self) -> None:
         cfg, loop = self.cfg, asyncio.get_running_loop()
+        self._set_priority()
         addresses = [a for g in cfg.groups for a in g.addresses]
         self.host = HostSetup(cfg.cluster.interface, addresses, cfg.cluster.multicast_group)
         # pyroute2's synchronous API runs its own event loop: keep it off ours.
@@ -397,6 +413,7 @@ class Agent:
             "arp": self.responder.counters() if self.responder else {},
         }
         if self.membership is not None:
+            out["alive"] = list(self.membership.alive())
             out.update(self.membership.status())
         return out
 

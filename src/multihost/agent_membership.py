@@ -144,22 +144,31 @@ class MembershipDriver:
         except OSError:
             self.send_errors += 1  # link down, buffer full: the next heartbeat retries
 
+    def eligible(self) -> frozenset[str]:
+        """Members that take a share: alive and not draining (as this node sees them)."""
+        members = self.core.members()
+        return frozenset(m for m in self._view if not (m in members and members[m].draining))
+
     def _apply(self, eff: ClaimsChanged) -> list[Effect]:
         assert self.loop is not None
         before = ownership(self.agent.cfg, self._applied_view)
         slot_names = {n.slot: n.name for n in self.agent.cfg.nodes}
-        view = self._view
+        view, me = self._view, self.agent.node.name
 
         def previous_owner(group: str, bucket: int) -> str | None:
             s = before[group].assignment.owner(bucket)
             return None if s is None else slot_names[s]
 
+        def alive_elsewhere(member: str) -> bool:
+            # A bucket that was ours (drained completely) comes back as owned.
+            return member != me and member in view
+
         claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
         self.agent.retarget(
-            claims, previous_owner, lambda m: m in view, self._view_changed_at, f"epoch {eff.epoch}"
+            claims, previous_owner, alive_elsewhere, self._view_changed_at, f"epoch {eff.epoch}"
         )
         self._view_changed_at = None
-        self._applied_view = view
+        self._applied_view = self.eligible()
         return self.core.applied(eff.epoch, self.loop.time())
 
     def _schedule(self) -> None:
@@ -173,6 +182,11 @@ class MembershipDriver:
 
     # ------------------------------------------------------------------- queries
     def live(self) -> tuple[str, ...]:
+        """Members taking a share (alive, not draining), in configuration order."""
+        eligible = self.eligible()
+        return tuple(n.name for n in self.agent.cfg.nodes if n.name in eligible)
+
+    def alive(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.agent.cfg.nodes if n.name in self._view)
 
     def finished_draining(self, member: str) -> bool:

@@ -57,6 +57,7 @@ class ClusterConfig:
     dead_after_ms: int = 300
     quorum: bool = False
     takeover_hold_ms: int = 0
+    realtime_priority: int = 10  # SCHED_RR priority of the agent; 0 = normal scheduling
     max_drain_ms: int = 60_000
     control_socket: Path = Path("/run/multihost/control.sock")
     metrics_address: str | None = None  # "HOST:PORT"; None = off
@@ -242,6 +243,7 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         dead_after_ms=dead_after,
         quorum=r.get("quorum", bool, False),
         takeover_hold_ms=r.int_in("takeover_hold_ms", 0, 60_000, 0),
+        realtime_priority=r.int_in("realtime_priority", 0, 99, 10),
         max_drain_ms=r.int_in("max_drain_ms", 0, 86_400_000, 60_000),
         control_socket=Path(r.get("control_socket", str, "/run/multihost/control.sock")),
         metrics_address=metrics,

@@ -89,6 +89,12 @@ def _drain(state_of: StateOf, cmd: str) -> Callable[[argparse.Namespace], int]:
         except ControlError as e:
             raise LabError(f"agent {args.node}: {e}") from None
         reply.pop("ok", None)
+        # what 'lab probe' predicts with: a drained node takes no share
+        if cmd == "drain":
+            state.live = [m for m in state.live if m != args.node]
+        elif args.node not in faults.failed(state):
+            state.live = [m for m in state.topology.members if m in state.live or m == args.node]
+        state.save()
         if args.json:
             print_json({"node": args.node, **reply})
         else:
