@@ -310,15 +310,15 @@ class Agent:
                 self.handover.drained(g, busy, now)
             self.flows_draining = remaining if in_use is not None else None
         for g in self.handover.groups:
-            self.handover.promote(g, self._finished_draining, now)
+            self.handover.promote(g, self._finished_draining(), now)
         self.sync_kernel(None, "handover")
 
-    def _finished_draining(self, member: str | None) -> bool:
-        if member is None:
-            return True
-        if self.membership is not None:
-            return self.membership.finished_draining(member)
-        return False  # manual mode: no heartbeats; promoted after max_drain_ms
+    def _finished_draining(self) -> Callable[[str | None], bool]:
+        """Whether a member no longer drains buckets it gave away (one status read)."""
+        if self.membership is None:
+            return lambda member: member is None  # manual mode: after max_drain_ms
+        done = self.membership.finished_members()
+        return lambda member: member is None or member in done
 
     # -------------------------------------------------------------- control requests
     async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:

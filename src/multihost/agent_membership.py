@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
     from multihost.agent import Agent
 
 MAX_DATAGRAMS_PER_WAKEUP = 64
+#: How often the cluster interface's operational state is checked (seconds).
+LINK_CHECK_PERIOD = 0.05
+
+
+def link_up(interface: str) -> bool:
+    """Whether the interface can carry traffic (sysfs operstate; the netns's own /sys)."""
+    try:
+        with open(f"/sys/class/net/{interface}/operstate") as f:
+            state = f.read().strip()
+    except OSError:
+        return False
+    return state in ("up", "unknown")
 
 
 def membership_config(agent: Agent, key: bytes) -> MembershipConfig:
@@ -61,6 +74,10 @@ class MembershipDriver:
         self.view_changes = 0
         self.send_errors = 0
         self._view_changed_at: float | None = None
+        self._key = key
+        self.fenced = False
+        self.fences = 0
+        self._link_timer: asyncio.TimerHandle | None = None
         c = agent.cfg.cluster
         self._dest = (str(c.multicast_group), c.port)
 
@@ -74,8 +91,43 @@ class MembershipDriver:
         self.sock = open_multicast(c.multicast_group, c.port, c.interface, addr)
         loop.add_reader(self.sock.fileno(), self._on_readable)
         self._run(self.core.tick(loop.time()))
+        self._check_link()
+
+    # ------------------------------------------------------------- link fencing
+    def _check_link(self) -> None:
+        """A node whose own link is down hears nobody and would take every bucket; when the
+        link returns it would answer flows others own.  So: link down -> serve nothing;
+        link up again -> rejoin as a new incarnation (start-up grace: claims only once the
+        peers are heard and their claims known)."""
+        assert self.loop is not None
+        up = link_up(self.agent.cfg.cluster.interface)
+        if not up and not self.fenced:
+            self.fenced = True
+            self.fences += 1
+            self.agent.log("fenced", level="warning", reason="cluster link down")
+            for g in self.agent.handover.groups:
+                self.agent.handover.release_all(g)
+            self.agent.sync_kernel(None, "link down")
+        elif up and self.fenced:
+            self.fenced = False
+            self._restart_core()
+        self._link_timer = self.loop.call_later(LINK_CHECK_PERIOD, self._check_link)
+
+    def _restart_core(self) -> None:
+        assert self.loop is not None
+        self.agent.boot_id = os.urandom(8)
+        self.core = MembershipCore(
+            membership_config(self.agent, self._key), self.agent.boot_id, self.loop.time()
+        )
+        self._view = frozenset()
+        self._applied_view = frozenset()
+        self.agent.log("rejoining", boot_id=self.agent.boot_id.hex(), reason="cluster link up")
+        self._run(self.core.tick(self.loop.time()))
 
     def close(self) -> None:
+        if self._link_timer is not None:
+            self._link_timer.cancel()
+            self._link_timer = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -164,6 +216,8 @@ class MembershipDriver:
             return member != me and member in view
 
         claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
+        if self.fenced or not link_up(self.agent.cfg.cluster.interface):
+            claims = {g: frozenset() for g in claims}  # serving less than claimed is safe
         self.agent.retarget(
             claims, previous_owner, alive_elsewhere, self._view_changed_at, f"epoch {eff.epoch}"
         )
@@ -189,9 +243,13 @@ class MembershipDriver:
     def alive(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.agent.cfg.nodes if n.name in self._view)
 
-    def finished_draining(self, member: str) -> bool:
-        st = self.core.members().get(member)
-        return st is None or st.state != "alive" or not st.handover
+    def finished_members(self) -> frozenset[str]:
+        """Members whose heartbeats say they have no given-away bucket left draining."""
+        return frozenset(
+            name
+            for name, st in self.core.members().items()
+            if st.state != "alive" or not st.handover
+        )
 
     def set_handover(self, draining_flows: bool) -> None:
         self.core.set_handover(draining_flows)
@@ -223,6 +281,7 @@ class MembershipDriver:
             "applied_epoch": self.core.applied_epoch,
             "draining": self.core.draining,
             "quorum_ok": self.core.quorum_ok,
+            "fenced": self.fenced,
             "members": members,
             "counters": {
                 "heartbeats_sent": c.sent,
@@ -230,6 +289,7 @@ class MembershipDriver:
                 "heartbeats_accepted": c.accepted,
                 "rejected": dict(c.rejected),
                 "send_errors": self.send_errors,
+                "fences": self.fences,
                 "view_changes": self.view_changes,
             },
         }
