@@ -203,17 +203,26 @@ class MembershipDriver:
 
     def _apply(self, eff: ClaimsChanged) -> list[Effect]:
         assert self.loop is not None
-        before = ownership(self.agent.cfg, self._applied_view)
-        slot_names = {n.slot: n.name for n in self.agent.cfg.nodes}
         view, me = self._view, self.agent.node.name
+        # Who served a bucket before: the owners under the eligible set we last applied; on
+        # a fresh start (or rejoin) the others, as we see them now (they hand over to us).
+        before_set = self._applied_view or (self.eligible() - {me})
+        before = ownership(self.agent.cfg, before_set)
+        slot_names = {n.slot: n.name for n in self.agent.cfg.nodes}
 
         def previous_owner(group: str, bucket: int) -> str | None:
             s = before[group].assignment.owner(bucket)
             return None if s is None else slot_names[s]
 
+        # A peer still draining buckets it gave away may hold flows in a bucket whose last
+        # owner just crashed (it drained to that member): while any peer drains, buckets
+        # of a dead member arrive through 'incoming' too, never answering its flows.
+        done = self.finished_members()
+        draining_peers = any(m != me and m not in done for m in view)
+
         def alive_elsewhere(member: str) -> bool:
             # A bucket that was ours (drained completely) comes back as owned.
-            return member != me and member in view
+            return member != me and (member in view or draining_peers)
 
         claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
         if self.fenced or not link_up(self.agent.cfg.cluster.interface):

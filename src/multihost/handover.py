@@ -64,10 +64,11 @@ class Handover:
             g.draining.update(dict.fromkeys(lost, now))
         for b in [b for b in g.incoming if b not in target]:  # gained, then lost again
             del g.incoming[b]
-        back = target & g.draining.keys()  # coming back before it finished draining
-        for b in back:
+        # A bucket coming back before it finished draining was served by another member
+        # meanwhile (it has flows there now): it comes back like any gained bucket, and
+        # 'incoming' still accepts our own old flows (they are established here).
+        for b in target & g.draining.keys():
             del g.draining[b]
-        g.owned |= back
         for b in target - g.owned - g.incoming.keys():  # gained
             prev = previous_owner(b)
             if self.enabled and prev is not None and alive(prev):
