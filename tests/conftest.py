@@ -9,9 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # Shared 2-core machines: wall-clock deadlines make property tests flaky, not stricter.
-settings.register_profile(
-    "multihost", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("multihost", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("multihost")
 
 ROOT_TOOLS = ("nft", "ip")

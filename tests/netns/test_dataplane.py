@@ -24,6 +24,7 @@ from functools import partial
 import pytest
 
 from multihost.assignment import assign
+from multihost.dataplane.conntrack import dump_entries
 from multihost.dataplane.hostsetup import HostSetup, HostSetupError, multicast_memberships
 from multihost.dataplane.nft import Dataplane, Nft, NftError, netns_entered
 from multihost.dataplane.ruleset import (
@@ -58,6 +59,7 @@ TRI, SRC = (
     GroupSpec("src", (VIPS,), HashMode.SOURCE_IP),
 )
 SPEC3 = RulesetSpec(B, SEED, (WEB, TRI, SRC))
+FOUR = HashMode.FOUR_TUPLE
 
 
 @dataclass
@@ -158,6 +160,24 @@ def test_kernel_bucket_matches_model_tcp(lab: Lab) -> None:
     assert 0 < len(want) < len(flows)
 
 
+def test_only_served_flows_reach_conntrack(lab: Lab) -> None:
+    """Packets of buckets this node does not serve are dropped before conntrack."""
+    dp = Dataplane(SPEC3, lab.nft)
+    dp.install(owning(SCATTERED))
+    flows = random_flows(random.Random(7), 300, [80], [CLIENT])
+    want = predicted(flows, VIP, HashMode.FOUR_TUPLE, SCATTERED)
+    before = dp.counters()["web"]
+    assert udp_round(lab, dp, "web", VIP, flows) == want
+    after = dp.counters()["web"]
+    assert after["accepted_packets"] - before["accepted_packets"] == len(want)
+    assert after["dropped_packets"] - before["dropped_packets"] == len(flows) - len(want)
+    assert after["accepted_bytes"] - before["accepted_bytes"] == len(want) * (20 + 8 + 32)
+    with netns_entered(lab.node):
+        entries = dump_entries()
+    tracked = {(ip4(e[0]), e[1], e[3]) for e in entries if e[2] == str(VIP) and e[4] == 17}
+    assert tracked == want
+
+
 def test_icmp_echo_by_address_hash_and_errors_to_every_node(lab: Lab) -> None:
     dp = Dataplane(SPEC3, lab.nft)
     dp.install(owning(SCATTERED))
@@ -240,7 +260,8 @@ def test_fail_closed_when_the_owner_dies(lab: Lab) -> None:
         tables = nsutil.ns_run(lab.node, "nft", "list", "tables").stdout
         assert "table inet multihost\n" in tables and "multihost_guard" in tables
         # another process (the nft CLI, or our own context) cannot touch the owned table
-        cmd = ["nft", "add", "element", "inet", "multihost", "web_owned", "{", "1", "}"]
+        elem = "{ 1 : host }"
+        cmd = ["nft", "add", "element", "inet", "multihost", "web_buckets", elem]
         cli = nsutil.ns_run(lab.node, *cmd, check=False)
         assert cli.returncode != 0 and "Operation not permitted" in cli.stderr
         with pytest.raises(NftError, match="Operation not permitted"):
@@ -330,10 +351,12 @@ def test_update_is_one_exact_transaction(lab: Lab, fast_path: bool) -> None:
     # a refused transaction changes nothing, on either path
     with pytest.raises(NftError):
         lab.nft.run(
-            "add element inet multihost web_owned { 7 }\n"
-            "delete element inet multihost web_incoming { 99999 }\n"
+            "add element inet multihost web_buckets { 7 : host }\n"
+            "delete element inet multihost web_handover { 99999 }\n"
         )
-    bad = Delta(removed={"web_incoming": (99999,)}, added={"web_owned": tuple(range(7000))})
+    bad = Delta(
+        removed={"web_handover": (99999,)}, added={("web_buckets", "host"): tuple(range(7000))}
+    )
     with pytest.raises(NftError) as refused:
         lab.nft.send_elements("multihost", bad)
     assert refused.value.code == errno.ENOENT
@@ -379,6 +402,26 @@ def test_handover_sets_follow_conntrack(lab: Lab) -> None:
     finally:
         conn.close()
         listener.close()
+
+
+def test_handover_applies_to_unicast_frames_too(lab: Lab) -> None:
+    """A packet that arrives as ``host`` (unicast MAC) in a handover bucket is still checked."""
+    node_mac = json.loads(nsutil.ns_run(lab.node, "ip", "-j", "link", "show", "n0").stdout)
+    nsutil.ip_batch(
+        lab.client, [f"neigh replace {VIP} lladdr {node_mac[0]['address']} dev c0 nud permanent"]
+    )
+    dp = Dataplane(SPEC1, lab.nft)
+    part = CONTIGUOUS
+    flows = sorted(predicted(random_flows(random.Random(8), 400, [80], POOL), VIP, FOUR, part))
+    a, b, c = flows[:3]
+    dp.install({"web": GroupBuckets(draining=part)})
+    assert tcp_round(lab, dp, [a], set()) == set()  # a new connection is not taken
+    assert udp_round(lab, dp, "web", VIP, [b]) == {b}
+    dp.update({"web": GroupBuckets(incoming=part)})
+    assert tcp_round(lab, dp, [a], {a}) == {a}
+    assert udp_round(lab, dp, "web", VIP, [c]) == set()
+    dp.update({"web": GroupBuckets(owned=frozenset(range(B)) - part)})
+    assert udp_round(lab, dp, "web", VIP, [c]) == set()  # not served: dropped as before
 
 
 def test_ipv6_kernel_bucket_matches_model_and_nd_passes(lab: Lab) -> None:

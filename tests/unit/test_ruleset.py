@@ -19,15 +19,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multihost.dataplane import ruleset
-from multihost.dataplane.nft import encode_element_batch
+from multihost.dataplane.netlink import encode_element_batch
 from multihost.dataplane.ruleset import (
     GroupBuckets,
     GroupSpec,
     RulesetError,
     RulesetSpec,
     bucket_delta,
+    bucket_map,
     check_state,
+    handover_map,
     jhash_expr,
+    kind_chains,
+    map_contents,
     render_delta,
     render_delta_json,
     render_guard_table,
@@ -35,7 +39,6 @@ from multihost.dataplane.ruleset import (
     render_owned_table,
     render_remove,
     render_update,
-    set_names,
 )
 from multihost.flowhash import HashMode, hash_fields
 
@@ -123,36 +126,95 @@ def test_four_tuple_expression_exact() -> None:
     )
 
 
+def _chains(text: str) -> dict[str, list[str]]:
+    found = re.findall(r"\tchain (\w+) \{\n(.*?)\n\t\}", text, re.S)
+    return {name: [r.strip() for r in body.strip().splitlines()] for name, body in found}
+
+
 def test_owned_table_shape() -> None:
     text = render_owned_table(SPEC, BEFORE)
     assert "\tflags owner\n" in text
     assert "type filter hook prerouting priority -300; policy accept;" in text
     assert "type filter hook prerouting priority -150; policy accept;" in text
+    assert "\tset " not in text
     for g in SPEC.groups:
-        for name in set_names(g).values():
-            assert f"\tset {name} {{\n\t\ttypeof meta length\n\t\tsize 40320\n" in text
+        for name, data in ((bucket_map(g), "meta pkttype"), (handover_map(g), "verdict")):
+            assert f"\tmap {name} {{\n\t\ttypeof meta length : {data}\n\t\tsize 40320\n" in text
         assert f"counter {g.name}_accepted {{" in text
         assert f"counter {g.name}_dropped {{" in text
+    chains = _chains(text)
     # every packet to a traffic IP ends in an explicit verdict in each group chain
-    chains = re.findall(r"\tchain (\w+) \{\n(.*?)\n\t\}", text, re.S)
-    for name, body in chains:
+    for name, rules in chains.items():
+        if not name.startswith("hook_"):
+            assert rules[-1].endswith(("drop", "accept")), (name, rules[-1])
+        if name.endswith(("4", "6", "_ports", "_incoming")):
+            assert rules[-1].endswith("drop"), (name, rules[-1])
+    # one hash per packet at -300, through the group's bucket map; -150 may look up the
+    # handover map and, when the bucket left it meanwhile, the bucket map
+    for name, rules in chains.items():
         if name.startswith("hook_"):
+            assert not any("jhash" in r for r in rules)
             continue
-        last = body.strip().splitlines()[-1].strip()
-        assert last.endswith("drop"), (name, last)
-    assert "meta pkttype set host accept" in text
-    assert "tcp flags & (fin | syn | rst | ack) == syn ct state new" in text
+        group = name.split("_")[0]
+        hashing = [r for r in rules if "jhash" in r]
+        serve = f"map @{group}_buckets meta pkttype host counter name"
+        if "_raw" in name:
+            assert len(hashing) == 1 and serve in hashing[0], name
+            assert rules[rules.index(hashing[0]) + 1] == "meta pkttype other accept"
+        elif "_ct" in name:
+            assert len(hashing) == 2 and hashing[0].endswith(f"vmap @{group}_handover"), name
+            assert serve in hashing[1], name
+        else:
+            assert not hashing, name
+    # the -150 chain lets everything untagged go at once and drops stray tagged packets
+    assert chains["hook_ct"][1] == "meta pkttype != other accept"
+    assert chains["hook_ct"][-1].startswith("meta pkttype other drop")
+    assert "iiftype" not in " ".join(chains["hook_raw"])  # only traffic-IP packets check it
+    assert chains["web_raw4"][0] == "meta iiftype loopback accept"
+    web = kind_chains(SPEC.groups[0])
+    assert set(web) == {"draining", "incoming"}
+    assert chains[web["draining"]] == [
+        'meta l4proto tcp counter name "web_dropped" drop',
+        'meta pkttype set host counter name "web_accepted" accept',
+    ]
+    assert "tcp flags & (fin | syn | rst | ack) == syn ct state new" in chains[web["incoming"]][0]
+    assert chains["web_ct4"][0].startswith("ct state established,related meta pkttype set host")
+    # source-ip hashes the same with or without ports: no protocol dispatch, no port chains
+    assert "vpn_raw4_ports" not in chains and "l4proto" not in " ".join(chains["vpn_raw4"])
+    assert "10 : host" in text and "100 : other" in text and "100 : goto web_draining" in text
+
+
+def test_elements_of_every_kind_in_the_maps() -> None:
+    gb = GroupBuckets(owned=frozenset({3}), draining=frozenset({1}), incoming=frozenset({2}))
+    text = render_owned_table(SPEC, {"web": gb})
+    buckets = text.split("map web_buckets {")[1].split("\t}")[0]
+    assert re.findall(r"(\d+) : (\w+)", buckets) == [("1", "other"), ("2", "other"), ("3", "host")]
+    handover = text.split("map web_handover {")[1].split("\t}")[0]
+    assert re.findall(r"(\d+) : goto (\w+)", handover) == [
+        ("1", "web_draining"),
+        ("2", "web_incoming"),
+    ]
+    assert map_contents(SPEC.groups[0], gb) == {
+        "web_buckets": {"host": {3}, "other": {1, 2}},
+        "web_handover": {"goto web_draining": {1}, "goto web_incoming": {2}},
+    }
 
 
 def test_guard_table_lists_every_traffic_ip_and_uses_conntrack() -> None:
     text = render_guard_table(SPEC)
     assert "flags owner" not in text
     assert "priority -250;" in text
-    assert re.search(r"^\t\tct state ", text, re.M)
+    chains = _chains(text)
+    assert set(chains) == {"conntrack", "prerouting"}
+    assert chains["conntrack"][0].startswith("ct state ")  # never jumped to: enables ct only
+    assert "conntrack" not in " ".join(chains["prerouting"])
+    rules = chains["prerouting"][1:]
+    assert rules[0] == "meta pkttype host accept"
+    assert rules[1].startswith("meta pkttype other accept")
     for g in SPEC.groups:
         for a in g.addresses:
-            assert str(a) in text
-    assert "meta pkttype != host" in text
+            assert str(a) in " ".join(rules[2:])
+    assert all(r.endswith('counter name "dropped" drop') for r in rules[2:])
 
 
 def test_update_removes_before_adding() -> None:
@@ -167,18 +229,25 @@ def test_noop_update_is_empty() -> None:
     assert render_delta_json(SPEC, bucket_delta(SPEC, BEFORE, dict(BEFORE))) == ""
 
 
-def _apply(before: dict[str, GroupBuckets], delta: ruleset.Delta) -> dict[str, set[int]]:
-    sets: dict[str, set[int]] = {}
+def _contents(state: dict[str, GroupBuckets]) -> dict[str, dict[int, str]]:
+    """Map name -> key -> data, as the kernel would hold ``state``."""
+    maps: dict[str, dict[int, str]] = {}
     for g in SPEC.groups:
-        for kind, name in set_names(g).items():
-            sets[name] = set(before.get(g.name, GroupBuckets()).of(kind))
-    for name, values in delta.removed.items():
-        assert set(values) <= sets[name]
-        sets[name] -= set(values)
-    for name, values in delta.added.items():
-        assert not set(values) & sets[name]
-        sets[name] |= set(values)
-    return sets
+        for name, by_data in map_contents(g, state.get(g.name, GroupBuckets())).items():
+            maps[name] = {k: d for d, keys in by_data.items() for k in keys}
+    return maps
+
+
+def _apply(before: dict[str, GroupBuckets], delta: ruleset.Delta) -> dict[str, dict[int, str]]:
+    maps = _contents(before)
+    for name, keys in delta.removed.items():
+        assert set(keys) <= set(maps[name])
+        for k in keys:
+            del maps[name][k]
+    for (name, data), keys in delta.added.items():
+        assert not set(keys) & set(maps[name])
+        maps[name].update(dict.fromkeys(keys, data))
+    return maps
 
 
 _buckets = st.frozensets(st.integers(0, 199), max_size=60)
@@ -202,21 +271,46 @@ def test_delta_transforms_before_into_after(
     before: dict[str, GroupBuckets], after: dict[str, GroupBuckets]
 ) -> None:
     delta = bucket_delta(SPEC, before, after)
-    got = _apply(before, delta)
-    for g in SPEC.groups:
-        for kind, name in set_names(g).items():
-            assert got[name] == set(after.get(g.name, GroupBuckets()).of(kind))
+    assert _apply(before, delta) == _contents(after)
+    # nothing is deleted and re-added with the same data
+    for (name, data), keys in delta.added.items():
+        old = _contents(before)[name]
+        assert not [k for k in keys if old.get(k) == data]
     text = render_delta(SPEC, delta)
     assert text.count("{") == len(delta.removed) + len(delta.added)
     doc = json.loads(render_delta_json(SPEC, delta) or '{"nftables": []}')
-    as_json = {
-        (verb, c[verb]["element"]["name"]): tuple(c[verb]["element"]["elem"])
-        for c in doc["nftables"]
-        for verb in c
-    }
+    as_json: dict[tuple[str, str], tuple[int, ...]] = {}
+    for c in doc["nftables"]:
+        for verb, cmd in c.items():
+            e = cmd["element"]
+            if verb == "delete":
+                as_json[("delete", e["name"])] = tuple(e["elem"])
+                continue
+            values = {
+                v if isinstance(v, str) else f"goto {v['goto']['target']}" for _, v in e["elem"]
+            }
+            assert len(values) == 1
+            as_json[(e["name"], values.pop())] = tuple(k for k, _ in e["elem"])
     expected = {("delete", n): v for n, v in delta.removed.items()}
-    expected |= {("add", n): v for n, v in delta.added.items()}
+    expected |= dict(delta.added)
     assert as_json == expected
+
+
+def test_kind_change_is_delete_then_add() -> None:
+    before = {"web": GroupBuckets(owned=frozenset({1, 2, 3}), incoming=frozenset({4}))}
+    after = {"web": GroupBuckets(owned=frozenset({1}), draining=frozenset({2, 4}))}
+    delta = bucket_delta(SPEC, before, after)
+    assert delta.removed == {"web_buckets": (2, 3), "web_handover": (4,)}
+    assert delta.added == {
+        ("web_buckets", "other"): (2,),
+        ("web_handover", "goto web_draining"): (2, 4),
+    }
+    assert render_delta(SPEC, delta) == (
+        "delete element inet multihost web_buckets { 2, 3 }\n"
+        "delete element inet multihost web_handover { 4 }\n"
+        "add element inet multihost web_buckets { 2 : other }\n"
+        "add element inet multihost web_handover { 2 : goto web_draining, 4 : goto web_draining }\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,9 +377,9 @@ def test_elements_are_sorted_and_wrapped() -> None:
     spec = RulesetSpec(100, 0, (GroupSpec("g", (ip("198.18.1.1"),)),))
     text = render_owned_table(spec, {"g": GroupBuckets(owned=frozenset(range(99, -1, -3)))})
     block = text.split("elements = {")[1].split("}")[0]
-    numbers = [int(x) for x in re.findall(r"\d+", block)]
+    numbers = [int(x) for x in re.findall(r"(\d+) : host", block)]
     assert numbers == sorted(range(99, -1, -3))
-    assert max(len(line.split(",")) for line in block.strip().splitlines()) <= 17
+    assert max(len(line.split(",")) for line in block.strip().splitlines()) <= 9
 
 
 def test_module_is_pure() -> None:
@@ -316,20 +410,70 @@ def _parse_batch(data: bytes) -> list[tuple[int, int, int, dict[int, bytes]]]:
     return out
 
 
+def _attrs(data: bytes) -> list[tuple[int, bytes]]:
+    out, a = [], 0
+    while a < len(data):
+        alen, atype = struct.unpack_from("=HH", data, a)
+        out.append((atype & 0x3FFF, data[a + 4 : a + alen]))
+        a += (alen + 3) & ~3
+    return out
+
+
+def _elements_of(nest: bytes) -> list[tuple[int, str | None]]:
+    """(key, data as nft writes it, or None) of each NFTA_LIST_ELEM, attribute by attribute."""
+    names = {0: "host", 3: "other"}
+    out: list[tuple[int, str | None]] = []
+    for kind, elem in _attrs(nest):
+        assert kind == 1
+        parts = dict(_attrs(elem))
+        (value,) = [v for k, v in _attrs(parts[1]) if k == 1]
+        data = None
+        if 2 in parts:
+            ((dkind, payload),) = _attrs(parts[2])
+            if dkind == 1:  # NFTA_DATA_VALUE: one byte, a pkttype
+                assert len(payload) == 1
+                data = names[payload[0]]
+            else:  # NFTA_DATA_VERDICT
+                assert dkind == 2
+                fields = dict(_attrs(payload))
+                assert struct.unpack(">i", fields[1])[0] == -4  # NFT_GOTO
+                data = "goto " + fields[2].rstrip(b"\0").decode()
+        out.append((struct.unpack("=I", value)[0], data))
+    return out
+
+
 def test_netlink_element_batch_encoding() -> None:
-    delta = ruleset.Delta(removed={"web_owned": (1, 2)}, added={"web_draining": tuple(range(5000))})
+    delta = ruleset.Delta(
+        removed={"web_buckets": (1, 2)},
+        added={
+            ("web_buckets", "host"): tuple(range(5000)),
+            ("web_buckets", "other"): (7, 8),
+            ("web_handover", "goto web_draining"): (7, 8),
+        },
+    )
     data, acks = encode_element_batch("multihost", delta, 100)
     msgs = _parse_batch(data)
-    assert [m[0] for m in msgs] == [0x10, (10 << 8) | 14, *[(10 << 8) | 12] * 3, 0x11]
-    assert [m[2] for m in msgs] == list(range(100, 106)) and acks == [101, 102, 103, 104]
+    assert [m[0] for m in msgs] == [0x10, (10 << 8) | 14, *[(10 << 8) | 12] * 5, 0x11]
+    assert [m[2] for m in msgs] == list(range(100, 108)) and acks == list(range(101, 107))
     assert all(m[1] & 0x4 for m in msgs[1:-1])  # NLM_F_ACK on every element message
-    assert msgs[1][3][1] == b"multihost\0" and msgs[1][3][2] == b"web_owned\0"
-    values: list[int] = []
-    for _, _, _, attrs in msgs[2:-1]:
-        assert attrs[2] == b"web_draining\0"
-        elems = attrs[3]
-        assert len(elems) % 16 == 0
-        values += [struct.unpack_from("=I", elems, i + 12)[0] for i in range(0, len(elems), 16)]
-    assert values == list(range(5000))
-    removed = msgs[1][3][3]
-    assert [struct.unpack_from("=I", removed, i + 12)[0] for i in (0, 16)] == [1, 2]
+    assert msgs[1][3][1] == b"multihost\0" and msgs[1][3][2] == b"web_buckets\0"
+    assert _elements_of(msgs[1][3][3]) == [(1, None), (2, None)]
+    added: list[tuple[int, str | None]] = []
+    for _, _, _, attrs in msgs[2:5]:
+        assert attrs[2] == b"web_buckets\0"
+        added += _elements_of(attrs[3])
+    assert added == [(k, "host") for k in range(5000)]
+    assert _elements_of(msgs[5][3][3]) == [(7, "other"), (8, "other")]
+    assert msgs[6][3][2] == b"web_handover\0"
+    assert _elements_of(msgs[6][3][3]) == [(7, "goto web_draining"), (8, "goto web_draining")]
+
+
+def test_netlink_chunks_stay_below_the_nest_limit() -> None:
+    data = "goto " + "g" * 32 + "_incoming"  # the longest chain name a group can have
+    delta = ruleset.Delta(removed={}, added={("m", data): tuple(range(10000))})
+    batch, acks = encode_element_batch("multihost", delta, 0)
+    msgs = _parse_batch(batch)[1:-1]
+    assert len(msgs) == len(acks) > 1
+    assert all(len(m[3][3]) + 4 <= 0xFFFF for m in msgs)
+    keys = [k for m in msgs for k, d in _elements_of(m[3][3]) if d == data]
+    assert keys == list(range(10000))

@@ -27,17 +27,26 @@ NODE, if given, must be the node the local agent runs (a safety check).
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for name, helptext in (("drain", "drain this node for maintenance"),
-                           ("undrain", "end this node's drain")):
-        p = sub.add_parser(name, help=helptext, description=DESCRIPTION,
-                           formatter_class=Formatter)
+    for name, helptext in (
+        ("drain", "drain this node for maintenance"),
+        ("undrain", "end this node's drain"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=DESCRIPTION, formatter_class=Formatter)
         p.add_argument("node", nargs="?", metavar="NODE", help="the local node's name (check)")
         add_socket_args(p)
         if name == "drain":
-            p.add_argument("--wait", action="store_true",
-                           help="return only when no flow is left (or max_drain_ms passed)")
-            p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                           help="give up waiting after S seconds (default 3600)")
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help="return only when no flow is left (or max_drain_ms passed)",
+            )
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=3600.0,
+                metavar="S",
+                help="give up waiting after S seconds (default 3600)",
+            )
         add_json_flag(p)
         p.set_defaults(func=run, command_name=name)
 
@@ -62,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
                     print("multihost: drain: timed out waiting", flush=True)
                     return 1
                 if not args.json:
-                    print(f"drain: {h.get('flows_draining')} flows left in "
-                          f"{h.get('draining_buckets')} buckets, {h.get('time_left_s')} s left",
-                          flush=True)
+                    print(
+                        f"drain: {h.get('flows_draining')} flows left in "
+                        f"{h.get('draining_buckets')} buckets, {h.get('time_left_s')} s left",
+                        flush=True,
+                    )
                 time.sleep(1.0)
         st = request(path, "status")
     except ControlError as e:
@@ -75,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     else:
-        print(f"node {st['node']}: {args.command_name} requested; "
-              f"{h.get('draining_buckets', 0)} buckets still draining"
-              f" ({h.get('flows_draining')} flows)")
+        print(
+            f"node {st['node']}: {args.command_name} requested; "
+            f"{h.get('draining_buckets', 0)} buckets still draining"
+            f" ({h.get('flows_draining')} flows)"
+        )
     return 0

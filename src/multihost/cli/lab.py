@@ -192,6 +192,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="agents without heartbeats: ownership follows 'lab set-live' (release, then take)",
     )
+    a.add_argument(
+        "--heartbeat-ms", type=int, metavar="MS", help="agents' heartbeat interval (default 100)"
+    )
+    a.add_argument(
+        "--dead-after-ms", type=int, metavar="MS", help="silence until dead (default 3 intervals)"
+    )
+    a.add_argument(
+        "--quorum", action="store_true", help="cluster.quorum = true (minority serves nothing)"
+    )
+    a.add_argument(
+        "--max-drain-ms", type=int, metavar="MS", help="cluster.max_drain_ms (default 60000)"
+    )
     add_json_flag(a)
 
     desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
@@ -252,9 +264,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--check", action="store_true", help="exit 1 unless every flow was as expected")
     add_json_flag(a)
 
-    from multihost.cli import lab_cluster
+    from multihost.cli import lab_chaos, lab_cluster, lab_demo
 
     lab_cluster.register_actions(action, _state)
+    lab_chaos.register_actions(action, _state)
+    lab_demo.register_actions(action, _state)
 
     a = action("exec", "run a command in a lab namespace", EXEC, run_exec)
     a.add_argument("host", metavar="HOST", help="A.., c1.., client or sw")
@@ -271,7 +285,15 @@ def run_up(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"lab {topo.prefix}: {step}", file=sys.stderr)
 
-    state = labbuild.build(topo, progress, manual=args.manual)
+    state = labbuild.build(
+        topo,
+        progress,
+        manual=args.manual,
+        heartbeat_ms=args.heartbeat_ms,
+        dead_after_ms=args.dead_after_ms,
+        quorum=args.quorum,
+        max_drain_ms=args.max_drain_ms,
+    )
     took = time.monotonic() - started
     if args.json:
         print_json({**topo.summary(), "state": str(state.path), "seconds": round(took, 2)})

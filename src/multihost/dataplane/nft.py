@@ -5,18 +5,18 @@ Owns: the persistent libnftables context (:class:`Nft`) whose netlink socket *ow
 ``flags owner`` table, so the kernel deletes that table when the process dies (fail-closed)
 and no other process may change it; entering a network namespace for that socket; the
 applied bucket state and the delta bookkeeping of :meth:`Dataplane.update`; reading
-counters and set contents back from the kernel.
+counters and bucket maps back from the kernel.
 
 Must not: build nft syntax itself (everything it sends comes from ``ruleset``), touch links
 or addresses (that is ``hostsetup``), or spawn the ``nft`` binary.
 
 Element updates (:meth:`Dataplane.update`) take a fast path: the delta is encoded as one
-nf_tables netlink batch (``NFT_MSG_DELSETELEM``/``NFT_MSG_NEWSETELEM`` between batch
-begin/end, ``NLM_F_ACK`` on every message) and sent on the context's *own* netlink socket,
-found as the one ``NETLINK_NETFILTER`` descriptor ``nft_ctx_new`` opened, used through a
-``dup`` (only ownership by that socket lets us touch the owned table).  libnftables needs
-~1.3 us per element to parse and evaluate, the kernel ~0.6 us: 6,720 elements take ~5-7 ms
-this way against ~13-25 ms through libnftables JSON and ~20-35 ms as text (the text form is
+nf_tables netlink batch (:mod:`multihost.dataplane.netlink`: map elements out, then
+``key : goto chain`` elements in) and sent on the context's *own* netlink socket, found as
+the one ``NETLINK_NETFILTER`` descriptor ``nft_ctx_new`` opened, used through a ``dup``
+(only ownership by that socket lets us touch the owned table).  libnftables needs ~1.3 us
+per element to parse and evaluate, the kernel well under 1 us: a few thousand elements take
+a few ms this way against tens of ms through libnftables JSON or text (the text form is
 still what :meth:`Dataplane.install` sends).  Any doubt (no unique socket, ``EPERM``) falls
 back to libnftables JSON.
 
@@ -29,7 +29,7 @@ manages for its whole life.  Do not ``fork()`` without ``exec`` while holding an
 the child would keep the socket, and with it the owned table, alive.
 
 libnftables 1.0.6 quirk: ``list tables`` / ``list ruleset`` in JSON print garbage (or cut the
-output) for the ``flags`` of an owner table; this module only lists sets and counters.
+output) for the ``flags`` of an owner table; this module only lists maps and counters.
 """
 
 from __future__ import annotations
@@ -37,12 +37,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import functools
 import json
 import os
-import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -50,19 +47,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from multihost.dataplane.netlink import (
+    BatchError,
+    encode_element_batch,
+    netfilter_socket,
+    open_sockets,
+    send_batch,
+)
 from multihost.dataplane.ruleset import (
+    SET_KINDS,
     Delta,
     GroupBuckets,
     RulesetSpec,
+    bucket_map,
     check_state,
     counter_names,
     delta_of_checked,
+    handover_map,
+    kind_chains,
     render_delta_json,
     render_install,
     render_remove,
-    set_names,
 )
 
 NFT_CTX_DEFAULT = 0
@@ -153,94 +158,7 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
-NFPROTO_INET = 1
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
-_SO_SNDBUFFORCE = 32
-_NLMSG = struct.Struct("=IHHII")
-_CHUNK = 2048  # elements per message: the ELEMENTS nest length is 16 bits (16 bytes each)
-# NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE: u32 in host order } }
-_ELEM = np.dtype([("hdr", "=u2", (6,)), ("value", "=u4")])
-_ELEM_HDR = np.array([16, 1 | NLA_F_NESTED, 12, 1 | NLA_F_NESTED, 8, 1], dtype="=u2")
 _ctx_lock = threading.Lock()
-
-
-def _nlattr(kind: int, payload: bytes) -> bytes:
-    size = 4 + len(payload)
-    return struct.pack("=HH", size, kind) + payload + bytes(-size % 4)
-
-
-def _nlmsg(
-    kind: int, flags: int, seq: int, body: bytes, *, family: int = 0, res_id: int = 0
-) -> bytes:
-    payload = struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
-    return _NLMSG.pack(_NLMSG.size + len(payload), kind, flags, seq, 0) + payload
-
-
-def encode_element_batch(table: str, delta: Delta, seq: int) -> tuple[bytes, list[int]]:
-    """One nf_tables batch applying ``delta`` to inet ``table``; the sequence numbers to ack."""
-    begin = _nlmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)
-    parts, acks = [begin], []
-    for verb, changes in ((NFT_MSG_DELSETELEM, delta.removed), (NFT_MSG_NEWSETELEM, delta.added)):
-        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if verb == NFT_MSG_NEWSETELEM else 0)
-        for name, values in changes.items():
-            keys = np.fromiter(values, dtype=np.uint32, count=len(values))
-            for i in range(0, len(keys), _CHUNK):
-                recs = np.empty(len(keys[i : i + _CHUNK]), dtype=_ELEM)
-                recs["hdr"] = _ELEM_HDR
-                recs["value"] = keys[i : i + _CHUNK]
-                body = (
-                    _nlattr(1, table.encode() + b"\0")
-                    + _nlattr(2, name.encode() + b"\0")
-                    + _nlattr(3 | NLA_F_NESTED, recs.tobytes())
-                )
-                seq += 1
-                kind = (NFNL_SUBSYS_NFTABLES << 8) | verb
-                parts.append(_nlmsg(kind, flags, seq, body, family=NFPROTO_INET))
-                acks.append(seq)
-    seq += 1
-    parts.append(_nlmsg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, b"", res_id=NFNL_SUBSYS_NFTABLES))
-    return b"".join(parts), acks
-
-
-def _open_sockets() -> set[tuple[int, str]]:
-    """(fd, ``socket:[inode]``) of this process's sockets (fd numbers alone get reused)."""
-    out = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue  # closed meanwhile (e.g. the directory handle of listdir itself)
-        if target.startswith("socket:"):
-            out.add((int(name), target))
-    return out
-
-
-def _netfilter_socket(candidates: set[tuple[int, str]]) -> socket.socket | None:
-    """A dup of the single NETLINK_NETFILTER socket among ``candidates`` (None if not one)."""
-    found: list[tuple[int, socket.socket]] = []
-    for fd, _ in sorted(candidates):
-        try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        if sock.family == socket.AF_NETLINK and sock.proto == NETLINK_NETFILTER:
-            found.append((fd, sock))
-        else:
-            sock.close()
-    if len(found) != 1:
-        for _, sock in found:
-            sock.close()
-        return None
-    fd, sock = found[0]
-    # libnftables opens it without close-on-exec; a child must not keep the owned table alive
-    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
-    return sock
 
 
 class Nft:
@@ -256,13 +174,13 @@ class Nft:
         self._lock = threading.Lock()
         self.netns = netns
         with _ctx_lock, netns_entered(netns):
-            before = _open_sockets()
+            before = open_sockets()
             ctx = self._lib.nft_ctx_new(NFT_CTX_DEFAULT)
-            opened = _open_sockets() - before
+            opened = open_sockets() - before
         if not ctx:
             raise NftError("nft_ctx_new failed")
         self._ctx: int | None = ctx
-        self._nl = _netfilter_socket(opened)
+        self._nl = netfilter_socket(opened)
         self._seq = 0x4D480000
         if self._lib.nft_ctx_buffer_output(ctx) != 0 or self._lib.nft_ctx_buffer_error(ctx) != 0:
             self.close()
@@ -321,34 +239,10 @@ class Nft:
                 raise NftError("no netlink socket of a live nft context")
             data, acks = encode_element_batch(table, delta, self._seq)
             self._seq += len(acks) + 2
-            if len(data) > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2:
-                sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, 2 * len(data))
             try:
-                sock.send(data)  # nfnetlink runs the batch and queues every ack before returning
-            except OSError as e:
-                raise NftError(f"netlink send: {e}", e.errno) from e
-            pending, failed = set(acks), []
-            while True:  # the socket is non-blocking (libnftables set O_NONBLOCK)
-                try:
-                    buf = sock.recv(1 << 20)
-                except BlockingIOError:
-                    break
-                except OSError as e:  # e.g. ENOBUFS: replies were lost, the outcome is unknown
-                    raise NftError(f"netlink receive: {e}", e.errno) from e
-                off = 0
-                while off + _NLMSG.size <= len(buf):
-                    size, kind, _, seq, _ = _NLMSG.unpack_from(buf, off)
-                    if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", buf, off + _NLMSG.size)
-                        pending.discard(seq)
-                        if code:
-                            failed.append(-code)
-                    off += max((size + 3) & ~3, _NLMSG.size)
-        if failed:
-            code = failed[0]
-            raise NftError(f"kernel refused the element batch: {os.strerror(code)}", code)
-        if pending:
-            raise NftError(f"netlink: {len(pending)} of {len(acks)} acknowledgements missing")
+                send_batch(sock, data, acks)
+            except BatchError as e:
+                raise NftError(str(e), e.code) from e
 
     def close(self) -> None:
         """Free the context; tables it owns disappear with its socket.  Idempotent."""
@@ -457,15 +351,27 @@ class Dataplane:
         return "json"
 
     def read_state(self) -> dict[str, GroupBuckets]:
-        """The bucket sets as the kernel holds them (for checks; slow for big sets)."""
+        """The bucket maps as the kernel holds them (for checks; slow for big maps)."""
         out: dict[str, GroupBuckets] = {}
         for group in self.spec.groups:
-            found: dict[str, frozenset[int]] = {}
-            for kind, name in set_names(group).items():
-                items = self.nft.run_json(f"list set inet {self.spec.table} {name}")
-                elems = items[0]["set"].get("elem", []) if items else []
-                found[kind] = frozenset(int(e) for e in elems)
-            out[group.name] = GroupBuckets(**found)
+            found: dict[str, dict[int, str]] = {}
+            for name in (bucket_map(group), handover_map(group)):
+                items = self.nft.run_json(f"list map inet {self.spec.table} {name}")
+                elems = items[0]["map"].get("elem", []) if items else []
+                found[name] = {
+                    int(k): v if isinstance(v, str) else f"goto {v['goto']['target']}"
+                    for k, v in elems
+                }
+            kinds: dict[str, set[int]] = {k: set() for k in SET_KINDS}
+            goto = {f"goto {chain}": kind for kind, chain in kind_chains(group).items()}
+            handover = found[handover_map(group)]
+            for key, data in found[bucket_map(group)].items():
+                kind = "owned" if data == "host" else goto.get(handover.get(key, ""), "?")
+                kinds.setdefault(kind, set()).add(key)
+            stray = set(found[handover_map(group)]) - set(found[bucket_map(group)])
+            if kinds.keys() - set(SET_KINDS) or stray:
+                raise NftError(f"group {group.name}: the two bucket maps disagree")
+            out[group.name] = GroupBuckets(**{k: frozenset(v) for k, v in kinds.items()})
         return out
 
     def counters(self) -> dict[str, dict[str, int]]:

@@ -1,6 +1,6 @@
 """Pure rendering of the node's nftables scripts (text for ``nft -f`` / libnftables).
 
-Owns: the shape of the two tables, the names of their sets, chains and counters, the hash
+Owns: the shape of the two tables, the names of their maps, chains and counters, the hash
 expression (derived from :func:`multihost.flowhash.hash_fields`, so the rule and the model
 cannot drift), validation of specs and bucket states, and bucket deltas between two states.
 
@@ -9,27 +9,26 @@ what this module renders.
 
 Tables
 ------
-``multihost_guard`` (static, not owner-flagged), hook prerouting priority -250, i.e. after
-the owned table's -300 chain and before conntrack (-200): drops packets to a traffic IP whose
-``meta pkttype`` is not ``host``.  Clients reach a traffic IP through a *multicast* MAC, so
-such packets arrive as ``multicast``; only the owned table turns the buckets this node
-serves into ``host``.  When the owning process dies the kernel deletes the owned table and
-the guard drops everything to the traffic IPs: UDP fails closed too (TCP would already drop
-non-host packets itself).  Its ``ct`` rule is a deliberate no-op that makes this netns use
-conntrack, which enables IPv4/IPv6 defragmentation at priority -400: the -300 chain then
-hashes reassembled datagrams, not fragments without ports.
-
 ``multihost`` (``flags owner``: belongs to the netlink socket of the agent's libnftables
-context), per group three bucket sets ``<group>_owned``, ``<group>_draining`` and
-``<group>_incoming`` and two named counters ``<group>_accepted`` / ``<group>_dropped``:
+context), per group two maps and two named counters ``<group>_accepted`` /
+``<group>_dropped``: ``<group>_buckets`` holds every bucket this node serves, ``owned`` as
+``bucket : host``, ``draining`` and ``incoming`` as ``bucket : other``; ``<group>_handover``
+holds only the latter, as ``bucket : goto <group>_draining`` / ``goto <group>_incoming``.
 
-* chain ``hook_raw`` (priority -300, before conntrack): a packet to a traffic IP whose bucket is
-  in any of the three sets gets ``meta pkttype set host`` (without it TCP discards the
-  L2-multicast packet) and is accepted; any other packet to the traffic IP is dropped.
-* chain ``hook_ct`` (priority -150, after conntrack): ``owned`` is accepted.  ``draining`` (the
-  bucket is leaving this node): TCP only ``ct state established,related``.  ``incoming``
-  (the bucket is arriving): TCP ``established,related`` or a pure SYN (``syn`` without
-  ``ack|fin|rst``) in ``ct state new``.  The rest of those two sets is dropped.
+* chain ``hook_raw`` (priority -300, before conntrack): a packet to a traffic IP is hashed
+  *once*, and ``meta pkttype set <hash> map @<group>_buckets`` does the rest: ``host`` for
+  an owned bucket (without it TCP discards the L2-multicast packet): counted as accepted
+  and accepted, done; ``other`` for a handover bucket: accepted, to be decided at -150 --
+  a *tag*: the kernel drops ``otherhost`` packets before the prerouting hook, so at
+  prerouting only this chain produces it; no element: counted as dropped and dropped,
+  before conntrack ever sees the packet.
+* chain ``hook_ct`` (priority -150, after conntrack): anything untagged leaves at the first
+  rule (one compare).  A tagged packet in ``ct state established,related`` is accepted in
+  either handover kind; otherwise ``<hash> vmap @<group>_handover`` picks its kind:
+  ``draining`` drops TCP and accepts the rest, ``incoming`` accepts a pure SYN (``syn``
+  without ``ack|fin|rst``) in ``ct state new`` and drops the rest.  Accepting sets
+  ``pkttype host`` and counts.  A bucket that became ``owned`` in between (an update
+  between the two hooks) is accepted; one no longer served is dropped.
 
   UDP, SCTP, DCCP, UDP-Lite and port-less protocols do not take part in the graceful
   handover: ``draining`` accepts them like ``owned`` and ``incoming`` only with
@@ -38,6 +37,20 @@ context), per group three bucket sets ``<group>_owned``, ``<group>_draining`` an
   ``new`` on the incoming node would deliver every live UDP flow to two nodes at once (a
   QUIC server answering with stateless resets).  Keeping them with the old owner until the
   bucket moves to ``owned`` preserves "exactly one node per packet" at every instant.
+
+Each packet to a traffic IP is counted once: owned buckets and ICMP errors as accepted and
+buckets not served as dropped at -300, handover buckets at -150 (loopback packets are
+neither filtered nor counted).
+
+``multihost_guard`` (static, not owner-flagged), hook prerouting priority -250, between the
+two: drops packets to a traffic IP whose ``meta pkttype`` is neither ``host`` nor the tag
+``other``.  Clients reach a traffic IP through a *multicast* MAC, so such packets arrive as
+``multicast``; only the owned table turns the buckets this node serves into ``host`` (or
+``other``).  When the owning process dies the kernel deletes the owned table and the guard
+drops everything to the traffic IPs: UDP fails closed too (TCP would already drop non-host
+packets itself).  Its chain ``conntrack`` is never run: adding its ``ct`` rule makes this
+netns use conntrack, which enables IPv4/IPv6 defragmentation at priority -400: the -300
+chain then hashes reassembled datagrams, not fragments without ports.
 
 Flows: tcp/udp/sctp/dccp/udplite hash ``hash_fields(mode, has_ports=True)`` (``th sport`` /
 ``th dport``); other protocols, ICMP echo included, ``hash_fields(mode, has_ports=False)``,
@@ -49,13 +62,22 @@ fragile parser.  ICMPv6 neighbour discovery to a traffic IP (unicast NUD probes,
 goes to every node too.  Packets arriving on loopback (the node talking to its own traffic
 IP) are not filtered.
 
-Set key: ``typeof meta length`` with ``size B``: a 32-bit host-order integer, exactly the
-register ``jhash`` writes.  nft 1.0.6 refuses ``type integer`` for sets.  A 16-bit key
-(``typeof ct zone``) makes the kernel choose its bitmap set, whose insert and delete scan a
-list of all elements (``nft_bitmap_elem_find``): 20,000 elements take ~1.4 s to add on
-kernel 6.18, far beyond the 20 ms update goal.  With 32 bits and a fixed ``size`` the kernel
-picks its fixed-size hash: O(1) per element update, and a per-packet lookup measured at
-about the bitmap's cost.
+Cost per packet (``bench/bench_dataplane.py``): one jhash and one map lookup at -300, for a
+dropped packet too (then a counter, nothing else); one compare in the guard and one at -150
+for everything settled at -300.  Only packets of handover buckets hash again at -150.
+
+Map key: ``typeof meta length`` with ``size B``: a 32-bit host-order integer, exactly the
+register ``jhash`` writes (nft 1.0.6 refuses ``type integer``).  With a 4-byte key and a
+fixed ``size`` the kernel picks its fixed-size hash (``nft_hash_fast``): O(1) per element
+update.  It never picks its bitmap for a map (bitmaps hold no data); a 16-bit *set* gets
+the bitmap, whose insert and delete scan a list of all elements (``nft_bitmap_elem_find``):
+20,000 elements take ~1.8 s to add on kernel 6.18.  ``<group>_buckets`` maps to a
+``pkttype`` value rather than to a verdict on purpose: adding ``goto`` elements to a verdict
+map makes the kernel re-validate every element of the map, for every rule that uses it, at
+commit (``nft_lookup_validate``): 6,720 additions took ~11 ms instead of ~2.5 ms.  Only the
+handover map, which holds nothing outside a handover, pays that.  A bucket whose data
+changes is deleted and re-added in the same transaction (the kernel refuses to overwrite
+an element's data).
 """
 
 from __future__ import annotations
@@ -86,6 +108,8 @@ ICMPV6_TO_ALL = (
     "nd-neighbor-advert",
     "nd-redirect",
 )
+HANDOVER_TAG = "other"  # meta pkttype of a handover bucket's packet between -300 and -150
+PKTTYPE_VALUES = {"host": 0, HANDOVER_TAG: 3}  # the kernel's PACKET_HOST, PACKET_OTHERHOST
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 _FIELDS = {
     4: {"saddr": "ip saddr", "daddr": "ip daddr", "sport": "th sport", "dport": "th dport"},
@@ -183,9 +207,28 @@ class GroupBuckets:
 EMPTY = GroupBuckets()
 
 
-def set_names(group: GroupSpec) -> dict[str, str]:
-    """Kind (``owned``/``draining``/``incoming``) -> nft set name."""
-    return {k: f"{group.name}_{k}" for k in SET_KINDS}
+def bucket_map(group: GroupSpec) -> str:
+    """The map of every bucket the node serves (``host`` / ``other``)."""
+    return f"{group.name}_buckets"
+
+
+def handover_map(group: GroupSpec) -> str:
+    """The map of the handover buckets (``goto`` the kind's chain)."""
+    return f"{group.name}_handover"
+
+
+def kind_chains(group: GroupSpec) -> dict[str, str]:
+    """Handover kind (``draining``/``incoming``) -> the chain its elements go to."""
+    return {k: f"{group.name}_{k}" for k in SET_KINDS[1:]}
+
+
+def map_contents(group: GroupSpec, gb: GroupBuckets) -> dict[str, dict[str, frozenset[int]]]:
+    """Map name -> element data (as nft writes it) -> the keys that carry it."""
+    chains = kind_chains(group)
+    return {
+        bucket_map(group): {"host": gb.owned, HANDOVER_TAG: gb.draining | gb.incoming},
+        handover_map(group): {f"goto {chains[k]}": gb.of(k) for k in chains},
+    }
 
 
 def counter_names(group: GroupSpec) -> dict[str, str]:
@@ -237,13 +280,20 @@ def jhash_expr(spec: RulesetSpec, group: GroupSpec, family: int, has_ports: bool
     return f"jhash {fields} mod {spec.buckets} seed {spec.seed:#x}"
 
 
-def _elements(values: Iterable[int], indent: str) -> str:
-    ordered = sorted(values)
-    lines = [
-        ", ".join(str(v) for v in ordered[i : i + _ELEMENTS_PER_LINE])
-        for i in range(0, len(ordered), _ELEMENTS_PER_LINE)
-    ]
+def _lines(items: list[str], per_line: int, indent: str) -> str:
+    lines = [", ".join(items[i : i + per_line]) for i in range(0, len(items), per_line)]
     return (",\n" + indent).join(lines)
+
+
+def _elements(values: Iterable[int], indent: str) -> str:
+    return _lines([str(v) for v in sorted(values)], _ELEMENTS_PER_LINE, indent)
+
+
+def _map_elements(items: Iterable[tuple[int, str]], indent: str) -> str:
+    """``key : data`` items, ascending by key."""
+    ordered = sorted(items)
+    per_line = _ELEMENTS_PER_LINE // (4 if any(" " in d for _, d in ordered[:1]) else 2)
+    return _lines([f"{k} : {d}" for k, d in ordered], per_line, indent)
 
 
 def _addr_match(family: int, addresses: tuple[IPAddress, ...]) -> str:
@@ -272,67 +322,57 @@ def _chain(name: str, rules: list[str], hook: str | None = None) -> list[str]:
     return lines
 
 
-def _group_chains(spec: RulesetSpec, g: GroupSpec, family: int) -> list[str]:
-    """The four chains of one group and family (``raw``, ``raw ports``, ``ct``, ``ct tcp``)."""
-    sets = {k: f"@{n}" for k, n in set_names(g).items()}
+def _kind_chains(g: GroupSpec) -> list[str]:
+    """``<g>_draining`` / ``<g>_incoming``: the -150 verdict on a tagged, not established
+    packet of a handover bucket."""
     cnt = counter_names(g)
-    acc = f'counter name "{cnt["accepted"]}" accept'
+    acc = f'meta pkttype set host counter name "{cnt["accepted"]}" accept'
     drop = f'counter name "{cnt["dropped"]}" drop'
-    est = "ct state established,related"
-    f = _fam(family)
-    base = f"{g.name}_raw{f}"
-    ctc = f"{g.name}_ct{f}"
-    h = jhash_expr(spec, g, family, has_ports=False)
-    hp = jhash_expr(spec, g, family, has_ports=True)
-    host = "meta pkttype set host accept"
-    ports = ", ".join(PORT_PROTOCOLS)
-    other_ports = ", ".join(p for p in PORT_PROTOCOLS if p != "tcp")
-
-    raw = [
-        f"{_to_all(family)} {host}",
-        f"meta l4proto {{ {ports} }} goto {base}_ports",
-        *(f"{h} {sets[k]} {host}" for k in SET_KINDS),
-        drop,
-    ]
-    raw_ports = [*(f"{hp} {sets[k]} {host}" for k in SET_KINDS), drop]
-
-    def not_tcp(expr: str) -> list[str]:
-        # UDP & co. and port-less protocols: draining acts as owned, incoming only est/rel.
-        return [
-            f"{expr} {sets['owned']} {acc}",
-            f"{expr} {sets['draining']} {acc}",
-            f"{expr} {sets['incoming']} {est} {acc}",
-            drop,
-        ]
-
-    ct = [
-        f"{_to_all(family)} {acc}",
-        f"meta l4proto tcp goto {ctc}_tcp",
-        f"meta l4proto {{ {other_ports} }} goto {ctc}_ports",
-        *not_tcp(h),
-    ]
     syn = "tcp flags & (fin | syn | rst | ack) == syn ct state new"
-    ct_tcp = [
-        f"{hp} {sets['owned']} {acc}",
-        f"{hp} {sets['draining']} {est} {acc}",
-        f"{hp} {sets['incoming']} {est} {acc}",
-        f"{hp} {sets['incoming']} {syn} {acc}",
-        drop,
-    ]
+    chains = kind_chains(g)
     out: list[str] = []
     for name, rules in (
-        (base, raw),
-        (f"{base}_ports", raw_ports),
-        (ctc, ct),
-        (f"{ctc}_tcp", ct_tcp),
-        (f"{ctc}_ports", not_tcp(hp)),
+        (chains["draining"], [f"meta l4proto tcp {drop}", acc]),
+        (chains["incoming"], [f"{syn} {acc}", drop]),
     ):
         out += ["", *_chain(name, rules)]
     return out
 
 
+def _group_chains(spec: RulesetSpec, g: GroupSpec, family: int) -> list[str]:
+    """The chains of one group and family: ``raw`` and ``raw_ports`` (-300), ``ct`` and
+    ``ct_ports`` (-150); no ``_ports`` chains when ports do not change the hash."""
+    cnt = counter_names(g)
+    acc = f'counter name "{cnt["accepted"]}" accept'
+    drop = f'counter name "{cnt["dropped"]}" drop'
+    # source-ip hashes the same with or without ports: no protocol dispatch then
+    split = hash_fields(g.hash_mode, True) != hash_fields(g.hash_mode, False)
+
+    def tail(stage: str, ports: bool) -> list[str]:
+        h = jhash_expr(spec, g, family, has_ports=ports)
+        serve = f"meta pkttype set {h} map @{bucket_map(g)} meta pkttype host {acc}"
+        if stage == "raw":
+            return [serve, f"meta pkttype {HANDOVER_TAG} accept", drop]
+        return [f"{h} vmap @{handover_map(g)}", serve, drop]
+
+    out: list[str] = []
+    for stage, head in (
+        ("raw", ["meta iiftype loopback accept"]),
+        ("ct", [f"ct state established,related meta pkttype set host {acc}"]),
+    ):
+        name = f"{g.name}_{stage}{_fam(family)}"
+        if split:
+            head.append(f"meta l4proto {{ {', '.join(PORT_PROTOCOLS)} }} goto {name}_ports")
+        if stage == "raw":
+            head.append(f"{_to_all(family)} meta pkttype set host {acc}")
+        out += ["", *_chain(name, [*head, *tail(stage, False)])]
+        if split:
+            out += ["", *_chain(f"{name}_ports", tail(stage, True))]
+    return out
+
+
 def _dispatch(spec: RulesetSpec, kind: str) -> list[str]:
-    rules = ["meta iiftype loopback accept"]
+    rules = []
     for g in spec.groups:
         for family in (4, 6):
             addrs = g.family_addresses(family)
@@ -350,16 +390,21 @@ def render_owned_table(spec: RulesetSpec, state: Mapping[str, GroupBuckets]) -> 
         lines.append("")
         for c in counter_names(g).values():
             lines += [f"\tcounter {c} {{", "\t}"]
-        for kind, name in set_names(g).items():
-            lines += [f"\tset {name} {{", "\t\ttypeof meta length", f"\t\tsize {spec.buckets}"]
-            members = full[g.name].of(kind)
-            if members:
+        for name, typeof in ((bucket_map(g), "meta pkttype"), (handover_map(g), "verdict")):
+            lines += [f"\tmap {name} {{", f"\t\ttypeof meta length : {typeof}"]
+            lines.append(f"\t\tsize {spec.buckets}")
+            items = [(k, d) for d, ks in map_contents(g, full[g.name])[name].items() for k in ks]
+            if items:
                 indent = "\t\t\t"
-                lines.append(f"\t\telements = {{\n{indent}{_elements(members, indent)}\n\t\t}}")
+                lines.append(f"\t\telements = {{\n{indent}{_map_elements(items, indent)}\n\t\t}}")
             lines.append("\t}")
+        lines += _kind_chains(g)
     hook = "type filter hook prerouting priority {}; policy accept;"
     lines += ["", *_chain("hook_raw", _dispatch(spec, "raw"), hook.format(PRIORITY_RAW))]
-    lines += ["", *_chain("hook_ct", _dispatch(spec, "ct"), hook.format(PRIORITY_CT))]
+    untagged = f"meta pkttype != {HANDOVER_TAG} accept"
+    stray = f'meta pkttype {HANDOVER_TAG} drop comment "tagged for a traffic IP no longer here"'
+    ct_rules = [untagged, *_dispatch(spec, "ct"), stray]
+    lines += ["", *_chain("hook_ct", ct_rules, hook.format(PRIORITY_CT))]
     for g in spec.groups:
         for family in (4, 6):
             if g.family_addresses(family):
@@ -369,20 +414,22 @@ def render_owned_table(spec: RulesetSpec, state: Mapping[str, GroupBuckets]) -> 
 
 
 def render_guard_table(spec: RulesetSpec) -> str:
-    """The static guard table: drop non-``host`` packets to any traffic IP."""
+    """The static guard table: drop packets to any traffic IP that are not ``host``
+    (nor tagged ``other`` by the owned table)."""
     spec.check()
     rules = [
-        'ct state invalid continue comment "uses conntrack: defragmentation before -300"',
+        "meta pkttype host accept",
+        f'meta pkttype {HANDOVER_TAG} accept comment "a handover bucket, tagged at -300"',
     ]
     for family in (4, 6):
         addrs = tuple(a for g in spec.groups for a in g.family_addresses(family))
         if addrs:
-            rules.append(
-                f'{_addr_match(family, addrs)} meta pkttype != host counter name "dropped" drop'
-            )
+            rules.append(f'{_addr_match(family, addrs)} counter name "dropped" drop')
+    never = ['ct state invalid continue comment "never run: makes this netns use conntrack"']
     hook = f"type filter hook prerouting priority {PRIORITY_GUARD}; policy accept;"
     lines = [f"table inet {spec.guard_table} {{", "\tcounter dropped {", "\t}", ""]
-    lines += _chain("prerouting", rules, hook)
+    lines += _chain("conntrack", never)
+    lines += ["", *_chain("prerouting", rules, hook)]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -418,10 +465,15 @@ def render_remove(spec: RulesetSpec) -> str:
 
 @dataclass(frozen=True)
 class Delta:
-    """Set elements to remove and to add, per nft set name (each tuple ascending)."""
+    """Map elements to delete and to add (each key tuple ascending).
+
+    ``removed``: map name -> keys.  ``added``: (map name, data) -> keys whose new element is
+    ``key : data``, data as nft writes it (``host``, ``other`` or ``goto <chain>``).  Every
+    deletion comes before every addition: a key whose data changes is deleted and re-added.
+    """
 
     removed: dict[str, tuple[int, ...]]
-    added: dict[str, tuple[int, ...]]
+    added: dict[tuple[str, str], tuple[int, ...]]
 
     @property
     def removed_count(self) -> int:
@@ -435,7 +487,7 @@ class Delta:
 def bucket_delta(
     spec: RulesetSpec, before: Mapping[str, GroupBuckets], after: Mapping[str, GroupBuckets]
 ) -> Delta:
-    """What changes, set by set, to go from ``before`` to ``after`` (both are validated)."""
+    """What changes, map by map, to go from ``before`` to ``after`` (both are validated)."""
     return delta_of_checked(spec, check_state(spec, before), check_state(spec, after))
 
 
@@ -444,16 +496,23 @@ def delta_of_checked(
 ) -> Delta:
     """:func:`bucket_delta` for states that :func:`check_state` already returned."""
     removed: dict[str, tuple[int, ...]] = {}
-    added: dict[str, tuple[int, ...]] = {}
+    added: dict[tuple[str, str], tuple[int, ...]] = {}
     for g in spec.groups:
-        for kind, name in set_names(g).items():
-            old, new = b[g.name].of(kind), a[g.name].of(kind)
-            if old is new or old == new:
-                continue
-            if gone := old - new:
+        if b[g.name] is a[g.name] or b[g.name] == a[g.name]:
+            continue
+        old_maps, new_maps = map_contents(g, b[g.name]), map_contents(g, a[g.name])
+        for name, old in old_maps.items():
+            new = new_maps[name]
+            gone: set[int] = set()
+            for data, old_keys in old.items():
+                new_keys = new[data]
+                if old_keys == new_keys:
+                    continue
+                gone |= old_keys - new_keys  # not in the map any more, or with other data
+                if fresh := new_keys - old_keys:
+                    added[(name, data)] = tuple(sorted(fresh))
+            if gone:
                 removed[name] = tuple(sorted(gone))
-            if fresh := new - old:
-                added[name] = tuple(sorted(fresh))
     return Delta(removed, added)
 
 
@@ -464,23 +523,32 @@ def render_delta(spec: RulesetSpec, delta: Delta) -> str:
         for name, v in delta.removed.items()
     ]
     lines += [
-        f"add element inet {spec.table} {name} {{ {_elements(v, '  ')} }}"
-        for name, v in delta.added.items()
+        f"add element inet {spec.table} {name} {{ {_map_elements(((k, data) for k in v), '  ')} }}"
+        for (name, data), v in delta.added.items()
     ]
     return "".join(line + "\n" for line in lines)
+
+
+def _json_data(data: str) -> object:
+    verb, _, chain = data.partition(" ")
+    return {verb: {"target": chain}} if chain else data
 
 
 def render_delta_json(spec: RulesetSpec, delta: Delta) -> str:
     """The delta in libnftables' JSON command schema ('' if empty).
 
-    Same transaction as :func:`render_delta`; libnftables 1.0.6 parses and evaluates it in
-    about 60% of the time of the text form (``nft.Dataplane.update`` falls back to it).
+    Same transaction as :func:`render_delta`; libnftables 1.0.6 parses and evaluates it
+    faster than the text form (``nft.Dataplane.update`` falls back to it).
     """
     cmds: list[dict[str, object]] = []
-    for verb, changes in (("delete", delta.removed), ("add", delta.added)):
-        for name, values in changes.items():
-            elem = {"family": "inet", "table": spec.table, "name": name, "elem": list(values)}
-            cmds.append({verb: {"element": elem}})
+    for name, keys in delta.removed.items():
+        elem = {"family": "inet", "table": spec.table, "name": name, "elem": list(keys)}
+        cmds.append({"delete": {"element": elem}})
+    for (name, data), keys in delta.added.items():
+        value = _json_data(data)
+        items = [[k, value] for k in keys]
+        elem = {"family": "inet", "table": spec.table, "name": name, "elem": items}
+        cmds.append({"add": {"element": elem}})
     return json.dumps({"nftables": cmds}, separators=(",", ":")) if cmds else ""
 
 

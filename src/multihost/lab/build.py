@@ -164,8 +164,16 @@ def build(
     *,
     manual: bool = False,
     with_agents: bool = True,
+    heartbeat_ms: int | None = None,
+    dead_after_ms: int | None = None,
+    metrics: bool = False,
+    quorum: bool = False,
+    max_drain_ms: int | None = None,
 ) -> LabState:
     """Create the lab, start its services and agents; all or nothing.
+
+    ``heartbeat_ms``/``dead_after_ms``/``metrics``/``quorum``/``max_drain_ms``: see
+    :func:`agents.start_agents`.
 
     Raises :class:`LabError` if a lab with the prefix exists or a step fails; in the
     latter case everything built so far has been removed before the error is raised.
@@ -191,6 +199,9 @@ def build(
         live=list(topology.members),
         agents={"manual": manual},
     )
+    timing = {"heartbeat_ms": heartbeat_ms, "dead_after_ms": dead_after_ms, "metrics": metrics}
+    timing.update(quorum=quorum, max_drain_ms=max_drain_ms)
+    state.agents.update({k: v for k, v in timing.items() if v})
     steps: list[tuple[str, Callable[[LabState], None]]] = [
         ("creating namespaces", create_namespaces),
         ("configuring the switch", configure_switch),
@@ -320,7 +331,9 @@ http {{
     fastcgi_temp_path {dir}/tmp/fastcgi;
     uwsgi_temp_path {dir}/tmp/uwsgi;
     scgi_temp_path {dir}/tmp/scgi;
-    keepalive_timeout 0;
+    # Long-lived keep-alive connections for 'lab chaos' (HTTP/1.0 probes still close).
+    keepalive_timeout 3600s;
+    keepalive_requests 100000000;
     server {{
         # The wildcard address serves the node's own address now and the traffic IP
         # once the agent puts it on the node.
@@ -436,8 +449,18 @@ def _tail(path: str, lines: int = 3) -> str:
 
 
 def _start_agents(state: LabState) -> None:
-    manual = bool(state.agents.get("manual", False))
-    result = agents.start_agents(state.topology, state, manual=manual)
+    a = state.agents
+    manual = bool(a.get("manual", False))
+    result = agents.start_agents(
+        state.topology,
+        state,
+        manual=manual,
+        interval_ms=a.get("heartbeat_ms"),
+        dead_after_ms=a.get("dead_after_ms"),
+        metrics=bool(a.get("metrics", False)),
+        quorum=bool(a.get("quorum", False)),
+        max_drain_ms=a.get("max_drain_ms"),
+    )
     state.agents = dict(result or {})
 
 
