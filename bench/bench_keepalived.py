@@ -49,7 +49,7 @@ if __package__ in (None, ""):
 from bench import fo_common as fc
 from multihost.lab import failover, faults
 from multihost.lab.build import LabError, LabState, _spawn
-from multihost.lab.clean import not_ours, proc_start_time
+from multihost.lab.clean import clean, not_ours, proc_start_time
 
 KEEPALIVED = "/usr/sbin/keepalived"
 VRRP_GROUP = "239.192.0.18"
@@ -280,11 +280,17 @@ def run(intervals: list[float], trials: int, slow_trials: int, hows: list[str]) 
             try:
                 with labs(interval) as (ka, mh, dead):
                     entry["dead_after"] = dead
-                    for st in mh.values():
-                        failover.wait_converged(st, list(st.live), quiet=True, timeout=60)
                     res.update({k: [] for k in mh})
                     broken: dict[str, str] = {}
                     entry["broken"] = broken
+                    for name, st in mh.items():
+                        try:
+                            failover.wait_converged(st, list(st.live), quiet=True, timeout=60)
+                        except LabError as e:  # never settled: keep measuring keepalived
+                            where = fc.keep_evidence(st.prefix)
+                            broken[name] = f"start: {e}; evidence in {where}"
+                            fc.log(f"  {name} BROKEN: {broken[name]}")
+                            clean(st.prefix)  # a flapping lab loads the CPUs: remove it now
                     for i in range(n):
                         res["keepalived"].append(ka_trial(ka, how, i))
                         for name, st in mh.items():
@@ -297,9 +303,12 @@ def run(intervals: list[float], trials: int, slow_trials: int, hows: list[str]) 
                                     fc.keep_evidence(st.prefix)
                                 )
                                 fc.log(f"  {name} BROKEN: {broken[name]}")
+                                clean(st.prefix)
                         fc.log(
                             f"  {i + 1}/{n}: "
-                            + ", ".join(f"{k} {v[-1]['first_ms']}" for k, v in res.items())
+                            + ", ".join(
+                                f"{k} {v[-1]['first_ms'] if v else '-'}" for k, v in res.items()
+                            )
                         )
             except LabError as e:  # evidence was kept by fc.lab; go on with the next
                 fc.log(f"interval {interval:g} s, {how}: ABORTED: {e}")

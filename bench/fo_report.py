@@ -39,6 +39,48 @@ polled every 10 ms from a thread) shows the live set without the failed node and
 its new share of buckets.  Percentiles are nearest-rank (with 20 trials p99 = the maximum)."""
 
 
+FINDINGS = """\
+**Problems found** (evidence: the tables above, the agents' logs kept under
+`/tmp/multihost-bench-evidence/` by aborted runs, and the JSON):
+
+1. *Every failure briefly blacks out the survivors' own buckets.*  A survivor's lease from
+   the failed node (`sent + dead_after - lease_margin`, where `sent` is when it sent the
+   heartbeat the dead node last acknowledged, always before the dead node's last heartbeat
+   arrived) lapses 50-150 ms before that node is declared dead (`last_heard + dead_after`);
+   on `lease-lapsed` the core claims nothing in the group, the agent moves all its buckets
+   to draining (new TCP connections dropped), and on `member-dead` it takes them back.  In
+   every trial every survivor logs `lease-lapsed` -> `kernel-updated owned=0` ->
+   `member-dead` -> `kernel-updated owned=<new share>`, and 1 in 6 control connections to
+   the survivors' own buckets (which do not move) went unanswered (the "control conns
+   lost" column), started 150-530 ms after the failure, 80 % of them 250-400 ms after.
+   Clients retry a dropped SYN only after 1 s.  (The lease rule protects against a node
+   that is cut off from its peers but not from clients; `takeover_hold` >= one interval +
+   margin would keep the lease alive until the peer is declared dead, at the price of a
+   longer failover -- a design decision, not a lab artefact.)
+2. *Short heartbeat intervals do not work.*  With `heartbeat_interval_ms` <= 25 and the
+   default `dead_after_ms` (4 intervals) the agent exits at start-up: `MembershipConfig`
+   requires `lease_margin` (fixed 50 ms, not configurable) < `dead_after / 2`;
+   `check-config` accepts such files.  With `dead_after_ms` raised to 110 ms, 10 and 20 ms
+   labs never converge; at 30-70 ms, and at 100 ms under load, nodes flap: the lease window
+   (`dead_after - 50 ms`) minus the ack round trip (up to one interval plus delays) leaves
+   little slack, a lapse drops every bucket and reprograms the kernel synchronously in the
+   event loop (10-100 ms), which delays heartbeats and causes the next lapse; flapping agents
+   use 10-55 % of a core each.
+3. *Event-loop stalls.*  The nft transaction (`dataplane.update`) and, every second, the
+   counters read (`nft list counters table ...`, which makes libnftables fetch the whole
+   table with its 40,320-element sets: ~70 ms of CPU per call measured in a separate
+   process) run on the agent's event loop.  They explain most of the idle CPU (an agent in
+   manual mode, without heartbeats, uses ~2 % of a core) and add jitter to heartbeats.
+4. *Kernel update time.*  `kernel-updated took_ms` p50 ~20 ms, p99 ~90 ms under this load
+   (target 20 ms); `multihost_reprogram_seconds` (view change -> kernel) falls in the
+   20-100 ms buckets; each failover reprograms twice (problem 1).
+5. *Failover time vs target.*  With dead_after = 400 ms the detection alone takes
+   400 ms minus the age of the last heartbeat (300-400 ms), so p50 <= 300 ms cannot be met
+   with the default timing; p99 <= 450 ms is met for crashes on a moderately loaded machine
+   and missed under heavier load.
+"""
+
+
 def _dist(s: dict[str, Any]) -> str:
     if not s.get("n"):
         return "-"
@@ -178,6 +220,7 @@ def write_markdown() -> Path:
         lines += [*section_cpu(parts.get("cpu"), parts.get("stability")), ""]
     if PNG.exists():
         lines += ["![failover time distributions](bench/failover.png)", ""]
+    lines += [FINDINGS]
     MD.write_text("\n".join(lines))
     return MD
 

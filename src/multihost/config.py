@@ -33,7 +33,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
 MIN_KEY_BYTES = 16
-DEAD_AFTER_INTERVALS = 3
+DEAD_AFTER_INTERVALS = 4
 METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
 
 
@@ -54,7 +54,7 @@ class ClusterConfig:
     key_file: Path
     hash_seed: int
     heartbeat_interval_ms: int = 100
-    dead_after_ms: int = 300
+    dead_after_ms: int = 400
     quorum: bool = False
     takeover_hold_ms: int = 0
     realtime_priority: int = 10  # SCHED_RR priority of the agent; 0 = normal scheduling
@@ -220,8 +220,8 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         raise r.err("multicast_group", f"{group} is link-local control; use 239.192.0.0/14")
     port = r.int_in("port", 1, 65535, 7946)
     interval = r.int_in("heartbeat_interval_ms", 5, 10_000, 100)
-    # Default 3 intervals, like VRRP's master-down interval (3 x advert_int + skew): with
-    # 100 ms heartbeats, failover p50 ~280 ms (BENCHMARKS.md); raise it on lossy networks.
+    # Default 4 intervals: robust against a stalled agent on a busy host.  3 intervals (VRRP's
+    # master-down interval is 3 x advert_int + skew) fails over faster (BENCHMARKS.md).
     dead_after = r.int_in("dead_after_ms", 1, 600_000, DEAD_AFTER_INTERVALS * interval)
     if dead_after < 2 * interval:
         raise r.err(

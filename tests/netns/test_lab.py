@@ -166,9 +166,7 @@ def test_failure_midway_leaves_nothing(
         step = "starting nginx"
     else:
 
-        def fake_agents(
-            topology: Topology, state: LabState, manual: bool = False
-        ) -> dict[str, Any]:
+        def fake_agents(topology: Topology, state: LabState, *_: Any, **__: Any) -> dict[str, Any]:
             started.update(lab_pids(state))
             raise RuntimeError("injected agent failure")
 

@@ -47,7 +47,7 @@ def test_example_file_is_valid() -> None:
 def test_defaults() -> None:
     cfg = parse_config(MINIMAL, "m.toml")
     assert cfg.cluster.heartbeat_interval_ms == 100
-    assert cfg.cluster.dead_after_ms == 300  # 3 heartbeat intervals
+    assert cfg.cluster.dead_after_ms == 400  # 4 heartbeat intervals
     assert cfg.cluster.port == 7946
     assert cfg.cluster.metrics_address is None
     assert not cfg.cluster.quorum
