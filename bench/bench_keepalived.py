@@ -175,7 +175,9 @@ class Keepalived:
         if how == "crash":  # the dead daemon left the VIP behind
             vip = f"{self.state.topology.vip}/{host.prefixlen}"
             subprocess.run(
-                ["ip", "-n", host.netns, "addr", "del", vip, "dev", host.interface], check=False
+                ["ip", "-n", host.netns, "addr", "del", vip, "dev", host.interface],
+                check=False,
+                stderr=subprocess.DEVNULL,  # already gone if keepalived removed it
             )
             self.wait_dead()
             for pidfile in (f"keepalived-{node}.pid", f"vrrp-{node}.pid"):

@@ -118,8 +118,15 @@ def summary(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def steady(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trials whose failure hit a lab in its steady state (see ``failover.analyse``)."""
-    return [r for r in rows if r["flows"].get("steady_before", True)]
+    """The trials whose failure hit a lab in its steady state (see ``failover.analyse``;
+    rows recorded before that flag existed: the failed node answered before and after)."""
+
+    def ok(f: dict[str, Any]) -> bool:
+        if "steady_before" in f:
+            return bool(f["steady_before"])
+        return bool(f["answered_before"] and f["answered_by_failed"])
+
+    return [r for r in rows if ok(r["flows"])]
 
 
 def fmt(s: dict[str, Any], key: str) -> str:

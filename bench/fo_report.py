@@ -237,12 +237,12 @@ def plot() -> Path | None:
     series: list[tuple[str, list[float]]] = []
     if "default" in parts:
         for how in ("crash", "link"):
-            v = [r["first_ms"] for r in parts["default"]["rows"] if r["how"] == how]
+            v = [r["first_ms"] for r in fc.steady(parts["default"]["rows"]) if r["how"] == how]
             series.append((f"multihost 100/400 ms, {how}", [x for x in v if x is not None]))
     for run in parts.get("keepalived", {}).get("runs", []):
         if abs(run["interval_s"] - 0.1) < 1e-9:
             for name, rows in run["results"].items():
-                v = [r["first_ms"] for r in rows if r["first_ms"] is not None]
+                v = [r["first_ms"] for r in fc.steady(rows) if r["first_ms"] is not None]
                 series.append((f"{name} @0.1 s, {run['how']}", v))
     for label, v in series:
         if v:
@@ -257,7 +257,7 @@ def plot() -> Path | None:
     data, labels = [], []
     for run in parts.get("keepalived", {}).get("runs", []):
         for name, rows in run["results"].items():
-            v = [r["first_ms"] for r in rows if r["first_ms"] is not None]
+            v = [r["first_ms"] for r in fc.steady(rows) if r["first_ms"] is not None]
             if v:
                 data.append(v)
                 short = name.replace("multihost ", "mh ").replace("keepalived", "ka")
@@ -267,7 +267,11 @@ def plot() -> Path | None:
         ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7, rotation=60)
         ax.set_yscale("log")
     ax.set_ylabel("failover time (ms, log)")
-    ax.set_title("keepalived (ka) vs multihost (mh 4x / 3x dead_after) per interval")
+    ax.set_title(
+        "keepalived (ka) vs multihost (mh 4x / 3x dead_after) per interval\n"
+        "(whiskers: min-max; trials not in steady state left out)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(PNG, dpi=110)
