@@ -403,8 +403,9 @@ class TakeoverWatch(threading.Thread):
                 return
             self.stop.wait(self.poll)
 
-    def result(self, t_fail: float) -> dict[str, float | None]:
-        """Per survivor, ms after ``t_fail`` (None: not within the limit)."""
+    def result(self, t_fail: float, timeout: float) -> dict[str, float | None]:
+        """Per survivor, ms after ``t_fail`` (None: not within ``timeout`` from now)."""
+        self.join(timeout)
         self.stop.set()
         self.join()
         return {
@@ -467,7 +468,7 @@ def measure(
         call_ms = round((time.monotonic() - called) * 1000, 1)
         t_fail = float(entry["t"])
         rows, reason = w.results(timeout=max_seconds + 10)
-        status = watch.result(t_fail)
+        status = watch.result(t_fail, timeout=max(0.0, t_fail + max_seconds - time.time()))
     flows = analyse(rows, t_fail, {node})
     flows["fail_call_ms"] = call_ms
     known = [v for v in status.values() if v is not None]
