@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -35,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import multihost
 from multihost.control import ControlError, request
 from multihost.lab import agents, build, faults
 from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
 from multihost.lab.topology import describe
+from multihost.lab.worker import NetnsWorker
 
 KINDS = ("crash", "recover", "drain", "undrain", "link")
 SLOW_RECOVER_S = 120.0
@@ -148,13 +146,17 @@ def execute(state: LabState, ev: Planned) -> float:
     return t
 
 
-class Traffic:
+class Traffic(NetnsWorker):
     """The chaos worker in a client namespace (context manager); :meth:`stop` -> rows."""
+
+    module = "multihost.lab.chaos_worker"
+    what = "chaos worker"
+    stderr_tail = 500
 
     def __init__(self, state: LabState, req: dict[str, Any], client: str = "c1") -> None:
         topo = state.topology
         host = topo.host(client)
-        self.netns = host.netns
+        super().__init__(host.netns)
         self.req = {
             "target": topo.vip,
             "port": topo.port,
@@ -164,50 +166,12 @@ class Traffic:
             "hb_port": agents.HEARTBEAT_PORT,
             **req,
         }
-        self.proc: subprocess.Popen[str] | None = None
         self.t_ready = 0.0
         self.extra: dict[str, Any] = {}
 
     def __enter__(self) -> Traffic:
-        env = dict(os.environ)
-        src = str(Path(multihost.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m"]
-        self.proc = subprocess.Popen(
-            [*argv, "multihost.lab.chaos_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self._send({**self.req})
-        line = self._readline(20.0)
-        if not line or json.loads(line).get("event") != "ready":
-            err = self._stderr()
-            self.close()
-            raise LabError(f"chaos worker did not start: {line!r} {err}")
-        self.t_ready = float(json.loads(line)["t"])
+        self.t_ready = float(self.start({**self.req}, 20.0)["t"])
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _send(self, obj: dict[str, Any]) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(obj) + "\n")
-        self.proc.stdin.flush()
-
-    def _readline(self, timeout: float) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline() if ready else ""
-
-    def _stderr(self) -> str:
-        p = self.proc
-        if p is None or p.stderr is None or p.poll() is None:
-            return ""
-        return p.stderr.read()[-500:]
 
     def stop(self, timeout: float = 60.0) -> list[Row]:
         """Stop the traffic and return one row per connection (``extra``: capture etc.)."""
@@ -228,17 +192,6 @@ class Traffic:
                 rows.append(obj)
             else:
                 self.extra[event] = obj
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
-        self.proc = None
 
 
 # --- analysis ---------------------------------------------------------------------------

@@ -24,11 +24,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import random
-import select
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,13 +35,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-import multihost
 from multihost.assignment import assign, default_table, slots_of
 from multihost.control import ControlError, request
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab import agents, faults
 from multihost.lab.build import LabError, LabState
 from multihost.lab.topology import Topology
+from multihost.lab.worker import NetnsWorker
 
 PORT_RANGE = (10000, 61000)
 Row = dict[str, Any]
@@ -197,52 +193,20 @@ def plan_ports(
 # --- the worker -------------------------------------------------------------------------
 
 
-class Worker:
+class Worker(NetnsWorker):
     """:mod:`multihost.lab.failover_worker` in a client namespace (a context manager)."""
 
+    module = "multihost.lab.failover_worker"
+    what = "failover worker"
+
     def __init__(self, netns: str, req: dict[str, Any], ready_timeout: float = 15.0) -> None:
-        self.netns = netns
+        super().__init__(netns)
         self.req = req
         self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Worker:
-        env = dict(os.environ)
-        src = str(Path(multihost.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        argv = ["ip", "netns", "exec", self.netns, sys.executable, "-m"]
-        self.proc = subprocess.Popen(
-            [*argv, "multihost.lab.failover_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self._send(self.req)
-        line = self._readline(self.ready_timeout)
-        if not line or json.loads(line).get("event") != "ready":
-            self.close()
-            raise LabError(f"failover worker did not start: {line!r} {self._stderr()}")
+        self.start(self.req, self.ready_timeout)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _send(self, obj: dict[str, Any]) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(obj) + "\n")
-        self.proc.stdin.flush()
-
-    def _readline(self, timeout: float) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline() if ready else ""
-
-    def _stderr(self) -> str:
-        if self.proc is None or self.proc.stderr is None or self.proc.poll() is None:
-            return ""
-        return self.proc.stderr.read()[-300:]
 
     def mark(self, t_fail: float) -> None:
         """Tell the worker the failure instant."""
@@ -262,17 +226,6 @@ class Worker:
                 self.proc.wait(timeout=5)
                 return rows, str(obj.get("reason", ""))
             rows.append(obj)
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
-        self.proc = None
 
 
 def worker_request(
