@@ -235,6 +235,7 @@ def worker_request(
     ports: list[int],
     control: list[int],
     failed: Iterable[str],
+    expect: Iterable[str] = (),
     spacing: float = 0.005,
     timeout: float = 0.25,
     max_seconds: float = 10.0,
@@ -250,6 +251,7 @@ def worker_request(
         "spacing": spacing,
         "timeout": timeout,
         "failed": sorted(failed),
+        "expect": sorted(expect),
         "linger": linger,
         "max_seconds": max_seconds,
     }
@@ -405,6 +407,7 @@ def measure(
         ports=ports,
         control=control,
         failed=[node],
+        expect=survivors,
         spacing=spacing,
         timeout=timeout,
         max_seconds=max_seconds,

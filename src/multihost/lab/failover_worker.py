@@ -9,6 +9,7 @@ multihost.lab.failover_worker``.  Protocol on stdin/stdout (one JSON object per 
         "control": [40007, ...],    # control flows (e.g. in the survivors' buckets)
         "control_every": 4,         # one control attempt per this many target attempts
         "spacing": 0.005, "timeout": 0.25, "failed": ["D"],
+        "expect": ["A", "B", "C"],  # optional: nodes that must each answer first
         "linger": 0.3, "max_seconds": 10.0, "wait_mark": 30.0}
     <- {"event": "ready", "t": 1790000000.1}
     -> {"t_fail": 1790000000.2}      # the failure instant (time.time(), shared by namespaces)
@@ -18,7 +19,9 @@ multihost.lab.failover_worker``.  Protocol on stdin/stdout (one JSON object per 
 
 Attempts start at once (so answers before the failure show the old owner) and go on until
 ``linger`` seconds after the first target connection answered by a node not in ``failed``
-and started at or after ``t_fail``, or ``max_seconds`` after ``t_fail``, or the target
+and started at or after ``t_fail`` (with ``expect``: after each node in it has answered one
+such connection; survivors detect a failure independently, so they take over at different
+instants), or ``max_seconds`` after ``t_fail``, or the target
 ports run out.  ``{"stop": true}`` on stdin ends it early.  Every attempt has its own
 timeout; a dropped SYN is never retransmitted within it, so each attempt samples the data
 plane at its start.  Timestamps are ``time.time()``; ``t_conn`` is when the handshake
@@ -55,6 +58,8 @@ class Worker:
         self.timeout = float(req.get("timeout", 0.25))
         self.failed = {str(n) for n in req.get("failed", [])}
         self.linger = float(req.get("linger", 0.3))
+        self.expect = {str(n) for n in req.get("expect", [])}
+        self.first_by: dict[str, float] = {}
         self.max_seconds = float(req.get("max_seconds", 10.0))
         self.wait_mark = float(req.get("wait_mark", 30.0))
         self.t_fail: float | None = None
@@ -95,7 +100,11 @@ class Worker:
         ok_node = row["outcome"] == "answered" and row["node"] not in self.failed
         if kind == "target" and ok_node and self.t_fail is not None and row["t0"] >= self.t_fail:
             t = row["t_conn"] or row["t1"]
-            self.first_ok = t if self.first_ok is None else min(self.first_ok, t)
+            node = str(row["node"])
+            self.first_by[node] = min(self.first_by.get(node, t), t)
+            if self.expect <= set(self.first_by):
+                firsts = [self.first_by[n] for n in self.expect] or list(self.first_by.values())
+                self.first_ok = max(firsts) if self.expect else min(firsts)
 
     def launch(self, kind: str, sport: int) -> None:
         task = asyncio.get_running_loop().create_task(self.attempt(kind, sport))
