@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import time
@@ -269,15 +268,14 @@ class Agent:
     def retarget(
         self,
         targets_: Mapping[str, frozenset[int]],
-        previous_owner: Callable[[str, int], str | None],
-        alive: Callable[[str], bool],
+        others_draining: bool,
         since: float | None = None,
         reason: str = "",
     ) -> None:
         """Serve ``targets_`` from now on, through the handover sets, and program the kernel."""
         now = time.monotonic()
         for g, target in targets_.items():
-            self.handover.retarget(g, target, functools.partial(previous_owner, g), alive, now)
+            self.handover.retarget(g, target, others_draining, now)
         self.sync_kernel(since, reason)
 
     async def _handover_tick(self) -> None:
@@ -309,16 +307,17 @@ class Agent:
                     remaining += sum(n for b, n in in_use[g].items() if b in draining)
                 self.handover.drained(g, busy, now)
             self.flows_draining = remaining if in_use is not None else None
+        others = self.others_draining()
         for g in self.handover.groups:
-            self.handover.promote(g, self._finished_draining(), now)
+            self.handover.promote(g, others, now)
         self.sync_kernel(None, "handover")
 
-    def _finished_draining(self) -> Callable[[str | None], bool]:
-        """Whether a member no longer drains buckets it gave away (one status read)."""
+    def others_draining(self) -> bool:
+        """Whether another member may still hold flows in buckets it gave away (manual mode:
+        assume so whenever another member was live; incoming then waits max_drain_ms)."""
         if self.membership is None:
-            return lambda member: member is None  # manual mode: after max_drain_ms
-        done = self.membership.finished_members()
-        return lambda member: member is None or member in done
+            return any(m != self.node.name for m in self.manual_live)
+        return self.membership.others_draining()
 
     # -------------------------------------------------------------- control requests
     async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -351,19 +350,13 @@ class Agent:
             return {"ok": False, "error": "'phase' must be 'release' or 'take'"}
         target = targets(self.cfg, self.node.name, live)
         since = time.monotonic()
-        before = ownership(self.cfg, self.manual_live)
-        slot_names = {n.slot: n.name for n in self.cfg.nodes}
-
-        def previous_owner(group: str, bucket: int) -> str | None:
-            s = before[group].assignment.owner(bucket)
-            return None if s is None else slot_names[s]
-
+        others = self.others_draining()
         if phase == "release":  # phase 1 on every node: give away, take nothing yet
             current = self.claims
             target = {g: t & current[g] for g, t in target.items()}
-            self.retarget(target, previous_owner, lambda _m: True, since, "set-live release")
+            self.retarget(target, others, since, "set-live release")
         else:  # phase 2: take (from a member still running: through 'incoming')
-            self.retarget(target, previous_owner, lambda _m: True, since, "set-live take")
+            self.retarget(target, others, since, "set-live take")
             self.manual_live = tuple(n.name for n in self.cfg.nodes if n.name in set(live))
         return {"ok": True, "owned": {g: len(b) for g, b in self.claims.items()}}
 

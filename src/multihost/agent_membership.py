@@ -2,8 +2,8 @@
 
 Owns: the multicast socket's reader, the core's timer (``loop.call_at`` the core's next
 deadline), and carrying out the core's effects — send heartbeats, log, count, and on
-``ClaimsChanged`` reprogram the kernel through the agent's handover (buckets taken from a
-member that is still alive arrive through ``incoming``; from a dead one straight to
+``ClaimsChanged`` reprogram the kernel through the agent's handover (new buckets arrive
+through ``incoming`` while another live member advertises draining flows, else straight to
 ``owned``) and confirm with ``core.applied(epoch)``.
 
 Must not: decide membership or ownership (the core does) or talk to nft directly.
@@ -24,7 +24,6 @@ from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
 from multihost.membership.protocol import MembershipCore
 from multihost.metrics import Snapshot
-from multihost.ownership import ownership
 
 if TYPE_CHECKING:
     from multihost.agent import Agent
@@ -70,7 +69,6 @@ class MembershipDriver:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._view: frozenset[str] = frozenset()
-        self._applied_view: frozenset[str] = frozenset()
         self.view_changes = 0
         self.send_errors = 0
         self._view_changed_at: float | None = None
@@ -120,7 +118,6 @@ class MembershipDriver:
             membership_config(self.agent, self._key), self.agent.boot_id, self.loop.time()
         )
         self._view = frozenset()
-        self._applied_view = frozenset()
         self.agent.log("rejoining", boot_id=self.agent.boot_id.hex(), reason="cluster link up")
         self._run(self.core.tick(self.loop.time()))
 
@@ -203,35 +200,13 @@ class MembershipDriver:
 
     def _apply(self, eff: ClaimsChanged) -> list[Effect]:
         assert self.loop is not None
-        view, me = self._view, self.agent.node.name
-        # Who served a bucket before: the owners under the eligible set we last applied; on
-        # a fresh start (or rejoin) the others, as we see them now (they hand over to us).
-        before_set = self._applied_view or (self.eligible() - {me})
-        before = ownership(self.agent.cfg, before_set)
-        slot_names = {n.slot: n.name for n in self.agent.cfg.nodes}
-
-        def previous_owner(group: str, bucket: int) -> str | None:
-            s = before[group].assignment.owner(bucket)
-            return None if s is None else slot_names[s]
-
-        # A peer still draining buckets it gave away may hold flows in a bucket whose last
-        # owner just crashed (it drained to that member): while any peer drains, buckets
-        # of a dead member arrive through 'incoming' too, never answering its flows.
-        done = self.finished_members()
-        draining_peers = any(m != me and m not in done for m in view)
-
-        def alive_elsewhere(member: str) -> bool:
-            # A bucket that was ours (drained completely) comes back as owned.
-            return member != me and (member in view or draining_peers)
-
         claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
         if self.fenced or not link_up(self.agent.cfg.cluster.interface):
             claims = {g: frozenset() for g in claims}  # serving less than claimed is safe
         self.agent.retarget(
-            claims, previous_owner, alive_elsewhere, self._view_changed_at, f"epoch {eff.epoch}"
+            claims, self.others_draining(), self._view_changed_at, f"epoch {eff.epoch}"
         )
         self._view_changed_at = None
-        self._applied_view = self.eligible()
         return self.core.applied(eff.epoch, self.loop.time())
 
     def _schedule(self) -> None:
@@ -252,12 +227,13 @@ class MembershipDriver:
     def alive(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.agent.cfg.nodes if n.name in self._view)
 
-    def finished_members(self) -> frozenset[str]:
-        """Members whose heartbeats say they have no given-away bucket left draining."""
-        return frozenset(
-            name
+    def others_draining(self) -> bool:
+        """Whether a live member other than this node advertises (in its heartbeats) that it
+        still has flows in buckets it gave away."""
+        me = self.agent.node.name
+        return any(
+            name != me and st.state == "alive" and st.handover
             for name, st in self.core.members().items()
-            if st.state != "alive" or not st.handover
         )
 
     def set_handover(self, draining_flows: bool) -> None:

@@ -9,13 +9,22 @@ Owns, per traffic IP group, this node's three bucket sets and their life cycle:
   accepts established/related flows *of this node* and new flows (a pure SYN for TCP),
   and drops the old owner's mid-stream packets instead of answering them with resets.
 
-Rules (see docs/handover.md): a bucket this node loses goes to ``draining`` (never to
-nobody at once); a bucket it gains from a member that is alive goes to ``incoming``; from a
-member that is dead (crashed: its flows are gone with it) straight to ``owned``, so the
-crashed member's clients get resets quickly instead of hanging.  ``draining`` buckets leave
-when conntrack shows no flow of this node in them any more, or after ``max_drain``;
-``incoming`` buckets become ``owned`` when the old owner reports it has nothing left
-draining, or after ``max_drain``.  A bucket is in at most one set.
+Rules (see docs/handover.md): a bucket this node stops claiming (from ``owned`` or
+``incoming``: it may have accepted new flows there) goes to ``draining``, never to nobody at
+once.  A bucket it starts claiming goes to ``incoming`` while any *other* live member may
+still hold flows in given-away buckets (it advertises a draining flag), else straight to
+``owned`` — after a crash with nobody draining, the crashed member's clients get resets
+quickly instead of hanging.  ``draining`` buckets leave when conntrack shows no flow of
+this node in them any more, or after ``max_drain``; ``incoming`` buckets become ``owned``
+when no other live member advertises draining any more, or after ``max_drain``.  A bucket
+is in at most one set.
+
+Why one cluster-wide flag and not "the previous owner": ownership can pass through several
+members while one of them still drains (D drains to A, A crashes, C takes A's share), and
+a node that just (re)joined does not know who served a bucket before.  The flag is exact
+about the only thing that matters — whether anybody else may still have flows to protect —
+and costs one bit per heartbeat.  Its price: while a member drains for long, the others
+keep new buckets in ``incoming`` (they drop, rather than reset, stray mid-stream packets).
 
 Must not: read conntrack, talk to the kernel or know about heartbeats — callers pass in
 what they observed and the current time, and apply :meth:`Handover.state`.
@@ -23,7 +32,7 @@ what they observed and the current time, and apply :meth:`Handover.state`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -31,7 +40,7 @@ from dataclasses import dataclass, field
 class GroupSets:
     owned: set[int] = field(default_factory=set)
     draining: dict[int, float] = field(default_factory=dict)  # bucket -> since
-    incoming: dict[int, tuple[str | None, float]] = field(default_factory=dict)  # -> (from, since)
+    incoming: dict[int, float] = field(default_factory=dict)  # bucket -> since
 
 
 @dataclass(frozen=True)
@@ -49,30 +58,23 @@ class Handover:
 
     # --------------------------------------------------------------- transitions
     def retarget(
-        self,
-        group: str,
-        target: frozenset[int],
-        previous_owner: Callable[[int], str | None],
-        alive: Callable[[str], bool],
-        now: float,
+        self, group: str, target: frozenset[int], others_draining: bool, now: float
     ) -> None:
-        """This node should now serve ``target``; ``previous_owner(b)`` names who served b."""
+        """This node should now take new flows in ``target``; ``others_draining``: another
+        live member may still have flows in buckets it gave away."""
         g = self.groups[group]
-        lost = g.owned - target
+        lost = (g.owned | g.incoming.keys()) - target
         g.owned -= lost
-        if self.enabled:  # lost: keep our established flows
-            g.draining.update(dict.fromkeys(lost, now))
-        for b in [b for b in g.incoming if b not in target]:  # gained, then lost again
+        for b in lost & g.incoming.keys():
             del g.incoming[b]
-        # A bucket coming back before it finished draining was served by another member
-        # meanwhile (it has flows there now): it comes back like any gained bucket, and
-        # 'incoming' still accepts our own old flows (they are established here).
-        for b in target & g.draining.keys():
-            del g.draining[b]
+        if self.enabled:  # lost: keep our established flows (incoming ones may have some)
+            g.draining.update(dict.fromkeys(lost, now))
+        # A bucket coming back before it finished draining: another member may have served
+        # it meanwhile; 'incoming' and 'owned' both accept our own established flows.
         for b in target - g.owned - g.incoming.keys():  # gained
-            prev = previous_owner(b)
-            if self.enabled and prev is not None and alive(prev):
-                g.incoming[b] = (prev, now)
+            g.draining.pop(b, None)
+            if self.enabled and others_draining:
+                g.incoming[b] = now
             else:
                 g.owned.add(b)
 
@@ -86,13 +88,13 @@ class Handover:
             del g.draining[b]
         return len(done)
 
-    def promote(self, group: str, finished: Callable[[str | None], bool], now: float) -> int:
-        """Incoming buckets whose old owner ``finished`` draining (or timed out) -> owned."""
+    def promote(self, group: str, others_draining: bool, now: float) -> int:
+        """Incoming buckets -> owned once no other member drains (or after ``max_drain``)."""
         g = self.groups[group]
         done = [
             b
-            for b, (src, since) in g.incoming.items()
-            if finished(src) or now - since >= self.max_drain
+            for b, since in g.incoming.items()
+            if not others_draining or now - since >= self.max_drain
         ]
         for b in done:
             del g.incoming[b]
@@ -123,7 +125,7 @@ class Handover:
 
     def next_deadline(self) -> float | None:
         times = [s for g in self.groups.values() for s in g.draining.values()]
-        times += [s for g in self.groups.values() for _, s in g.incoming.values()]
+        times += [s for g in self.groups.values() for s in g.incoming.values()]
         return min(times) + self.max_drain if times else None
 
     def all_snapshots(self) -> Mapping[str, Snapshot]:
