@@ -73,6 +73,8 @@ class Agent:
         self.handover = Handover([g.name for g in cfg.groups], cfg.cluster.max_drain_ms / 1000)
         self.applied: dict[str, GroupBuckets] = {g.name: GroupBuckets() for g in cfg.groups}
         self.manual_live: tuple[str, ...] = ()
+        self.lease_held = True  # as installed: held without expiry
+        self.lease_updates = 0
         self.last_update_ms: float | None = None
         self.flows_draining: int | None = 0  # flows left in draining buckets (last look)
         self.updates = 0
@@ -271,12 +273,25 @@ class Agent:
         others_draining: bool,
         since: float | None = None,
         reason: str = "",
+        *,
+        reclassify: bool = False,
     ) -> None:
         """Serve ``targets_`` from now on, through the handover sets, and program the kernel."""
         now = time.monotonic()
         for g, target in targets_.items():
-            self.handover.retarget(g, target, others_draining, now)
+            self.handover.retarget(g, target, others_draining, now, reclassify=reclassify)
         self.sync_kernel(since, reason)
+
+    def set_kernel_lease(self, expires_ms: int | None) -> None:
+        """The kernel's dead-man switch (``Dataplane.set_lease``); lapses are logged."""
+        if self.dataplane is None:
+            return
+        self.dataplane.set_lease(expires_ms)
+        self.lease_updates += 1
+        held = expires_ms is None or expires_ms > 0
+        if held != self.lease_held:
+            self.lease_held = held
+            self.log("kernel-lease", held=held, expires_ms=expires_ms)
 
     async def _handover_tick(self) -> None:
         """Release drained buckets (conntrack shows no flow left), promote incoming ones."""
@@ -401,7 +416,12 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "live": list(live),
             "groups": groups,
-            "kernel": {"updates": self.updates, "last_update_ms": self.last_update_ms},
+            "kernel": {
+                "updates": self.updates,
+                "last_update_ms": self.last_update_ms,
+                "lease_held": self.lease_held,  # may take new flows (the dead-man switch)
+                "lease_updates": self.lease_updates,
+            },
             "handover": self.handover_status(),
             "arp": self.responder.counters() if self.responder else {},
         }

@@ -69,6 +69,10 @@ class MembershipDriver:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._view: frozenset[str] = frozenset()
+        # the kernel's lease: its expiry (loop time; inf: no expiry), None: unknown
+        self._lease_until: float | None = None
+        self._lease_off = False  # the core's claims are blocked by a lease: no new flows
+        self._step = agent.cfg.cluster.heartbeat_interval_ms / 1000
         self.view_changes = 0
         self.send_errors = 0
         self._view_changed_at: float | None = None
@@ -118,6 +122,7 @@ class MembershipDriver:
             membership_config(self.agent, self._key), self.agent.boot_id, self.loop.time()
         )
         self._view = frozenset()
+        self._lease_off = False
         self.agent.log("rejoining", boot_id=self.agent.boot_id.hex(), reason="cluster link up")
         self._run(self.core.tick(self.loop.time()))
 
@@ -183,6 +188,7 @@ class MembershipDriver:
                 self.agent.log(eff.event, level=eff.level, **dict(eff.fields))
             elif isinstance(eff, Rejected):
                 pass  # counted by the core; the core logs what deserves a log line
+        self._sync_lease()
         self._schedule()
 
     def _send(self, payload: bytes) -> None:
@@ -201,13 +207,48 @@ class MembershipDriver:
     def _apply(self, eff: ClaimsChanged) -> list[Effect]:
         assert self.loop is not None
         claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
-        if self.fenced or not link_up(self.agent.cfg.cluster.interface):
+        fenced = self.fenced or not link_up(self.agent.cfg.cluster.interface)
+        if fenced:
             claims = {g: frozenset() for g in claims}  # serving less than claimed is safe
-        self.agent.retarget(
-            claims, self.others_draining(), self._view_changed_at, f"epoch {eff.epoch}"
-        )
+        if not fenced and self.core.blocked() == {"lease"}:
+            # A lease lapse (or a wait for fresh acks): take no new flow -- one element in
+            # the kernel -- and keep the sets, instead of rewriting every bucket to
+            # 'draining' and back when the lease returns a moment later (it usually does:
+            # the lapsing peer has crashed and its death follows within an interval).
+            self._lease_off = True
+            self._sync_lease()
+        else:
+            reclassify, self._lease_off = self._lease_off, False
+            self.agent.retarget(
+                claims,
+                self.others_draining(),
+                self._view_changed_at,
+                f"epoch {eff.epoch}",
+                reclassify=reclassify,
+            )
         self._view_changed_at = None
         return self.core.applied(eff.epoch, self.loop.time())
+
+    def _sync_lease(self) -> None:
+        """Keep the kernel's lease no later than the core's: shrink or lapse at once, extend
+        when it moved on by an interval or is within an interval of expiring."""
+        assert self.loop is not None
+        now = self.loop.time()
+        deadline = float("-inf") if self._lease_off else self.core.lease_deadline()
+        cur = self._lease_until
+        if deadline is None:  # no alive peer that could take over: held, no expiry
+            if cur != float("inf"):
+                self.agent.set_kernel_lease(None)
+            self._lease_until = float("inf")
+        elif deadline <= now:
+            if cur is None or cur > now:
+                self.agent.set_kernel_lease(0)
+            self._lease_until = float("-inf")
+        elif (
+            cur is None or cur > deadline or deadline - cur >= self._step or cur - now < self._step
+        ):
+            self.agent.set_kernel_lease(int((deadline - now) * 1000))
+            self._lease_until = deadline
 
     def _schedule(self) -> None:
         assert self.loop is not None

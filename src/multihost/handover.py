@@ -58,11 +58,23 @@ class Handover:
 
     # --------------------------------------------------------------- transitions
     def retarget(
-        self, group: str, target: frozenset[int], others_draining: bool, now: float
+        self,
+        group: str,
+        target: frozenset[int],
+        others_draining: bool,
+        now: float,
+        *,
+        reclassify: bool = False,
     ) -> None:
         """This node should now take new flows in ``target``; ``others_draining``: another
-        live member may still have flows in buckets it gave away."""
+        live member may still have flows in buckets it gave away.  ``reclassify``: this node
+        took no new flows for a while (its lease lapsed) and others may have served its
+        buckets meanwhile: kept ``owned`` buckets count as gained again."""
         g = self.groups[group]
+        if reclassify and self.enabled and others_draining:
+            kept = g.owned & target
+            g.owned -= kept
+            g.incoming.update(dict.fromkeys(kept, now))
         lost = (g.owned | g.incoming.keys()) - target
         g.owned -= lost
         for b in lost & g.incoming.keys():

@@ -530,3 +530,51 @@ def test_hostsetup_apply_restore_round_trip() -> None:
             bad.apply()
         assert {k: nsutil.sysctl_get(node, k) for k in keys} == {k: v[0] for k, v in keys.items()}
         assert nsutil.addresses(node, "lo") == addrs_before
+
+
+def test_lease_is_a_dead_man_switch_for_new_flows(lab: Lab) -> None:
+    """Without the lease the node takes no new flow (owned or incoming) but keeps its
+    established ones; a lease with an expiry lapses in the kernel by itself."""
+    dp = Dataplane(SPEC1, lab.nft)
+    part = CONTIGUOUS
+    dp.install({"web": GroupBuckets(owned=part)})
+    assert dp.lease_held()
+    rng = random.Random(11)
+    (a,) = sorted(predicted(random_flows(rng, 400, [80], POOL), VIP, FOUR, part))[:1]
+    new = sorted(predicted(random_flows(rng, 400, [81], POOL), VIP, FOUR, part))[:5]
+    (u,) = sorted(predicted(random_flows(rng, 400, [82], POOL), VIP, FOUR, part))[:1]
+    listener = nsutil.socket_in(lab.node, socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((str(VIP), 80))
+    listener.listen(64)
+    conn = nsutil.socket_in(lab.client, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with netns_entered(lab.client):
+            conn.bind((str(a[0]), a[1]))
+        conn.settimeout(5)
+        conn.connect((str(VIP), 80))
+        served, _ = listener.accept()
+        served.settimeout(5)
+
+        dp.set_lease(0)
+        assert not dp.lease_held()
+        conn.sendall(b"established")
+        assert served.recv(100) == b"established"  # established TCP goes on
+        assert tcp_round(lab, dp, [new[0]], set()) == set()  # no new TCP (owned)
+        assert udp_round(lab, dp, "web", VIP, [u]) == set()  # no new UDP either
+        dp.update({"web": GroupBuckets(incoming=part)})
+        assert tcp_round(lab, dp, [new[1]], set()) == set()  # nor a SYN in 'incoming'
+
+        dp.set_lease(None)
+        assert tcp_round(lab, dp, [new[2]], {new[2]}) == {new[2]}
+        dp.update({"web": GroupBuckets(owned=part)})
+        dp.set_lease(400)
+        assert tcp_round(lab, dp, [new[3]], {new[3]}) == {new[3]}
+        nsutil.wait_until(lambda: not dp.lease_held(), 5.0, 0.02, "the kernel lease to expire")
+        assert tcp_round(lab, dp, [new[4]], set()) == set()  # lapsed without any update
+        conn.sendall(b"still")
+        assert served.recv(100) == b"still"
+        served.close()
+    finally:
+        conn.close()
+        listener.close()

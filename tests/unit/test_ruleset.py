@@ -36,6 +36,7 @@ from multihost.dataplane.ruleset import (
     render_delta_json,
     render_guard_table,
     render_install,
+    render_lease,
     render_owned_table,
     render_remove,
     render_update,
@@ -136,7 +137,10 @@ def test_owned_table_shape() -> None:
     assert "\tflags owner\n" in text
     assert "type filter hook prerouting priority -300; policy accept;" in text
     assert "type filter hook prerouting priority -150; policy accept;" in text
-    assert "\tset " not in text
+    # the only set is the lease (buckets live in maps), held without expiry at install
+    assert text.count("\tset ") == 1
+    assert "\tset lease {\n\t\ttypeof meta nfproto\n\t\tflags timeout\n" in text
+    assert "\t\telements = { ipv4, ipv6 }\n" in text
     for g in SPEC.groups:
         for name, data in ((bucket_map(g), "meta pkttype"), (handover_map(g), "verdict")):
             assert f"\tmap {name} {{\n\t\ttypeof meta length : {data}\n\t\tsize 40320\n" in text
@@ -157,10 +161,15 @@ def test_owned_table_shape() -> None:
             continue
         group = name.split("_")[0]
         hashing = [r for r in rules if "jhash" in r]
-        serve = f"map @{group}_buckets meta pkttype host counter name"
+        serve = f"map @{group}_buckets meta pkttype host meta nfproto @lease counter name"
         if "_raw" in name:
             assert len(hashing) == 1 and serve in hashing[0], name
-            assert rules[rules.index(hashing[0]) + 1] == "meta pkttype other accept"
+            # an owned bucket without the lease: tagged, so -150 takes established only
+            lapsed = rules[rules.index(hashing[0]) + 1]
+            assert lapsed.startswith(
+                "meta pkttype host meta nfproto != @lease meta pkttype set other accept"
+            )
+            assert rules[rules.index(hashing[0]) + 2] == "meta pkttype other accept"
         elif "_ct" in name:
             assert len(hashing) == 2 and hashing[0].endswith(f"vmap @{group}_handover"), name
             assert serve in hashing[1], name
@@ -376,7 +385,7 @@ def test_missing_groups_own_nothing() -> None:
 def test_elements_are_sorted_and_wrapped() -> None:
     spec = RulesetSpec(100, 0, (GroupSpec("g", (ip("198.18.1.1"),)),))
     text = render_owned_table(spec, {"g": GroupBuckets(owned=frozenset(range(99, -1, -3)))})
-    block = text.split("elements = {")[1].split("}")[0]
+    block = text.split("map g_buckets")[1].split("elements = {")[1].split("}")[0]
     numbers = [int(x) for x in re.findall(r"(\d+) : host", block)]
     assert numbers == sorted(range(99, -1, -3))
     assert max(len(line.split(",")) for line in block.strip().splitlines()) <= 9
@@ -477,3 +486,14 @@ def test_netlink_chunks_stay_below_the_nest_limit() -> None:
     assert all(len(m[3][3]) + 4 <= 0xFFFF for m in msgs)
     keys = [k for m in msgs for k, d in _elements_of(m[3][3]) if d == data]
     assert keys == list(range(10000))
+
+
+def test_render_lease() -> None:
+    assert render_lease(SPEC, None) == (
+        "flush set inet multihost lease\nadd element inet multihost lease { ipv4, ipv6 }\n"
+    )
+    assert render_lease(SPEC, 250) == (
+        "flush set inet multihost lease\n"
+        "add element inet multihost lease { ipv4 timeout 250ms, ipv6 timeout 250ms }\n"
+    )
+    assert render_lease(SPEC, 0) == render_lease(SPEC, -5) == "flush set inet multihost lease\n"

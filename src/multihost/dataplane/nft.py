@@ -55,6 +55,7 @@ from multihost.dataplane.netlink import (
     send_batch,
 )
 from multihost.dataplane.ruleset import (
+    LEASE_SET,
     SET_KINDS,
     Delta,
     GroupBuckets,
@@ -67,6 +68,7 @@ from multihost.dataplane.ruleset import (
     kind_chains,
     render_delta_json,
     render_install,
+    render_lease,
     render_remove,
 )
 
@@ -349,6 +351,18 @@ class Dataplane:
                 self.fast_path = False  # not the socket that owns our table: use libnftables
         self.nft.run(render_delta_json(self.spec, delta), json_mode=True)
         return "json"
+
+    def set_lease(self, expires_ms: int | None) -> None:
+        """The kernel lease (see :func:`render_lease`): ``None`` held without expiry,
+        ``> 0`` held for that many milliseconds, ``<= 0`` lapsed (one transaction)."""
+        if self._state is None:
+            raise NftError("set_lease() before install()")
+        self.nft.run(render_lease(self.spec, expires_ms))
+
+    def lease_held(self) -> bool:
+        """Whether the kernel's lease elements exist (for checks)."""
+        items = self.nft.run_json(f"list set inet {self.spec.table} {LEASE_SET}")
+        return bool(items and items[0]["set"].get("elem"))
 
     def read_state(self) -> dict[str, GroupBuckets]:
         """The bucket maps as the kernel holds them (for checks; slow for big maps)."""

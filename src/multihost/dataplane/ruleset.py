@@ -38,6 +38,16 @@ holds only the latter, as ``bucket : goto <group>_draining`` / ``goto <group>_in
   QUIC server answering with stateless resets).  Keeping them with the old owner until the
   bucket moves to ``owned`` preserves "exactly one node per packet" at every instant.
 
+The set ``lease`` (``ipv4``, ``ipv6``; ``flags timeout``) is the node's membership lease in
+the kernel: a dead-man switch.  The agent keeps it filled with an expiry no later than the
+moment a peer may declare this node dead and take its buckets (``render_lease``).  If the
+agent stalls or lapses, the elements expire by themselves and the kernel stops taking new
+flows at once: an owned bucket's packet is re-tagged at -300 and, at -150, only
+``ct state established,related`` is accepted (as for ``draining``), and ``incoming`` no
+longer accepts SYNs.  A stalled node therefore never answers a flow that a peer took over
+meanwhile (no second SYN-ACK, no reset of the peer's new flows), while its own established
+connections go on.  A lapse or a renewal is a one-element update, not a rewrite of the maps.
+
 Each packet to a traffic IP is counted once: owned buckets and ICMP errors as accepted and
 buckets not served as dropped at -300, handover buckets at -150 (loopback packets are
 neither filtered nor counted).
@@ -108,6 +118,8 @@ ICMPV6_TO_ALL = (
     "nd-neighbor-advert",
     "nd-redirect",
 )
+LEASE_SET = "lease"  # while its elements exist, this node may take new flows (see docstring)
+LEASE_KEYS = ("ipv4", "ipv6")
 HANDOVER_TAG = "other"  # meta pkttype of a handover bucket's packet between -300 and -150
 PKTTYPE_VALUES = {"host": 0, HANDOVER_TAG: 3}  # the kernel's PACKET_HOST, PACKET_OTHERHOST
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -322,6 +334,13 @@ def _chain(name: str, rules: list[str], hook: str | None = None) -> list[str]:
     return lines
 
 
+LEASED = f"meta nfproto @{LEASE_SET}"
+LAPSED = (
+    f"meta pkttype host meta nfproto != @{LEASE_SET} meta pkttype set {HANDOVER_TAG} accept"
+    ' comment "lease lapsed: established flows only, decided at -150"'
+)
+
+
 def _kind_chains(g: GroupSpec) -> list[str]:
     """``<g>_draining`` / ``<g>_incoming``: the -150 verdict on a tagged, not established
     packet of a handover bucket."""
@@ -333,7 +352,7 @@ def _kind_chains(g: GroupSpec) -> list[str]:
     out: list[str] = []
     for name, rules in (
         (chains["draining"], [f"meta l4proto tcp {drop}", acc]),
-        (chains["incoming"], [f"{syn} {acc}", drop]),
+        (chains["incoming"], [f"{syn} {LEASED} {acc}", drop]),
     ):
         out += ["", *_chain(name, rules)]
     return out
@@ -350,9 +369,9 @@ def _group_chains(spec: RulesetSpec, g: GroupSpec, family: int) -> list[str]:
 
     def tail(stage: str, ports: bool) -> list[str]:
         h = jhash_expr(spec, g, family, has_ports=ports)
-        serve = f"meta pkttype set {h} map @{bucket_map(g)} meta pkttype host {acc}"
+        serve = f"meta pkttype set {h} map @{bucket_map(g)} meta pkttype host {LEASED} {acc}"
         if stage == "raw":
-            return [serve, f"meta pkttype {HANDOVER_TAG} accept", drop]
+            return [serve, LAPSED, f"meta pkttype {HANDOVER_TAG} accept", drop]
         return [f"{h} vmap @{handover_map(g)}", serve, drop]
 
     out: list[str] = []
@@ -385,7 +404,9 @@ def render_owned_table(spec: RulesetSpec, state: Mapping[str, GroupBuckets]) -> 
     """The complete owned table (``flags owner``) holding ``state``."""
     spec.check()
     full = check_state(spec, state)
-    lines = [f"table inet {spec.table} {{", "\tflags owner"]
+    lines = [f"table inet {spec.table} {{", "\tflags owner", ""]
+    lines += [f"\tset {LEASE_SET} {{", "\t\ttypeof meta nfproto", "\t\tflags timeout"]
+    lines += [f"\t\telements = {{ {', '.join(LEASE_KEYS)} }}", "\t}"]
     for g in spec.groups:
         lines.append("")
         for c in counter_names(g).values():
@@ -451,6 +472,17 @@ def render_install(
         + f"delete table inet {spec.table}\n"
         + render_owned_table(spec, state)
     )
+
+
+def render_lease(spec: RulesetSpec, expires_ms: int | None) -> str:
+    """One transaction setting the lease: ``None`` held with no expiry, ``> 0`` held for
+    that many milliseconds (the kernel lets it lapse by itself), ``<= 0`` lapsed now."""
+    out = f"flush set inet {spec.table} {LEASE_SET}\n"
+    if expires_ms is not None and expires_ms <= 0:
+        return out
+    t = "" if expires_ms is None else f" timeout {int(expires_ms)}ms"
+    keys = ", ".join(f"{k}{t}" for k in LEASE_KEYS)
+    return out + f"add element inet {spec.table} {LEASE_SET} {{ {keys} }}\n"
 
 
 def render_remove(spec: RulesetSpec) -> str:

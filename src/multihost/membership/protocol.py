@@ -41,7 +41,14 @@ from multihost.membership.effects import (
     Send,
     ViewChanged,
 )
-from multihost.membership.leases import KernelState, Timing, ack_expiry, advertised, lease_expiry
+from multihost.membership.leases import (
+    KernelState,
+    Timing,
+    ack_expiry,
+    advertised,
+    kernel_lease,
+    lease_expiry,
+)
 from multihost.membership.ownership import (
     EMPTY,
     BoolArray,
@@ -222,6 +229,16 @@ class MembershipCore:
     def claims(self) -> Mapping[str, BoolArray]:
         """Current claims (read-only masks); the kernel may lag until ``applied``."""
         return dict(self._claims)
+
+    def lease_deadline(self) -> float | None:
+        """The kernel's dead-man switch: the kernel may take new flows until then (None:
+        no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
+        alive = (p for p in self._peers.values() if p.state is ALIVE)
+        return kernel_lease(self._lease_expiry(p) for p in alive)
+
+    def blocked(self) -> frozenset[str]:
+        """Why this node's groups claim nothing (e.g. ``lease``), one reason per group."""
+        return frozenset(k.blocked for k in self._claim_keys.values())
 
     def counters(self) -> Counters:
         rejected = {r: self._rejected[r] for r in REJECT_REASONS}
