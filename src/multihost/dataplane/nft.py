@@ -54,6 +54,7 @@ from multihost.dataplane.netlink import (
     open_sockets,
     send_batch,
 )
+from multihost.dataplane.nfcounters import read_counters
 from multihost.dataplane.ruleset import (
     LEASE_SET,
     SET_KINDS,
@@ -390,12 +391,8 @@ class Dataplane:
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per group: ``accepted_packets``/``_bytes`` and ``dropped_packets``/``_bytes``."""
-        items = self.nft.run_json(f"list counters table inet {self.spec.table}")
-        values = {
-            i["counter"]["name"]: (int(i["counter"]["packets"]), int(i["counter"]["bytes"]))
-            for i in items
-            if "counter" in i
-        }
+        with netns_entered(self.nft.netns):  # netlink, not libnftables: see nfcounters
+            values = read_counters(self.spec.table)
         out: dict[str, dict[str, int]] = {}
         for group in self.spec.groups:
             row: dict[str, int] = {}
