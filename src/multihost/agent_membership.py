@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from multihost.agent import Agent
 
 MAX_DATAGRAMS_PER_WAKEUP = 64
+LATE_WARNING = 0.1  # s: a membership timer this late is logged (evidence of stalls)
 #: How often the cluster interface's operational state is checked (seconds).
 LINK_CHECK_PERIOD = 0.05
 
@@ -74,6 +75,7 @@ class MembershipDriver:
         self._lease_off = False  # the core's claims are blocked by a lease: no new flows
         self._step = agent.cfg.cluster.heartbeat_interval_ms / 1000
         self.view_changes = 0
+        self.late_timers = 0
         self.send_errors = 0
         self._view_changed_at: float | None = None
         self._key = key
@@ -157,7 +159,13 @@ class MembershipDriver:
 
     def _on_timer(self) -> None:
         assert self.loop is not None
+        late = self.loop.time() - (self._timer.when() if self._timer is not None else 0.0)
         self._timer = None
+        if late > LATE_WARNING:  # the loop (or the whole process) was held up
+            self.late_timers += 1
+            self.agent.log("loop-late", level="warning", late_ms=round(late * 1000, 1))
+        if self.sock is not None:  # heartbeats queued meanwhile first: a late timer must
+            self._on_readable()  # not declare dead a peer whose heartbeat is waiting
         self._run(self.core.tick(self.loop.time()))
 
     def set_draining(self, draining: bool) -> None:

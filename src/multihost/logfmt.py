@@ -43,7 +43,9 @@ class EventLog:
         if self.journal:
             line = f"<{LEVELS.get(level, 6)}>{line}"
         else:
-            line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"
+            now = time.time()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+            line = f"{stamp}.{int(now % 1 * 1000):03d} {line}"
         try:
             self.stream.write(line + "\n")
             self.stream.flush()

@@ -1,6 +1,6 @@
 """Which buckets still carry this node's flows: a conntrack dump mapped through the model.
 
-Owns: reading the kernel's conntrack table (pyroute2 ctnetlink dump), keeping the flows
+Owns: reading the kernel's conntrack table (one ctnetlink dump, decoded here), keeping the flows
 whose original destination is a traffic IP, and mapping each to its bucket with the
 bit-exact flow-hash model, so a draining bucket can be released as soon as its last flow
 ends.  TCP entries in TIME_WAIT/CLOSE are finished connections and do not count; UDP and
@@ -13,11 +13,22 @@ the agent calls it from a worker thread.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import struct
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from multihost.dataplane.nfcounters import (
+    NETLINK_NETFILTER,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    parse_attrs,
+)
 from multihost.flowhash import Flow, FlowError, HashMode, flow_bucket
 
 #: TCP conntrack states of a connection that is over (nf_conntrack_tcp.h).
@@ -74,23 +85,86 @@ def buckets_in_use(
     return out
 
 
-def dump_entries() -> list[tuple[str, int, str, int, int, int | None]]:
-    """The conntrack table of the current network namespace (blocking)."""
-    from pyroute2 import Conntrack
+CTNL_SUBSYS = 1  # NFNL_SUBSYS_CTNETLINK
+CT_NEW, CT_GET = 0, 1  # IPCTNL_MSG_CT_NEW / _GET
+_ORIG, _PROTOINFO = 1, 4  # CTA_TUPLE_ORIG, CTA_PROTOINFO
+_TUPLE_IP, _TUPLE_PROTO = 1, 2
+_V4_SRC, _V4_DST, _V6_SRC, _V6_DST = 1, 2, 3, 4
+_PROTO_NUM, _SPORT, _DPORT = 1, 2, 3
+_PROTOINFO_TCP, _TCP_STATE = 1, 1
 
-    rows: list[tuple[str, int, str, int, int, int | None]] = []
-    with Conntrack() as ct:
-        for e in ct.dump_entries():
-            t = e.tuple_orig
-            state = e.protoinfo.state if e.protoinfo is not None else None
-            rows.append(
-                (
-                    str(t.saddr),
-                    int(t.sport or 0),
-                    str(t.daddr),
-                    int(t.dport or 0),
-                    int(t.proto or 0),
-                    state,
-                )
-            )
+Row = tuple[str, int, str, int, int, int | None]
+
+
+def encode_dump_request(seq: int) -> bytes:
+    """``IPCTNL_MSG_CT_GET`` dump of every family (``nfgen_family`` AF_UNSPEC)."""
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+    kind = (CTNL_SUBSYS << 8) | CT_GET
+    return NLMSG.pack(NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def _row(attrs: dict[int, bytes]) -> Row | None:
+    orig = attrs.get(_ORIG)
+    if orig is None:
+        return None
+    tup = parse_attrs(orig, 0, len(orig))
+    ip = parse_attrs(tup.get(_TUPLE_IP, b""), 0, len(tup.get(_TUPLE_IP, b"")))
+    proto = parse_attrs(tup.get(_TUPLE_PROTO, b""), 0, len(tup.get(_TUPLE_PROTO, b"")))
+    family, keys = (
+        (socket.AF_INET, (_V4_SRC, _V4_DST))
+        if _V4_SRC in ip
+        else (
+            socket.AF_INET6,
+            (_V6_SRC, _V6_DST),
+        )
+    )
+    if not all(k in ip for k in keys):
+        return None
+    src, dst = (socket.inet_ntop(family, ip[k]) for k in keys)
+    num = proto.get(_PROTO_NUM, b"\0")[0]
+    sport = int.from_bytes(proto.get(_SPORT, b"\0\0")[:2], "big")
+    dport = int.from_bytes(proto.get(_DPORT, b"\0\0")[:2], "big")
+    state: int | None = None
+    info = attrs.get(_PROTOINFO)
+    if info is not None:
+        tcp = parse_attrs(info, 0, len(info)).get(_PROTOINFO_TCP)
+        if tcp is not None:
+            raw = parse_attrs(tcp, 0, len(tcp)).get(_TCP_STATE)
+            state = raw[0] if raw else None
+    return (src, sport, dst, dport, num, state)
+
+
+def decode_dump(buf: bytes, out: list[Row]) -> bool:
+    """Append the entries in ``buf`` to ``out``; True once the dump is complete."""
+    off = 0
+    while off + NLMSG.size <= len(buf):
+        size, kind, _, _, _ = NLMSG.unpack_from(buf, off)
+        if size < NLMSG.size:
+            raise OSError("netlink: malformed conntrack reply")
+        if kind == NLMSG_DONE:
+            return True
+        if kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", buf, off + NLMSG.size)
+            if code:
+                raise OSError(-code, f"conntrack dump refused: {os.strerror(-code)}")
+        elif kind == (CTNL_SUBSYS << 8) | CT_NEW:
+            row = _row(parse_attrs(buf, off + NLMSG.size + 4, off + size))
+            if row is not None:
+                out.append(row)
+        off += (size + 3) & ~3
+    return False
+
+
+def dump_entries(timeout: float = 5.0) -> list[Row]:
+    """The conntrack table of the current network namespace (blocking; one ctnetlink dump
+    decoded with ``struct``: pyroute2's generic decoder took ~1.5 ms per entry, and with
+    a few thousand TIME_WAIT entries it held the GIL for seconds per read)."""
+    rows: list[Row] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+        sock.send(encode_dump_request(1))
+        while not decode_dump(sock.recv(1 << 18), rows):
+            pass
     return rows

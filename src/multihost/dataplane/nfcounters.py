@@ -9,6 +9,8 @@ cache with every set *and its elements*; with the 40,320-element bucket maps tha
 heartbeats stalled and peers declared it dead).  The dump asks the kernel for counter
 objects only: well under a millisecond.
 
+Also the small netlink helpers :mod:`.conntrack` shares (``attr``, ``parse_attrs``).
+
 Must not: change anything in the kernel (a read-only request; it needs no ownership of the
 table), or decide when to read (the agent does).
 """
@@ -28,7 +30,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFT_OBJECT_COUNTER = 1
 _OBJ_TABLE, _OBJ_NAME, _OBJ_TYPE, _OBJ_DATA = 1, 2, 3, 4
 _COUNTER_BYTES, _COUNTER_PACKETS = 1, 2
-_NLMSG = struct.Struct("=IHHII")
+NLMSG = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
 _NFGEN = 4  # struct nfgenmsg
 
@@ -37,12 +39,12 @@ class CounterError(OSError):
     """The kernel refused the dump (e.g. no such table)."""
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
+def attr(kind: int, payload: bytes) -> bytes:
     size = 4 + len(payload)
     return _NLA.pack(size, kind) + payload + bytes(-size % 4)
 
 
-def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
+def parse_attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     while off + 4 <= end:
         size, kind = _NLA.unpack_from(buf, off)
@@ -55,31 +57,31 @@ def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
 
 def encode_request(table: str, seq: int) -> bytes:
     body = struct.pack("=BBH", NFPROTO_INET, 0, 0)
-    body += _attr(_OBJ_TABLE, table.encode() + b"\0")
-    body += _attr(_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
+    body += attr(_OBJ_TABLE, table.encode() + b"\0")
+    body += attr(_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
     kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
-    return _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    return NLMSG.pack(NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
 def decode_replies(buf: bytes, out: dict[str, tuple[int, int]]) -> bool:
     """Add the counters in ``buf`` to ``out``; True once the dump is complete."""
     off = 0
-    while off + _NLMSG.size <= len(buf):
-        size, kind, _, _, _ = _NLMSG.unpack_from(buf, off)
-        if size < _NLMSG.size:
+    while off + NLMSG.size <= len(buf):
+        size, kind, _, _, _ = NLMSG.unpack_from(buf, off)
+        if size < NLMSG.size:
             raise CounterError("netlink: malformed reply")
         if kind == NLMSG_DONE:
             return True
         if kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", buf, off + _NLMSG.size)
+            (code,) = struct.unpack_from("=i", buf, off + NLMSG.size)
             if code:
                 raise CounterError(-code, f"counter dump refused: {os.strerror(-code)}")
         elif kind & 0xFF == NFT_MSG_NEWOBJ:
-            attrs = _attrs(buf, off + _NLMSG.size + _NFGEN, off + size)
+            attrs = parse_attrs(buf, off + NLMSG.size + _NFGEN, off + size)
             name = attrs.get(_OBJ_NAME, b"").rstrip(b"\0").decode()
             data = attrs.get(_OBJ_DATA)
             if name and data is not None:
-                inner = _attrs(data, 0, len(data))
+                inner = parse_attrs(data, 0, len(data))
                 packets = int.from_bytes(inner.get(_COUNTER_PACKETS, bytes(8)), "big")
                 nbytes = int.from_bytes(inner.get(_COUNTER_BYTES, bytes(8)), "big")
                 out[name] = (packets, nbytes)

@@ -309,7 +309,7 @@ def _logs(state: LabState) -> dict[str, Path]:
 
 def _log_events(state: LabState, since: dict[str, int]) -> dict[str, dict[str, int]]:
     """Per agent, how often the interesting events were logged since ``since``."""
-    names = ("member-dead", "lease-lapsed", "view-changed", "suspended", "quorum-lost")
+    names = ("member-dead", "lease-lapsed", "view-changed", "suspended", "quorum-lost", "loop-late")
     out: dict[str, dict[str, int]] = {}
     for n, path in _logs(state).items():
         with open(path, "rb") as f:
