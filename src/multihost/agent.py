@@ -37,7 +37,7 @@ from multihost.handover import Handover
 from multihost.logfmt import EventLog
 from multihost.macaddr import format_mac, multicast_mac
 from multihost.metrics import Metrics, Snapshot
-from multihost.ownership import ownership, targets
+from multihost.ownership import ownership, release_step, targets
 from multihost.simulation import fraction_text
 
 Claims = dict[str, frozenset[int]]
@@ -367,8 +367,7 @@ class Agent:
         since = time.monotonic()
         others = self.others_draining()
         if phase == "release":  # phase 1 on every node: give away, take nothing yet
-            current = self.claims
-            target = {g: t & current[g] for g, t in target.items()}
+            target = release_step(self.claims, target)
             self.retarget(target, others, since, "set-live release")
         else:  # phase 2: take (from a member still running: through 'incoming')
             self.retarget(target, others, since, "set-live take")

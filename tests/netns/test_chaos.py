@@ -78,12 +78,6 @@ def test_analyse_classifies_losses_and_duplicates() -> None:
     assert drained["reset_by"] == ["B"] and drained["last_event"] == "drain C"
 
 
-@pytest.mark.xfail(
-    reason="known: a few long-lived streams are still reset around drain/undrain/recover "
-    "and crashes on this shared 2-core VM (8-21 of ~40 per 30 s run; duplicates 0); "
-    "see docs/reliability.md, issue 5 stays open",
-    strict=False,
-)
 def test_short_chaos_run_loses_nothing_but_crashed_nodes_flows() -> None:
     prefix = f"mhtCc{secrets.token_hex(2)}-"
     res = chaos.run_lab(prefix, 4, 30.0, seed=2, streams=12, rate=20.0)
