@@ -196,6 +196,12 @@ class MembershipDriver:
                 self.agent.log(eff.event, level=eff.level, **dict(eff.fields))
             elif isinstance(eff, Rejected):
                 pass  # counted by the core; the core logs what deserves a log line
+        if self._lease_off and self.core.blocked() != {"lease"}:
+            # Still claiming nothing, now for another reason (no quorum, draining, ...):
+            # no ClaimsChanged comes, so give the kept buckets up (to 'draining') here.
+            self._lease_off = False
+            empty = {g: frozenset[int]() for g in self.agent.handover.groups}
+            self.agent.retarget(empty, self.others_draining(), None, "claims blocked")
         self._sync_lease()
         self._schedule()
 
