@@ -12,8 +12,8 @@ the agent calls it from a worker thread.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import os
 import socket
 import struct
 from collections import Counter
@@ -21,13 +21,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from multihost.dataplane.nfcounters import (
-    NETLINK_NETFILTER,
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NLMSG,
-    NLMSG_DONE,
-    NLMSG_ERROR,
+    dump,
     parse_attrs,
+    walk,
 )
 from multihost.flowhash import Flow, FlowError, HashMode, flow_bucket
 
@@ -136,23 +135,13 @@ def _row(attrs: dict[int, bytes]) -> Row | None:
 
 def decode_dump(buf: bytes, out: list[Row]) -> bool:
     """Append the entries in ``buf`` to ``out``; True once the dump is complete."""
-    off = 0
-    while off + NLMSG.size <= len(buf):
-        size, kind, _, _, _ = NLMSG.unpack_from(buf, off)
-        if size < NLMSG.size:
-            raise OSError("netlink: malformed conntrack reply")
-        if kind == NLMSG_DONE:
-            return True
-        if kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", buf, off + NLMSG.size)
-            if code:
-                raise OSError(-code, f"conntrack dump refused: {os.strerror(-code)}")
-        elif kind == (CTNL_SUBSYS << 8) | CT_NEW:
-            row = _row(parse_attrs(buf, off + NLMSG.size + 4, off + size))
+    messages, done = walk(buf, "conntrack")
+    for kind, attrs in messages:
+        if kind == (CTNL_SUBSYS << 8) | CT_NEW:
+            row = _row(attrs)
             if row is not None:
                 out.append(row)
-        off += (size + 3) & ~3
-    return False
+    return done
 
 
 def dump_entries(timeout: float = 5.0) -> list[Row]:
@@ -160,11 +149,5 @@ def dump_entries(timeout: float = 5.0) -> list[Row]:
     decoded with ``struct``: pyroute2's generic decoder took ~1.5 ms per entry, and with
     a few thousand TIME_WAIT entries it held the GIL for seconds per read)."""
     rows: list[Row] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.settimeout(timeout)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, 0))
-        sock.send(encode_dump_request(1))
-        while not decode_dump(sock.recv(1 << 18), rows):
-            pass
+    dump(encode_dump_request(1), functools.partial(decode_dump, out=rows), timeout, 1 << 20)
     return rows

@@ -9,7 +9,8 @@ cache with every set *and its elements*; with the 40,320-element bucket maps tha
 heartbeats stalled and peers declared it dead).  The dump asks the kernel for counter
 objects only: well under a millisecond.
 
-Also the small netlink helpers :mod:`.conntrack` shares (``attr``, ``parse_attrs``).
+Also the small netlink dump helpers :mod:`.conntrack` shares (``attr``, ``parse_attrs``,
+``walk``: the messages of one receive; ``dump``: request and receive until done).
 
 Must not: change anything in the kernel (a read-only request; it needs no ownership of the
 table), or decide when to read (the agent does).
@@ -17,9 +18,11 @@ table), or decide when to read (the agent does).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -63,39 +66,60 @@ def encode_request(table: str, seq: int) -> bytes:
     return NLMSG.pack(NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def decode_replies(buf: bytes, out: dict[str, tuple[int, int]]) -> bool:
-    """Add the counters in ``buf`` to ``out``; True once the dump is complete."""
+def walk(
+    buf: bytes, what: str, error: type[OSError] = OSError
+) -> tuple[list[tuple[int, dict[int, bytes]]], bool]:
+    """The (message type, attributes) of the data messages in one receive of a netfilter
+    dump, and whether it ended (``NLMSG_DONE``); ``error`` when the kernel refused it."""
+    out: list[tuple[int, dict[int, bytes]]] = []
     off = 0
     while off + NLMSG.size <= len(buf):
         size, kind, _, _, _ = NLMSG.unpack_from(buf, off)
         if size < NLMSG.size:
-            raise CounterError("netlink: malformed reply")
+            raise error(f"netlink: malformed {what} reply")
         if kind == NLMSG_DONE:
-            return True
+            return out, True
         if kind == NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", buf, off + NLMSG.size)
             if code:
-                raise CounterError(-code, f"counter dump refused: {os.strerror(-code)}")
-        elif kind & 0xFF == NFT_MSG_NEWOBJ:
-            attrs = parse_attrs(buf, off + NLMSG.size + _NFGEN, off + size)
-            name = attrs.get(_OBJ_NAME, b"").rstrip(b"\0").decode()
-            data = attrs.get(_OBJ_DATA)
-            if name and data is not None:
-                inner = parse_attrs(data, 0, len(data))
-                packets = int.from_bytes(inner.get(_COUNTER_PACKETS, bytes(8)), "big")
-                nbytes = int.from_bytes(inner.get(_COUNTER_BYTES, bytes(8)), "big")
-                out[name] = (packets, nbytes)
+                raise error(-code, f"{what} dump refused: {os.strerror(-code)}")
+        else:
+            out.append((kind, parse_attrs(buf, off + NLMSG.size + _NFGEN, off + size)))
         off += (size + 3) & ~3
-    return False
+    return out, False
+
+
+def dump(request: bytes, decode: Callable[[bytes], bool], timeout: float, rcvbuf: int = 0) -> None:
+    """Send one dump ``request`` on a fresh ``NETLINK_NETFILTER`` socket (current netns)
+    and feed every receive to ``decode`` until it reports the dump complete."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(timeout)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, 0))
+        sock.send(request)
+        while not decode(sock.recv(max(rcvbuf // 4, 1 << 16))):
+            pass
+
+
+def decode_replies(buf: bytes, out: dict[str, tuple[int, int]]) -> bool:
+    """Add the counters in ``buf`` to ``out``; True once the dump is complete."""
+    messages, done = walk(buf, "counter", CounterError)
+    for kind, attrs in messages:
+        if kind & 0xFF != NFT_MSG_NEWOBJ:
+            continue
+        name = attrs.get(_OBJ_NAME, b"").rstrip(b"\0").decode()
+        data = attrs.get(_OBJ_DATA)
+        if name and data is not None:
+            inner = parse_attrs(data, 0, len(data))
+            packets = int.from_bytes(inner.get(_COUNTER_PACKETS, bytes(8)), "big")
+            nbytes = int.from_bytes(inner.get(_COUNTER_BYTES, bytes(8)), "big")
+            out[name] = (packets, nbytes)
+    return done
 
 
 def read_counters(table: str, timeout: float = 1.0) -> dict[str, tuple[int, int]]:
     """Every named counter of inet ``table`` in the current netns: name -> (packets, bytes)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
-        sock.send(encode_request(table, 1))
-        out: dict[str, tuple[int, int]] = {}
-        while not decode_replies(sock.recv(1 << 16), out):
-            pass
-        return out
+    out: dict[str, tuple[int, int]] = {}
+    dump(encode_request(table, 1), functools.partial(decode_replies, out=out), timeout)
+    return out
