@@ -8,6 +8,7 @@ the kernel's link-local addresses (nothing outside 198.18.0.0/15 is configured).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -127,6 +128,28 @@ def udp_round(
 
 def tcp_round(lab: Lab, dp: Dataplane, flows: list[FlowT], owned: set[FlowT]) -> set[FlowT]:
     return nsutil.tcp_round(lab.client, lab.node, counter(dp, "web"), VIP, flows, owned=owned)
+
+
+@contextlib.contextmanager
+def established(lab: Lab, flow: FlowT) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP connection of ``flow`` (port 80) from the client to the node: (client, server)."""
+    listener = nsutil.socket_in(lab.node, socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((str(VIP), 80))
+    listener.listen(64)
+    conn = nsutil.socket_in(lab.client, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with netns_entered(lab.client):
+            conn.bind((str(flow[0]), flow[1]))
+        conn.settimeout(5)
+        conn.connect((str(VIP), 80))
+        served, _ = listener.accept()
+        with served:
+            served.settimeout(5)
+            yield conn, served
+    finally:
+        conn.close()
+        listener.close()
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -374,19 +397,7 @@ def test_handover_sets_follow_conntrack(lab: Lab) -> None:
     a, c, e = sorted(predicted(random_flows(rng, 400, [80], POOL), VIP, mode, part))[:3]
     b, d = sorted(predicted(random_flows(rng, 400, [81], POOL), VIP, mode, part))[:2]
 
-    listener = nsutil.socket_in(lab.node, socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((str(VIP), 80))
-    listener.listen(64)
-    conn = nsutil.socket_in(lab.client, socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        with netns_entered(lab.client):
-            conn.bind((str(a[0]), a[1]))
-        conn.settimeout(5)
-        conn.connect((str(VIP), 80))
-        served, _ = listener.accept()
-        served.settimeout(5)
-
+    with established(lab, a) as (conn, served):
         dp.update({"web": GroupBuckets(draining=part)})
         conn.sendall(b"established")
         assert served.recv(100) == b"established"  # established TCP survives draining
@@ -398,10 +409,6 @@ def test_handover_sets_follow_conntrack(lab: Lab) -> None:
         assert udp_round(lab, dp, "web", VIP, [e]) == set()  # new UDP is not taken early
         conn.sendall(b"still")
         assert served.recv(100) == b"still"  # this node's own connection: established
-        served.close()
-    finally:
-        conn.close()
-        listener.close()
 
 
 def test_handover_applies_to_unicast_frames_too(lab: Lab) -> None:
@@ -543,19 +550,7 @@ def test_lease_is_a_dead_man_switch_for_new_flows(lab: Lab) -> None:
     (a,) = sorted(predicted(random_flows(rng, 400, [80], POOL), VIP, FOUR, part))[:1]
     new = sorted(predicted(random_flows(rng, 400, [81], POOL), VIP, FOUR, part))[:5]
     (u,) = sorted(predicted(random_flows(rng, 400, [82], POOL), VIP, FOUR, part))[:1]
-    listener = nsutil.socket_in(lab.node, socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((str(VIP), 80))
-    listener.listen(64)
-    conn = nsutil.socket_in(lab.client, socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        with netns_entered(lab.client):
-            conn.bind((str(a[0]), a[1]))
-        conn.settimeout(5)
-        conn.connect((str(VIP), 80))
-        served, _ = listener.accept()
-        served.settimeout(5)
-
+    with established(lab, a) as (conn, served):
         dp.set_lease(0)
         assert not dp.lease_held()
         conn.sendall(b"established")
@@ -574,7 +569,3 @@ def test_lease_is_a_dead_man_switch_for_new_flows(lab: Lab) -> None:
         assert tcp_round(lab, dp, [new[4]], set()) == set()  # lapsed without any update
         conn.sendall(b"still")
         assert served.recv(100) == b"still"
-        served.close()
-    finally:
-        conn.close()
-        listener.close()
