@@ -243,12 +243,9 @@ def main() -> int:
         rows = stability([int(x) for x in args.intervals.split(",")], args.seconds, save)
         print(report_stability(rows))
     if args.md or args.plot:
-        from bench.fo_report import plot, write_markdown
+        from bench.fo_report import rewrite  # (fo_report imports the benches)
 
-        if args.plot:
-            plot()
-        if args.md:
-            write_markdown()
+        rewrite(md=args.md, figure=args.plot)
     return 0
 
 

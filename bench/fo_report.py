@@ -284,6 +284,14 @@ def plot() -> Path | None:
     return PNG
 
 
+def rewrite(*, md: bool, figure: bool) -> None:
+    """What the failover benches' ``--md`` / ``--plot`` ask for, from all parts present."""
+    if figure:
+        plot()
+    if md:
+        write_markdown()
+
+
 if __name__ == "__main__":
     plot()
     print(write_markdown())

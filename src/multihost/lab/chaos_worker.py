@@ -48,7 +48,7 @@ import threading
 import time
 from typing import Any
 
-from multihost.lab.probe_worker import parse_http
+from multihost.lab.probe_worker import bound_socket, emit, parse_http
 
 Row = dict[str, Any]
 ETH_P_IP = 0x0800
@@ -183,18 +183,6 @@ class Flows:
         raise RuntimeError("out of source ports")
 
 
-def _bound(saddr: str, sport: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setblocking(False)
-        sock.bind((saddr, sport))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _outcome(row: Row, e: BaseException) -> None:
     if isinstance(e, TimeoutError):
         row["outcome"] = "timeout"
@@ -273,7 +261,7 @@ class Worker:
             row = self._row("stream", flow)
             nodes: set[str] = set()
             try:
-                sock = _bound(*flow)
+                sock = bound_socket(socket.SOCK_STREAM, *flow)
             except OSError as e:
                 _outcome(row, e)
                 self._done(row)
@@ -306,7 +294,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         row = self._row("short", flow)
         try:
-            sock = _bound(*flow)
+            sock = bound_socket(socket.SOCK_STREAM, *flow)
         except OSError as e:
             _outcome(row, e)
             self._done(row)
@@ -375,11 +363,6 @@ class Worker:
         if self.hb is not None:
             emit(self.hb.report())
         emit({"event": "done"})
-
-
-def emit(obj: Row) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def main() -> int:

@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Any
 
-from multihost.lab.probe_worker import parse_http
+from multihost.lab.probe_worker import bound_socket, emit, parse_http
 
 Row = dict[str, Any]
 
@@ -72,11 +72,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         row: Row = {"kind": kind, "sport": sport, "t0": time.time(), "t_conn": None}
         row.update(t1=None, outcome="failed", node="", error="")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock: socket.socket | None = None
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setblocking(False)
-            sock.bind((self.saddr, sport))
+            sock = bound_socket(socket.SOCK_STREAM, self.saddr, sport)
             async with asyncio.timeout(self.timeout):
                 await loop.sock_connect(sock, self.target)
                 row["t_conn"] = time.time()
@@ -94,7 +92,8 @@ class Worker:
         except OSError as e:
             row["error"] = errno.errorcode.get(e.errno or 0, str(e))
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
         row["t1"] = time.time()
         self.rows.append(row)
         ok_node = row["outcome"] == "answered" and row["node"] not in self.failed
@@ -157,11 +156,6 @@ class Worker:
                 await asyncio.wait(set(self.tasks), timeout=self.timeout + 1.0)
         finally:
             loop.remove_reader(sys.stdin.fileno())
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def main() -> int:

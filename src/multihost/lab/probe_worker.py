@@ -65,7 +65,9 @@ def _classify(i: int, flow: list[Any], e: BaseException) -> Result:
     return _result(i, flow, "failed", error=f"{type(e).__name__}: {e}")
 
 
-def _bound(kind: int, saddr: str, sport: int) -> socket.socket:
+def bound_socket(kind: int, saddr: str, sport: int) -> socket.socket:
+    """A non-blocking IPv4 socket bound to ``(saddr, sport)`` (closed again if that fails);
+    shared by the lab's client-side workers."""
     sock = socket.socket(socket.AF_INET, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -75,6 +77,12 @@ def _bound(kind: int, saddr: str, sport: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """One JSON line to the parent (flushed at once)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
 def parse_http(data: bytes) -> tuple[str, str]:
@@ -92,7 +100,7 @@ def parse_http(data: bytes) -> tuple[str, str]:
 async def tcp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:
     loop = asyncio.get_running_loop()
     try:
-        sock = _bound(socket.SOCK_STREAM, flow[0], int(flow[1]))
+        sock = bound_socket(socket.SOCK_STREAM, flow[0], int(flow[1]))
     except OSError as e:
         return _classify(i, flow, e)
     try:
@@ -115,7 +123,7 @@ async def udp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:
     loop = asyncio.get_running_loop()
     payload = f"multihost-probe {flow[0]}:{flow[1]}".encode()
     try:
-        sock = _bound(socket.SOCK_DGRAM, flow[0], int(flow[1]))
+        sock = bound_socket(socket.SOCK_DGRAM, flow[0], int(flow[1]))
     except OSError as e:
         return _classify(i, flow, e)
     try:
