@@ -22,7 +22,6 @@ recorded PID), or send traffic itself (the worker does).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -175,23 +174,15 @@ class Traffic(NetnsWorker):
 
     def stop(self, timeout: float = 60.0) -> list[Row]:
         """Stop the traffic and return one row per connection (``extra``: capture etc.)."""
-        assert self.proc is not None
         self._send({"stop": True})
         rows: list[Row] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self._readline(max(0.0, deadline - time.monotonic()))
-            if not line:
-                raise LabError(f"chaos worker gave no result in time {self._stderr()}")
-            obj = json.loads(line)
+        for obj in self._until_done(timeout)[0]:
             event = obj.pop("event", None)
-            if event == "done":
-                self.proc.wait(timeout=5)
-                return rows
             if event is None:
                 rows.append(obj)
             else:
                 self.extra[event] = obj
+        return rows
 
 
 # --- analysis ---------------------------------------------------------------------------

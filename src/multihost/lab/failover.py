@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import random
 import threading
 import time
@@ -214,18 +213,8 @@ class Worker(NetnsWorker):
 
     def results(self, timeout: float) -> tuple[list[Row], str]:
         """Every attempt's row and why the worker stopped."""
-        assert self.proc is not None
-        rows: list[Row] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self._readline(max(0.0, deadline - time.monotonic()))
-            if not line:
-                raise LabError(f"failover worker gave no result in time {self._stderr()}")
-            obj = json.loads(line)
-            if obj.get("event") == "done":
-                self.proc.wait(timeout=5)
-                return rows, str(obj.get("reason", ""))
-            rows.append(obj)
+        rows, done = self._until_done(timeout)
+        return rows, str(done.get("reason", ""))
 
 
 def worker_request(

@@ -2,8 +2,9 @@
 
 Owns: starting ``python -m <module>`` under ``ip netns exec`` with this source tree on the
 path, the line protocol (one JSON object per line each way; the first reply is
-``{"event": "ready", ...}``), timed reads, the stderr tail for error messages, and killing
-and reaping the process.  Must not: know what the worker measures (subclasses do).
+``{"event": "ready", ...}``, the last ``{"event": "done", ...}``), timed reads, the
+stderr tail for error messages, and killing and reaping the process.  Must not: know what
+the worker measures (subclasses do).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,22 @@ class NetnsWorker:
         assert self.proc is not None and self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         return self.proc.stdout.readline() if ready else ""
+
+    def _until_done(self, timeout: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The worker's JSON lines up to its ``{"event": "done", ...}`` line, and that line;
+        the process is reaped."""
+        assert self.proc is not None
+        objs: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._readline(max(0.0, deadline - time.monotonic()))
+            if not line:
+                raise LabError(f"{self.what} gave no result in time {self._stderr()}")
+            obj = json.loads(line)
+            if obj.get("event") == "done":
+                self.proc.wait(timeout=5)
+                return objs, obj
+            objs.append(obj)
 
     def _stderr(self) -> str:
         p = self.proc
