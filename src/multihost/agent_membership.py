@@ -159,7 +159,8 @@ class MembershipDriver:
 
     def _on_timer(self) -> None:
         assert self.loop is not None
-        late = self.loop.time() - (self._timer.when() if self._timer is not None else 0.0)
+        assert self._timer is not None  # set by _schedule, the only caller of call_at
+        late = self.loop.time() - self._timer.when()
         self._timer = None
         if late > LATE_WARNING:  # the loop (or the whole process) was held up
             self.late_timers += 1
@@ -331,6 +332,7 @@ class MembershipDriver:
                 "send_errors": self.send_errors,
                 "fences": self.fences,
                 "view_changes": self.view_changes,
+                "late_timers": self.late_timers,  # membership timers > 100 ms late (stalls)
             },
         }
 
