@@ -101,9 +101,10 @@ class Worker:
             t = row["t_conn"] or row["t1"]
             node = str(row["node"])
             self.first_by[node] = min(self.first_by.get(node, t), t)
-            if self.expect <= set(self.first_by):
-                firsts = [self.first_by[n] for n in self.expect] or list(self.first_by.values())
-                self.first_ok = max(firsts) if self.expect else min(firsts)
+            if not self.expect:  # the first answer from anyone
+                self.first_ok = min(self.first_by.values())
+            elif self.expect <= self.first_by.keys():  # the last of the expected nodes' firsts
+                self.first_ok = max(self.first_by[n] for n in self.expect)
 
     def launch(self, kind: str, sport: int) -> None:
         task = asyncio.get_running_loop().create_task(self.attempt(kind, sport))
