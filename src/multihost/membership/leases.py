@@ -88,8 +88,4 @@ def advertised(states: Iterable[KernelState]) -> tuple[int, int]:
 def kernel_lease(expiries: Iterable[float | None]) -> float | None:
     """Until when the kernel may take new flows: the earliest lease expiry among the alive
     peers (``NEVER`` if one holds no valid lease of ours); None without alive peers."""
-    out: float | None = None
-    for expiry in expiries:
-        e = NEVER if expiry is None else expiry
-        out = e if out is None else min(out, e)
-    return out
+    return min((NEVER if e is None else e for e in expiries), default=None)
