@@ -6,18 +6,13 @@ this node may serve at every instant.  Inputs are ``receive(datagram, now)``,
 confirmation that the kernel serves the claims of ``epoch``); ``next_deadline()`` says when
 to tick next.  Outputs are :mod:`.effects`.
 
-Safety rules (argued in ``docs/membership.md``), re-evaluated from scratch on every input
-(the group rule itself is :mod:`.claims`): a group's claims are this node's share under its
-eligible live set, minus every bucket an alive peer's latest heartbeat says it may serve,
-and are empty unless every alive peer of the group gives a *fresh lease* (it acknowledged
-one of our sequence numbers sent less than ``dead_after + takeover_hold - lease_margin``
-ago) or is *suspect* (silent for longer than ``interval + jitter``, its last heartbeat
-still acking a recent one of ours: :func:`.leases.exempt`).  Also empty while draining or
-suspended (a peer of the group cannot hear us), without quorum (when enabled), and during
-the start-up grace in groups with a member not heard since start.  After a peer departs,
-the group takes nothing new for ``takeover_hold`` (with quorum: until every alive peer has
-dropped it for that long).  Heartbeats advertise a bound on every claim set the kernel may
-still serve (applied or not yet confirmed).
+Safety rules (``docs/membership.md``; the group rule is :mod:`.claims`, the lease and
+suspicion arithmetic :mod:`.leases`), re-evaluated from scratch on every input: a group's
+claims are this node's share under its eligible live set, minus every bucket an alive
+peer's latest heartbeat says it may serve; empty unless every alive peer of the group
+gives a *fresh lease* or is *suspect*, and while draining, suspended, without quorum or in
+the start-up grace.  A departed peer's buckets are not taken before ``takeover_hold``.
+Heartbeats advertise a bound on every claim set the kernel may still serve.
 
 Must not: open sockets, read clocks, sleep or draw randomness (the boot id is passed in).
 """
@@ -302,18 +297,15 @@ class MembershipCore:
             peer.new_incarnation(hb.boot)
         peer.record_receipt(hb, now)
         peer.latest = hb
+        change = peer.note_digest(hb.digest, self._digest)
+        if change == "config-digest-match":
+            out.append(Log("info", change, {"member": peer.name}))
+        elif change is not None:
+            out.append(Log("error", change, {"member": peer.name, "theirs": hb.digest.hex()}))
         if hb.digest != self._digest:
             self._reject("digest-mismatch", peer.name, out)
-            if peer.mismatch_digest != hb.digest:
-                peer.mismatch_digest = hb.digest
-                fields = {"member": peer.name, "theirs": hb.digest.hex()}
-                out.append(Log("error", "config-digest-mismatch", fields))
-            peer.heartbeat = None
             event = MemberEvent.HEARD_MISMATCH
         else:
-            if peer.mismatch_digest is not None:
-                peer.mismatch_digest = None
-                out.append(Log("info", "config-digest-match", {"member": peer.name}))
             self._accepted += 1
             if peer.accept(hb, now, self._slot, self._boot, self._sent_at):
                 self._soon(now)  # its eligibility changed: it needs our fresh ack
@@ -367,14 +359,13 @@ class MembershipCore:
     def _update_quorum(self, now: float, out: list[Effect]) -> None:
         if not self.config.quorum:
             return
-        reach = 1 + sum(
-            1 for p in self._peers.values() if p.state is ALIVE and self._lease_time_ok(p, now)
-        )
+        peers = self._peers.values()
+        reach = 1 + sum(p.state is ALIVE and self._lease_time_ok(p, now) for p in peers)
         ok = 2 * reach > len(self.config.members)
         if ok != self._quorum_ok:
             self._quorum_ok = ok
             out.append(
-                Log("info" if ok else "warning", "quorum-" + ("gained" if ok else "lost"), {})
+                Log("info", "quorum-gained", {}) if ok else Log("warning", "quorum-lost", {})
             )
 
     def _update_claims(self, now: float, out: list[Effect]) -> None:

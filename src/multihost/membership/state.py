@@ -114,6 +114,19 @@ class PeerRecord:
         self.seq = hb.seq
         self.last_heard = now
 
+    def note_digest(self, theirs: bytes, ours: bytes) -> str | None:
+        """Track a digest mismatch (then no heartbeat of it counts); returns the event to
+        log, once per change: ``config-digest-mismatch`` or ``config-digest-match``."""
+        if theirs != ours:
+            self.heartbeat = None
+            if self.mismatch_digest != theirs:
+                self.mismatch_digest = theirs
+                return "config-digest-mismatch"
+        elif self.mismatch_digest is not None:
+            self.mismatch_digest = None
+            return "config-digest-match"
+        return None
+
     def accept(
         self, hb: Heartbeat, now: float, slot: int, boot: bytes, sent_at: Mapping[int, float]
     ) -> bool:
