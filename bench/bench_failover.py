@@ -8,8 +8,8 @@ Owns: the default-settings failover benchmark: one 4-node lab (``--prefix``, def
 ``mhtFb-``; heartbeats every 100 ms or ``--heartbeat-ms``, every other timing key at the
 configuration's default -- dead after 2 x the interval + 30 ms -- metrics on),
 ``--trials`` crash and ``--trials`` link-down failures interleaved (crash A, link A,
-crash B, ... so both kinds hit every node), each measured by :func:`multihost.lab.failover.measure` (failure -> first new connection to
-the failed node's buckets answered by a survivor; -> the survivors' status shows they own
+crash B, ... so both kinds hit every node), each measured by
+:func:`multihost.lab.failover.measure` (failure -> first new connection to the failed node's buckets answered by a survivor; -> the survivors' status shows they own
 them all), then the node recovered and the lab converged and quiet again.  Per trial it
 also reads the survivors' ``kernel-updated took_ms`` log lines and the delta of their
 ``multihost_reprogram_seconds`` histograms, counts view changes other than the failure
