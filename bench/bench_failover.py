@@ -6,17 +6,17 @@ Run (root): .venv/bin/python bench/bench_failover.py [--trials 20] [--md] [--plo
 
 Owns: the default-settings failover benchmark: one 4-node lab (``--prefix``, default
 ``mhtFb-``; heartbeats every 100 ms or ``--heartbeat-ms``, every other timing key at the
-configuration's default -- dead after 2 x the interval + 30 ms -- metrics on),
-``--trials`` crash and ``--trials`` link-down failures interleaved (crash A, link A,
-crash B, ... so both kinds hit every node), each measured by
-:func:`multihost.lab.failover.measure` (failure -> first new connection to the failed node's buckets answered by a survivor; -> the survivors' status shows they own
-them all), then the node recovered and the lab converged and quiet again.  Per trial it
-also reads the survivors' ``kernel-updated took_ms`` log lines and the delta of their
-``multihost_reprogram_seconds`` histograms, counts view changes other than the failure
-itself (false failovers) and control connections to the survivors' own buckets that went
-unanswered.  Results: the ``default`` part of ``bench/results_failover.json``; ``--md``
-rewrites ``bench/results_failover.md`` and ``--plot`` ``bench/failover.png`` from all
-parts present.
+configuration's default -- dead after 2 x the interval + 30 ms -- metrics on), ``--trials``
+crash and ``--trials`` link-down failures interleaved (crash A, link A, crash B, ... so both
+kinds hit every node), each measured by :func:`multihost.lab.failover.measure` (failure ->
+first new connection to the failed node's buckets answered by a survivor; -> the survivors'
+status shows they own them all), then the node recovered and the lab converged and quiet
+again. Per trial it also reads the survivors' ``kernel-updated took_ms`` log lines and the
+delta of their ``multihost_reprogram_seconds`` histograms, counts view changes other than
+the failure itself (false failovers) and control connections to the survivors' own buckets
+that went unanswered. Results: the ``default`` part of ``bench/results_failover.json``;
+``--md`` rewrites ``bench/results_failover.md`` and ``--plot`` ``bench/failover.png`` from
+all parts present.
 
 Must not: touch anything but its own ``mhtFb-`` lab, or edit ``src``.
 """
