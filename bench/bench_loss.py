@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multihost.config import default_dead_after_ms
+from multihost.config import load_config
 from multihost.lab import agents, build, chaos, netfaults
 from multihost.lab.build import LabState
 from multihost.lab.clean import clean
@@ -104,7 +104,7 @@ def measure(
     settle = wait_converged(state, state.topology.members, timeout=60)
     n = len(state.topology.nodes)
     p = percent / 100
-    k = default_dead_after_ms(100) // 100
+    k = load_config(state.directory / "cluster.toml").cluster.dead_after_ms // 100
     model = n * (n - 1) * (seconds / 0.1) * p**k * (1 - p)
     return {
         "loss_percent": percent,
@@ -126,6 +126,7 @@ def main() -> int:
     ap.add_argument("--agent-nice", type=int)
     ap.add_argument("--out", help="write the JSON rows here")
     ap.add_argument("--prefix", help="lab prefix (default mhtCl<random>-)")
+    ap.add_argument("--dead-after-ms", type=int, help="instead of the configuration's default")
     ap.add_argument("--no-traffic", action="store_true", help="no client traffic (no duplicates)")
     ap.add_argument("--rate", type=float, default=20.0, help="new connections per second")
     ap.add_argument("--streams", type=int, default=4, help="long-lived connections")
@@ -138,7 +139,7 @@ def main() -> int:
         traffic["stream_timeout"] = 3.0
     rows = []
     try:
-        state = build.build(describe(args.nodes, prefix=prefix))
+        state = build.build(describe(args.nodes, prefix=prefix), dead_after_ms=args.dead_after_ms)
         chaos.renice(state, args.agent_nice)
         wait_converged(state, state.topology.members, timeout=30, quiet=True)
         print(
@@ -164,8 +165,9 @@ def main() -> int:
     if traffic is not None:
         print(f"double service (duplicates): {sum(r['duplicates'] for r in rows)} in all")
     if args.out:
+        meta = {"nice": args.agent_nice, "nodes": args.nodes, "dead_after_ms": args.dead_after_ms}
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "nice": args.agent_nice, "nodes": args.nodes}, f, indent=1)
+            json.dump({"rows": rows, **meta, "argv": sys.argv[1:]}, f, indent=1)
     return 0
 
 
