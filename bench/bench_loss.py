@@ -104,7 +104,7 @@ def measure(
     settle = wait_converged(state, state.topology.members, timeout=60)
     n = len(state.topology.nodes)
     p = percent / 100
-    k = load_config(state.directory / "cluster.toml").cluster.dead_after_ms // 100
+    k = load_config(state.directory / "agents" / "cluster.toml").cluster.dead_after_ms // 100
     model = n * (n - 1) * (seconds / 0.1) * p**k * (1 - p)
     return {
         "loss_percent": percent,
