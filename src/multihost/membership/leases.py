@@ -161,3 +161,14 @@ def kernel_lease(expiries: Iterable[float | None]) -> float | None:
     """Until when the kernel may take new flows: the earliest lease expiry among the alive
     peers (``NEVER`` if one holds no valid lease of ours); None without alive peers."""
     return min((NEVER if e is None else e for e in expiries), default=None)
+
+
+def quorum_lease(expiries: Iterable[float | None], members: int) -> float | None:
+    """With quorum: until when this node keeps its quorum of time-valid leases (itself plus
+    the peers' ``expiries``); no peer can take over before then (two majorities always
+    share a member).  None if this node alone is a majority."""
+    needed = members // 2  # peers needed besides this node: 1 + needed > members / 2
+    if needed == 0:
+        return None
+    ordered = sorted((NEVER if e is None else e for e in expiries), reverse=True)
+    return ordered[needed - 1] if len(ordered) >= needed else NEVER

@@ -10,9 +10,10 @@ Safety rules (``docs/membership.md``; the group rule is :mod:`.claims`, the leas
 suspicion arithmetic :mod:`.leases`), re-evaluated from scratch on every input: a group's
 claims are this node's share under its eligible live set, minus every bucket an alive
 peer's latest heartbeat says it may serve; empty unless every alive peer of the group
-gives a *fresh lease* or is *suspect*, and while draining, suspended, without quorum or in
-the start-up grace.  A departed peer's buckets are not taken before ``takeover_hold``.
-Heartbeats advertise a bound on every claim set the kernel may still serve.
+gives a *fresh lease* or is *suspect* (with quorum: a majority's leases stand in for the
+others' time validity), and while draining, suspended, without quorum or in the start-up
+grace.  A departed peer's buckets are not taken before ``takeover_hold``; heartbeats
+advertise a bound on every claim set the kernel may still serve.
 
 Must not: open sockets, read clocks, sleep or draw randomness (the boot id is passed in).
 """
@@ -46,6 +47,7 @@ from multihost.membership.leases import (
     exempt,
     kernel_lease,
     lease_expiry,
+    quorum_lease,
     suspect,
     takeover_safe,
 )
@@ -173,8 +175,7 @@ class MembershipCore:
 
     def next_deadline(self) -> float:
         """The next time at which ``tick`` changes something (absent new input)."""
-        now, da, hold = self._now, self._da, self._hold
-        best = self._next_send
+        now, da, hold, best = self._now, self._da, self._hold, self._next_send
 
         def consider(t: float | None) -> None:
             nonlocal best
@@ -189,8 +190,7 @@ class MembershipCore:
                 consider(p.departed_at + hold)
             if p.state is ALIVE:
                 consider(self._lease_expiry(p))
-                if p.last_heard is not None:
-                    consider(p.last_heard + self._timing.suspect_after)
+                consider(p.last_heard and p.last_heard + self._timing.suspect_after)
             elif self.config.quorum:
                 for x in alive:
                     consider(ack_expiry(x, p, self._timing))
@@ -231,10 +231,11 @@ class MembershipCore:
     def lease_deadline(self) -> float | None:
         """The kernel's dead-man switch: the kernel may take new flows until then (None:
         no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
-        now = self._now
-        alive = (p for p in self._peers.values() if p.state is ALIVE)
-        needed = (p for p in alive if not self._exempt(p, self._need_all(p), now))
-        return kernel_lease(self._lease_expiry(p) for p in needed)
+        alive = [p for p in self._peers.values() if p.state is ALIVE]
+        if self.config.quorum:  # a majority's leases stand in for every peer's
+            return quorum_lease(map(self._lease_expiry, alive), len(self.config.members))
+        needed = (p for p in alive if not self._exempt(p, self._need_all(p), self._now))
+        return kernel_lease(map(self._lease_expiry, needed))
 
     @property
     def suspects(self) -> frozenset[str]:
@@ -432,8 +433,10 @@ class MembershipCore:
             need = max(self._fresh[g.name], p.min_ack)
             hb = p.heartbeat
             assert hb is not None
-            if self._lease_ok[p.name] and hb.acks[self._slot].seq >= need:
-                return True
+            ack = hb.acks.get(self._slot)
+            fresh = ack is not None and ack.boot == self._boot and ack.seq >= need
+            if fresh and (self._lease_ok[p.name] or self.config.quorum):
+                return True  # quorum: a majority's time-valid leases stand in for p's
             return self._exempt(p, need, now)
 
         return group_inputs(
