@@ -514,6 +514,8 @@ class XdpDataplane:
                 raise XdpError(f"the kernel refused the XDP program: {e}") from e
             fds = {name: os.dup(obj.map_fd(name)) for name in MAP_NAMES}
             prog_fd = os.dup(obj.program_fd(PROGRAM_NAME))
+        except BpfError as e:  # an object without our maps or program
+            raise XdpError(f"XDP object {self.obj_path} does not match this loader: {e}") from e
         finally:
             obj.close()
         self._fds, self._prog_fd = fds, prog_fd
