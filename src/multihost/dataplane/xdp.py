@@ -14,7 +14,7 @@ agent uses (``install``, ``update``, ``set_lease``, ``lease_held``, ``read_state
 
 Fail-closed without an nft hook: the program stays attached when the agent dies (netlink XDP
 attachment is not tied to a process), and its lease (``mh_node.lease_expires_ns``, compared
-with ``bpf_ktime_get_ns()``, i.e. CLOCK_MONOTONIC, per packet) lapses by itself, after which
+with ``bpf_ktime_get_coarse_ns()``, CLOCK_MONOTONIC_COARSE, written one tick early) lapses by itself, after which
 the node takes no new flow -- before any peer may declare it dead.
 
 Must not: decide ownership, render nft rules, or touch any interface but the one it is given
@@ -85,6 +85,8 @@ _STATE_CODE = {
 #: (conntrack's unreplied UDP timeout).
 UDP_FLOW_LIVE_S = 30.0
 Row = tuple[str, int, str, int, int, int | None]  # as conntrack.Row: proto is a number
+#: Resolution of CLOCK_MONOTONIC_COARSE (6 on Linux; the program's bpf_ktime_get_coarse_ns).
+_COARSE_NS = int(time.clock_getres(getattr(time, "CLOCK_MONOTONIC_COARSE", 6)) * 1e9)
 
 
 class XdpError(RuntimeError):
@@ -334,8 +336,9 @@ class XdpDataplane:
             self._lease = LEASE_FOREVER
         elif expires_ms <= 0:
             self._lease = 0
-        else:
-            self._lease = time.monotonic_ns() + int(expires_ms) * 1_000_000
+        else:  # one coarse tick early: the program reads the coarse clock (see the C)
+            self._lease = time.monotonic_ns() + int(expires_ms) * 1_000_000 - _COARSE_NS
+            self._lease = max(self._lease, 1)
         self._write_node()
 
     def lease_held(self) -> bool:
