@@ -14,7 +14,7 @@ agent uses (``install``, ``update``, ``set_lease``, ``lease_held``, ``read_state
 
 Fail-closed without an nft hook: the program stays attached when the agent dies (netlink XDP
 attachment is not tied to a process), and its lease (``mh_node.lease_expires_ns``, compared
-with ``bpf_ktime_get_coarse_ns()``, CLOCK_MONOTONIC_COARSE, written one tick early) lapses by itself, after which
+with ``bpf_ktime_get_coarse_ns()``, written one tick early) lapses by itself, after which
 the node takes no new flow -- before any peer may declare it dead.
 
 Must not: decide ownership, render nft rules, or touch any interface but the one it is given
