@@ -56,13 +56,7 @@ def _sigkill_xdp(lab: LabState, pid: int) -> None:
         wait_until(lapsed, 5, "D's kernel lease to lapse")
     finally:
         os.close(fd)
-    link = subprocess.run(
-        ["ip", "-n", d.netns, "link", "show", d.interface],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "xdp" in link  # still filtering: the others' buckets stay dropped
+    assert "xdp" in _link(d.netns, d.interface)  # still filtering: others' buckets dropped
     for proto, n in (("tcp", 400), ("udp", 400)):
         r = run_probe(lab, proto, n, port_seed=8, timeout=1.0)
         assert "D" not in r.answered, r.to_dict()
@@ -78,13 +72,13 @@ def _sigkill_xdp(lab: LabState, pid: int) -> None:
     done = json.loads(out.stdout)
     assert done["xdp"]["detached"] and done["xdp"]["unpinned"], done
     assert done["addresses_removed"] == [str(lab.topology.vip)], done
-    link = subprocess.run(
-        ["ip", "-n", d.netns, "link", "show", d.interface],
-        capture_output=True,
-        text=True,
-        check=True,
+    assert "xdp" not in _link(d.netns, d.interface) and not pins.exists()
+
+
+def _link(netns: str, dev: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", netns, "link", "show", dev], capture_output=True, text=True, check=True
     ).stdout
-    assert "xdp" not in link and not pins.exists()
 
 
 CLI = (sys.executable, "-m", "multihost")

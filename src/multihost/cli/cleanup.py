@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from multihost.cli.agent import resolve_node
 from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json
 from multihost.config import Config, ConfigError, load_config
 
@@ -50,20 +51,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def _node(cfg: Config, name: str | None) -> str:
-    if name is not None:
-        return cfg.node(name).name
-    from multihost.cli.agent import _local_addresses
-
-    return cfg.find_local_node(_local_addresses()).name
-
-
 def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UsageError("cleanup needs root (XDP, nftables, addresses)")
     try:
         cfg = load_config(args.config)
-        node = _node(cfg, args.node)
+        node = resolve_node(cfg, args.node)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     from pathlib import Path
