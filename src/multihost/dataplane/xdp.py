@@ -63,10 +63,13 @@ from multihost.dataplane.xdplayout import (
     NODE,
     PROGRAM_NAME,
     STATS,
+    VIP4_COLLIDE,
+    VIP4_SLOTS,
     BucketState,
     Verdict,
     bucket_elements,
     group_bases,
+    vip4_slot,
 )
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
@@ -602,6 +605,19 @@ class XdpDataplane:
         libbpf.map_update(self._fd("mh_node"), _pack("=I", 0), value)
 
     def _write_addrs(self) -> None:
+        slots: dict[int, int] = {}  # mh_vip4 slot -> group + 1 (VIP4_COLLIDE if shared)
+        owner: dict[int, bytes] = {}
+        for i, g in enumerate(self.spec.groups):
+            for a in g.addresses:
+                if a.version == 4:
+                    s = vip4_slot(a.packed)
+                    slots[s] = VIP4_COLLIDE if s in slots else i + 1
+                    owner[s] = a.packed
+        fd4 = self._fd("mh_vip4")
+        for s in range(VIP4_SLOTS):
+            group = slots.get(s, 0)
+            value = owner.get(s, bytes(4)) + _pack("=I", group)
+            libbpf.map_update(fd4, _pack("=I", s), value)
         fd = self._fd("mh_addrs")
         want = {addr_key(a): i for i, g in enumerate(self.spec.groups) for a in g.addresses}
         for key in libbpf.map_keys(fd, ADDR_KEY.size):

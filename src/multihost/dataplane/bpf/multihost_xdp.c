@@ -49,6 +49,13 @@
 const char mh_build_id[] SEC("mh_build") __attribute__((used)) = "MHBUILD:" MH_BUILD_ID;
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MH_VIP4_SLOTS);
+	__type(key, __u32);
+	__type(value, struct mh_vip4);
+} mh_vip4 SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MH_MAX_ADDRS);
 	__type(key, struct mh_addr_key);
@@ -444,12 +451,27 @@ static __always_inline int ipv4(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 	struct pkt p = {.family = 4};
 	__u16 frag;
 
+	__u32 slot, group;
+	struct mh_vip4 *fast;
+
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return XDP_PASS;
-	__builtin_memcpy(ak.addr, &ip->daddr, 4);
-	av = bpf_map_lookup_elem(&mh_addrs, &ak);
-	if (!av)
+	/* fast path: one inlined array lookup (a hash map lookup costs ~25 ns here) */
+	slot = (ip->daddr * MH_VIP4_MULT) >> MH_VIP4_SHIFT;
+	fast = bpf_map_lookup_elem(&mh_vip4, &slot);
+	if (!fast || !fast->group_plus_one)
 		return XDP_PASS;
+	if (fast->group_plus_one != MH_VIP4_COLLIDE) {
+		if (fast->addr != ip->daddr)
+			return XDP_PASS;
+		group = fast->group_plus_one - 1;
+	} else {
+		__builtin_memcpy(ak.addr, &ip->daddr, 4);
+		av = bpf_map_lookup_elem(&mh_addrs, &ak);
+		if (!av)
+			return XDP_PASS;
+		group = av->group;
+	}
 	p.saddr[0] = ip->saddr;
 	p.daddr[0] = ip->daddr;
 	p.proto = ip->protocol;
@@ -462,10 +484,10 @@ static __always_inline int ipv4(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 		p.frag_id = ip->id;
 	}
 	if (!parse_l4(&p, (void *)ip + ip->ihl * 4, end)) {
-		count(av->group, MH_V_DROPPED, ctx->data_end - ctx->data, 0, 0);
+		count(group, MH_V_DROPPED, ctx->data_end - ctx->data, 0, 0);
 		return XDP_DROP;
 	}
-	return verdict(ctx, eth, &p, av->group);
+	return verdict(ctx, eth, &p, group);
 }
 
 static __always_inline int ipv6(struct xdp_md *ctx, struct ethhdr *eth, void *l3, void *end)
