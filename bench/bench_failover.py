@@ -80,10 +80,13 @@ def trial(state: LabState, i: int, node: str, how: str) -> dict[str, Any]:
     return row
 
 
-def run(trials: int, prefix: str = PREFIX, heartbeat_ms: int = 100) -> dict[str, Any]:
+def run(
+    trials: int, backend: str = "auto", prefix: str = PREFIX, heartbeat_ms: int = 100
+) -> dict[str, Any]:
     info = fc.machine()
     rows: list[dict[str, Any]] = []
-    with fc.lab(prefix, 4, metrics=True, heartbeat_ms=heartbeat_ms) as state:
+    with fc.lab(prefix, 4, metrics=True, backend=backend, heartbeat_ms=heartbeat_ms) as state:
+        info["dataplane"] = state.agents.get("dataplane", {})
         members = list(state.topology.members)
         failover.wait_converged(state, members, quiet=True, timeout=60)
         for i in range(2 * trials):
@@ -154,14 +157,19 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20, help="per failure kind (default 20)")
     ap.add_argument("--md", action="store_true", help="rewrite bench/results_failover.md")
     ap.add_argument("--plot", action="store_true", help="rewrite bench/failover.png")
+    ap.add_argument(
+        "--backend", choices=("auto", "xdp", "nft"), default="auto", help="the agents' data plane"
+    )
     ap.add_argument("--prefix", default=PREFIX, help=f"lab prefix, mhtF... (default {PREFIX})")
     ap.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval")
     args = ap.parse_args()
-    data = run(args.trials, args.prefix, args.heartbeat_ms)
-    data["command"] = f".venv/bin/python bench/bench_failover.py --trials {args.trials}" + (
-        f" --heartbeat-ms {args.heartbeat_ms}" if args.heartbeat_ms != 100 else ""
+    data = run(args.trials, args.backend, args.prefix, args.heartbeat_ms)
+    data["command"] = (
+        f".venv/bin/python bench/bench_failover.py --trials {args.trials} --backend {args.backend}"
+        + (f" --heartbeat-ms {args.heartbeat_ms}" if args.heartbeat_ms != 100 else "")
     )
-    fc.save_part("default" if args.heartbeat_ms == 100 else f"hb{args.heartbeat_ms}", data)
+    part = "default" if args.backend == "auto" else f"backend-{args.backend}"
+    fc.save_part(part if args.heartbeat_ms == 100 else f"{part}-hb{args.heartbeat_ms}", data)
     print(report(data))
     for line in verdict(data):
         print(line)

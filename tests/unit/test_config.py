@@ -284,3 +284,20 @@ def test_the_core_accepts_exactly_what_the_configuration_accepts(
     assert parsed == core
     if parsed:
         assert c.dead_after_ms == dead_after
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "reason"),
+    [
+        ('dataplane = "ebpf"', "cluster.dataplane", "not one of 'auto', 'xdp', 'nft'"),
+        ('xdp_mode = "offload"', "cluster.xdp_mode", "not one of 'auto', 'native', 'generic'"),
+        ('bpf_pin_root = "bpf"', "cluster.bpf_pin_root", "must be an absolute path"),
+    ],
+)
+def test_dataplane_keys(line: str, key: str, reason: str) -> None:
+    assert parse_config(MINIMAL).cluster.dataplane == "auto"
+    ok = parse_config(MINIMAL.replace('key_file = "key"', 'key_file = "key"\ndataplane = "nft"'))
+    assert ok.cluster.dataplane == "nft"
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL.replace('key_file = "key"', f'key_file = "key"\n{line}'), "m.toml")
+    assert info.value.key == key and reason in info.value.reason
