@@ -526,3 +526,51 @@ def test_status_shows_peer_state() -> None:
     counters = sim.core("n0").counters()
     assert counters.sent > 0 and counters.accepted > 0 and counters.received >= counters.accepted
     assert isinstance(Ack(b"\0" * 8, 1), Ack)
+
+
+def _overlap_while_heard(sim: NetSim, a: str, b: str) -> list[float]:
+    """Times at which ``a`` and ``b`` served a bucket together while one of them had not yet
+    declared the other dead (what the suspect rule alone allows under bidirectional
+    loss: one side took over, the other still exempted it as suspect)."""
+    seen: list[float] = []
+
+    def observe(node: SimNode, old: Kernel, new: Kernel, now: float) -> None:
+        x, y = sim.nodes[a], sim.nodes[b]
+        if not (x.up and y.up) or node.name not in (a, b):
+            return
+        if b not in sim.core(a).view and a not in sim.core(b).view:
+            return  # mutual: both declared the other dead
+        both = x.kernel.masks.get("all", EMPTY) & y.kernel.masks.get("all", EMPTY)
+        if both.any():
+            seen.append(now)
+
+    sim.observers.append(observe)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("witnesses", "seed", "phase"),
+    [(True, 46, 0.3), (True, 47, 0.55), (True, 48, 0.8), (True, 49, 0.05), (False, 46, 0.3)],
+)
+def test_witnesses_end_the_exemption_of_a_peer_that_is_alive(
+    witnesses: bool, seed: int, phase: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n0 and n1 lose each other both ways; n2 hears both.  n1's silence towards n0 is not
+    a crash: n2's heartbeats ack n1's newer seqs, so n0 must not exempt n1 (and the other
+    way round): nothing is served twice before both have declared the other dead."""
+    if not witnesses:
+        original = protocol.exempt
+        monkeypatch.setattr(
+            protocol, "exempt", lambda *a, **k: original(*a, **{**k, "witnesses": ()})
+        )
+    sim = NetSim(make_configs(3), seed=seed, allow_mutual_suspicion=True)
+    settle(sim)
+    seen = _overlap_while_heard(sim, "n0", "n1")
+    sim.run_for(phase)
+    sim.link("n0", "n1", up=False)
+    sim.link("n1", "n0", up=False)
+    sim.run_for(DEAD_AFTER + INTERVAL)
+    if witnesses:
+        assert not seen
+    else:
+        assert seen  # the control: the exemption alone serves twice before either death

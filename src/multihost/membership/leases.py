@@ -82,15 +82,25 @@ def exempt(
     need: int,
     now: float,
     t: Timing,
+    witnesses: Iterable[PeerRecord] = (),
 ) -> bool:
     """May we serve without ``peer``'s lease?  Only if it is suspect and its last heartbeat
     showed it hearing us: it acked (seq >= ``need``) one of our heartbeats sent at most
     ``ack_age_max`` before that heartbeat arrived.  Then it cannot declare us dead before
     ``last_heard - ack_age_max + dead_after``, and a take by it needs our silence towards
     it *and* its silence towards us (bidirectional loss, docs/membership.md).  A peer we
-    hear but that stopped acking us is never exempt: its stale acks stop us at once."""
+    hear but that stopped acking us is never exempt: its stale acks stop us at once.
+
+    ``witnesses`` (the other alive peers) end the exemption: a heartbeat of theirs acking
+    ``peer``'s incarnation two or more seqs beyond the last we heard shows it alive (its
+    link to us is failing), not crashed -- in a crash a witness may have heard at most the
+    one last heartbeat we lost."""
     if not suspect(peer, now, t) or peer.heartbeat is None or peer.last_heard is None:
         return False
+    for x in witnesses:
+        seen = x.heartbeat.acks.get(peer.slot) if x.heartbeat is not None else None
+        if seen is not None and seen.boot == peer.boot and seen.seq >= peer.seq + 2:
+            return False
     ack = peer.heartbeat.acks.get(slot)
     if ack is None or ack.boot != boot or ack.seq < need:
         return False

@@ -459,7 +459,8 @@ class MembershipCore:
         return lease_expiry(p, self._slot, self._boot, self._sent_at, self._timing)
 
     def _exempt(self, p: PeerRecord, need: int, now: float) -> bool:
-        return exempt(p, self._slot, self._boot, need=need, now=now, t=self._timing)
+        seen = (x for x in self._peers.values() if x is not p and x.state is ALIVE)
+        return exempt(p, self._slot, self._boot, need=need, now=now, t=self._timing, witnesses=seen)
 
     def _need_all(self, p: PeerRecord) -> int:
         """The fresh seq ``p`` must ack in every group of ours it belongs to."""
