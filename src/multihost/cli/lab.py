@@ -197,7 +197,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--heartbeat-ms", type=int, metavar="MS", help="agents' heartbeat interval (default 100)"
     )
     a.add_argument(
-        "--dead-after-ms", type=int, metavar="MS", help="silence until dead (default 2 intervals + 30 ms)"
+        "--dead-after-ms",
+        type=int,
+        metavar="MS",
+        help="silence until dead (default 2 x interval + 30)",
     )
     a.add_argument(
         "--quorum", action="store_true", help="cluster.quorum = true (minority serves nothing)"
