@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from multihost.membership import protocol
+from multihost.membership import leases, protocol
 from multihost.membership.effects import ClaimsChanged, Rejected, ViewChanged
 from multihost.membership.ownership import EMPTY
 from multihost.membership.state import (
@@ -559,7 +559,7 @@ def test_witnesses_end_the_exemption_of_a_peer_that_is_alive(
     a crash: n2's heartbeats ack n1's newer seqs, so n0 must not exempt n1 (and the other
     way round): nothing is served twice before both have declared the other dead."""
     if not witnesses:
-        original = protocol.exempt
+        original = leases.exempt
         monkeypatch.setattr(
             protocol, "exempt", lambda *a, **k: original(*a, **{**k, "witnesses": ()})
         )
