@@ -11,8 +11,9 @@ import ipaddress
 import os
 from pathlib import Path
 
+from multihost import preflight
 from multihost.cli.common import Formatter, UsageError
-from multihost.config import Config, ConfigError, load_config, read_key
+from multihost.config import Config, ConfigError
 from multihost.logfmt import EventLog
 
 DESCRIPTION = """\
@@ -23,6 +24,8 @@ answering), exchanges authenticated heartbeats with the other members on the clu
 multicast group, and reprograms the filter whenever the live set changes.
 
 The node is --node NAME, or the [[node]] whose address is configured on this host.
+The configuration is checked exactly as 'multihost check-config' checks it (one function):
+a file check-config accepts, the agent accepts, and the other way round.
 
 signals:
   SIGTERM, SIGINT  clean stop: release every bucket, remove addresses and rules,
@@ -70,10 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UsageError("the agent needs root (nftables, raw sockets, sysctls)")
     try:
-        cfg = load_config(args.config)
+        cfg, _ = preflight.load(args.config, with_key=not args.manual)
         node = resolve_node(cfg, args.node)
-        if not args.manual:
-            read_key(cfg)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     from multihost.agent import Agent
