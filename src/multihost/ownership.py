@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from multihost.assignment import Assignment, PreferenceTable, assign, default_table
+from multihost.assignment import NO_OWNER, Assignment, PreferenceTable, assign, default_table
 from multihost.config import Config
 
 
@@ -49,8 +49,11 @@ def bucket_owner(
 ) -> str | None:
     """The member that owns ``bucket`` of a group (``members``, each at ``slots[m]``) when
     ``live`` are live: what the agent programs (see :func:`targets`); None if none is."""
-    slot = assign(live_slots(slots, members, live), table or default_table()).owner(bucket)
-    return None if slot is None else next(m for m in members if slots[m] == slot)
+    tbl = table or default_table()
+    if not 0 <= bucket < tbl.buckets:
+        raise ValueError(f"bucket {bucket} is outside 0..{tbl.buckets - 1}")
+    slot = int(tbl.owners(live_slots(slots, members, live))[bucket])  # as Assignment.owner
+    return None if slot == NO_OWNER else next(m for m in members if slots[m] == slot)
 
 
 def ownership(cfg: Config, live: Iterable[str]) -> dict[str, GroupOwnership]:

@@ -116,6 +116,8 @@ def _membership(cfg: Config, key: bytes | None) -> None:
         except MembershipConfigError as e:
             text = str(e)
             where = next((k for w, k in _MEMBERSHIP_KEYS if w in text.lower()), "cluster")
+            if where.startswith("cluster."):  # name the configured value too
+                text = f"{getattr(cfg.cluster, where.removeprefix('cluster.'))}: {text}"
             raise ConfigError(cfg.source, where, text) from None
 
 

@@ -8,10 +8,11 @@ the running agent for its live view over the control socket.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from multihost.assignment import default_table
+from multihost.assignment import PreferenceTable, default_table
 from multihost.cli.common import Formatter, OperationError, UsageError, add_json_flag, print_json
 from multihost.cli.groupsel import (
     Group,
@@ -22,7 +23,7 @@ from multihost.cli.groupsel import (
     from_members,
 )
 from multihost.control import ControlError, request
-from multihost.flowhash import FlowError, HashMode, flow_bucket, parse_flow
+from multihost.flowhash import Flow, FlowError, HashMode, flow_bucket, parse_flow
 from multihost.ownership import bucket_owner
 from multihost.simulation import SimulationError, parse_members
 
@@ -126,6 +127,16 @@ def agent_live(group: Group, socket: Path | None) -> tuple[tuple[str, ...], dict
     return tuple(g["live"]), source
 
 
+def lookup(
+    group: Group, live: Iterable[str], flow: Flow, table: PreferenceTable | None = None
+) -> tuple[int, str | None]:
+    """The flow's bucket and its owner among the ``live`` members of ``group``."""
+    tbl = table or default_table()
+    assert group.seed is not None
+    bucket = flow_bucket(flow, tbl.buckets, group.seed, group.mode)
+    return bucket, bucket_owner(group.slots, group.members, live, bucket, tbl)
+
+
 def run(args: argparse.Namespace) -> int:
     conflicts(
         args,
@@ -158,10 +169,8 @@ def run(args: argparse.Namespace) -> int:
         live, source = agent_live(group, args.socket)
     else:
         live, source = group.members, {"live_source": "all"}
-    assert group.seed is not None
     table = default_table()
-    bucket = flow_bucket(flow, table.buckets, group.seed, group.mode)
-    owner = bucket_owner(group.slots, group.members, live, bucket, table)
+    bucket, owner = lookup(group, live, flow, table)
     live_members = [m for m in group.members if m in set(live)]
     if args.json:
         out: dict[str, Any] = {"bucket": bucket, "buckets": table.buckets, "owner": owner}
