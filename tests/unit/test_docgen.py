@@ -16,6 +16,7 @@ from multihost.cli.docgen import bash, manpage, walk, zsh
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = [c for c in walk(build_parser()) if c.path]
+LAB = {c.path[1] for c in COMMANDS if len(c.path) == 2 and c.path[0] == "lab"}
 
 
 def gen_docs() -> ModuleType:

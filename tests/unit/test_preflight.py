@@ -239,10 +239,6 @@ CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-class AgentReached(Exception):
-    pass
-
-
 @pytest.fixture
 def agent_stub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """``multihost agent`` up to the point where it would touch the host."""
@@ -295,16 +291,14 @@ def test_good_config_is_accepted_by_both(
     assert agent_stub == ["A"]
 
 
-@pytest.mark.parametrize(("case", "mutate", "key", "reason"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("row", CASES, ids=[c[0] for c in CASES])
 def test_bad_config_same_refusal(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     agent_stub: list[str],
-    case: str,
-    mutate: Mutation,
-    key: str,
-    reason: str,
+    row: tuple[str, Mutation, str, str],
 ) -> None:
+    case, mutate, key, reason = row
     cfg = fresh()
     mutate(cfg)
     path = write(tmp_path, cfg)
