@@ -28,9 +28,9 @@ from multihost.agent_membership import MembershipDriver
 from multihost.assignment import merge_ranges
 from multihost.config import Config, ConfigError, read_key
 from multihost.control import serve
-from multihost.dataplane.conntrack import GroupFlows, buckets_in_use, dump_entries
+from multihost.dataplane import backend as dataplanes
+from multihost.dataplane.conntrack import GroupFlows, buckets_in_use
 from multihost.dataplane.hostsetup import HostSetup
-from multihost.dataplane.nft import Dataplane
 from multihost.dataplane.responder import Responder
 from multihost.dataplane.ruleset import GroupBuckets
 from multihost.handover import Handover
@@ -76,7 +76,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._cleanups: list[tuple[str, Callable[[], Any]]] = []
         self.host: HostSetup | None = None
-        self.dataplane: Dataplane | None = None
+        self.dataplane: dataplanes.Backend | None = None
         self.responder: Responder | None = None
         self.membership: MembershipDriver | None = None
         self._packets: dict[str, dict[str, int]] = {}
@@ -136,10 +136,18 @@ class Agent:
         await asyncio.to_thread(self.host.apply)
         host = self.host
         self._undo("host", lambda: asyncio.to_thread(host.restore))
-        # Fail-closed from the first packet: the table exists, owning nothing.
-        self.dataplane = Dataplane(ruleset_spec(cfg))
-        self.dataplane.install(self._state())
+        # Fail-closed from the first packet: the filter exists, owning nothing.
+        started = dataplanes.start(
+            ruleset_spec(cfg),
+            self._state(),
+            choice=cfg.cluster.dataplane,
+            interface=cfg.cluster.interface,
+            pins=dataplanes.pin_dir(cfg.cluster.bpf_pin_root, cfg.cluster.name, self.node.name),
+            xdp_mode=cfg.cluster.xdp_mode,
+        )
+        self.dataplane = started.backend
         self._undo("dataplane", self._remove_dataplane)
+        self.log("dataplane", **self.dataplane.describe(), reason=started.reason)
         vip_mac = multicast_mac(cfg.cluster.multicast_group)
         self.responder = Responder(cfg.cluster.interface, addresses, vip_mac)
         loop.add_reader(self.responder.fileno(), self.responder.on_readable)
@@ -293,9 +301,9 @@ class Agent:
         if self.handover.draining_count():
             groups = {g.name: GroupFlows(frozenset(g.addresses), g.hash) for g in self.cfg.groups}
             try:
-                rows = await asyncio.to_thread(dump_entries)
-            except Exception as e:  # conntrack unreadable: fall back to max_drain
-                self.log("conntrack-failed", level="warning", error=repr(e))
+                rows = await asyncio.to_thread(self.dataplane_flow_rows)
+            except Exception as e:  # flows unreadable: fall back to max_drain
+                self.log("flows-unreadable", level="warning", error=repr(e))
                 rows = None
             in_use = (
                 buckets_in_use(rows, groups, self.cfg.buckets, self.cfg.cluster.hash_seed)
@@ -316,6 +324,11 @@ class Agent:
         for g in self.handover.groups:
             self.handover.promote(g, others, now)
         self.sync_kernel(None, "handover")
+
+    def dataplane_flow_rows(self) -> list[tuple[str, int, str, int, int, int | None]]:
+        """This node's flows to its traffic IPs (conntrack or sockets + XDP flow map)."""
+        assert self.dataplane is not None
+        return self.dataplane.flow_rows()
 
     def others_draining(self) -> bool:
         """Whether another member may still hold flows in buckets it gave away (manual mode:
@@ -405,6 +418,9 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "live": list(live),
             "groups": groups,
+            "dataplane": self.dataplane.describe()
+            if self.dataplane is not None
+            else {"backend": None, "mode": None, "program_id": None},
             "kernel": {
                 "updates": self.updates,
                 "last_update_ms": self.last_update_ms,
