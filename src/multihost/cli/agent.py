@@ -74,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the agent needs root (nftables, raw sockets, sysctls)")
     try:
         cfg, _ = preflight.load(args.config, with_key=not args.manual)
+        sock = args.control_socket
+        if sock is not None and len(os.fsencode(sock)) > preflight.MAX_SOCKET_PATH_BYTES:
+            raise UsageError(
+                f"--control-socket {str(sock)!r}: a unix socket path holds at most"
+                f" {preflight.MAX_SOCKET_PATH_BYTES} bytes"
+            )
         node = resolve_node(cfg, args.node)
     except ConfigError as e:
         raise UsageError(str(e)) from None
