@@ -59,6 +59,7 @@ def lab(
     dead_after_ms: int | None = None,
     metrics: bool = False,
     with_agents: bool = True,
+    backend: str = "auto",
 ) -> Iterator[LabState]:
     """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens."""
     if not validate_prefix(prefix).startswith("mhtF"):
@@ -71,6 +72,7 @@ def lab(
             heartbeat_ms=heartbeat_ms,
             dead_after_ms=dead_after_ms,
             metrics=metrics,
+            backend=backend,
         )
     except BaseException:
         keep_evidence(prefix)

@@ -44,6 +44,10 @@ from multihost.simulation import fraction_text
 Claims = dict[str, frozenset[int]]
 #: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
 COUNTER_EVERY = 5
+#: Manual mode on the XDP backend: the kernel lease, renewed every housekeeping tick.  The
+#: XDP program outlives a killed agent (nft's owned table does not), so without a lease a
+#: dead manual agent's node would go on taking new flows.
+MANUAL_XDP_LEASE_MS = 3000
 
 
 class Agent:
@@ -196,6 +200,8 @@ class Agent:
         ticks = 0
         while not self._stop.is_set():
             try:
+                if self.manual and self.dataplane is not None and self.dataplane.backend == "xdp":
+                    self.set_kernel_lease(MANUAL_XDP_LEASE_MS)
                 if self.dataplane is not None and ticks % COUNTER_EVERY == 0:
                     self._packets = self.dataplane.counters()
                 await self._handover_tick()

@@ -12,7 +12,8 @@ The agent (``cli/agent.py``, and ``Agent`` on SIGHUP) and ``check-config`` call 
 nothing here is a copy of a check made elsewhere: the data plane's and the membership
 core's own constructors and ``check()`` methods run, and their errors are given a key.
 
-Must not: touch the host (no sockets, no kernel); it only reads the file and the key file.
+Must not: change the host (no sockets, no kernel writes); it reads the file, the key file
+and, with ``host=True`` and ``dataplane = "xdp"``, whether this machine can run XDP.
 """
 
 from __future__ import annotations
@@ -148,17 +149,37 @@ def check(cfg: Config, key: bytes | None = None) -> None:
     _host_limits(cfg)
 
 
+def check_dataplane(cfg: Config) -> None:
+    """``dataplane = "xdp"`` on a machine that cannot run it: a ConfigError saying what is
+    missing (the agent refuses to start for the same reason)."""
+    if cfg.cluster.dataplane != "xdp":
+        return
+    from multihost.dataplane.xdp import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ConfigError(cfg.source, "cluster.dataplane", f'"xdp" cannot run here: {reason}')
+
+
 def load(
-    path: str | os.PathLike[str], *, with_key: bool = True, node: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    with_key: bool = True,
+    node: str | None = None,
+    host: bool = True,
 ) -> tuple[Config, bytes | None]:
-    """Load ``path`` exactly as the agent does: parse, read the key (``with_key``), check.
+    """Load ``path`` exactly as the agent does: parse, read the key (``with_key``), check,
+    and (``host``) check that this machine can run the configured data plane.
 
     ``node``, if given, must be a configured node.  Returns the configuration and the key
-    (None without ``with_key``).
+    (None without ``with_key``).  ``host=False`` is for tools that only compute from the
+    file (``whohas``, ``simulate``), possibly on a workstation.
     """
     cfg = load_config(path)
     key = read_key(cfg) if with_key else None
     check(cfg, key)
+    if host:
+        check_dataplane(cfg)
     if node is not None:
         cfg.node(node)
     return cfg, key

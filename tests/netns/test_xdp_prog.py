@@ -284,3 +284,34 @@ def test_update_flips_whole_tables(netns: str, pin_dir: Path) -> None:
         assert dp.update({"web": b}).path == "none"
     finally:
         dp.remove()
+
+
+def test_traffic_ips_sharing_a_fast_path_slot(netns: str, pin_dir: Path) -> None:
+    """Two IPv4 traffic IPs in one mh_vip4 slot go through the hash map; an address that is
+    not a traffic IP but lands in a used slot passes untouched."""
+    from multihost.dataplane.xdplayout import vip4_slot
+
+    base = ipaddress.IPv4Address("198.18.0.100")
+    first = vip4_slot(base.packed)
+    other = next(
+        a
+        for i in range(1, 1 << 16)
+        if vip4_slot((a := ipaddress.IPv4Address(int(base) + i)).packed) == first
+    )
+    lone = next(
+        a
+        for i in range(1, 1 << 16)
+        if vip4_slot((a := ipaddress.IPv4Address(int(base) - i)).packed) == first
+    )
+    spec = RulesetSpec(BUCKETS, 2, (GroupSpec("web", (base,)), GroupSpec("api", (other,))))
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    try:
+        dp.install({"web": GroupBuckets(owned=frozenset(range(BUCKETS)))})
+        src = xf.addr("198.18.9.9")
+        assert dp.test_run(xf.frame(Flow(src, 1, base, 80, "tcp")))[0] == xf.XDP_PASS
+        assert dp.test_run(xf.frame(Flow(src, 1, other, 80, "tcp")))[0] == xf.XDP_DROP  # api
+        retval, out, _ = dp.test_run(xf.frame(Flow(src, 1, lone, 80, "tcp")))
+        assert retval == xf.XDP_PASS and out[:6] == xf.VIP_MAC  # not a traffic IP
+        assert dp.counters()["api"]["dropped_packets"] == 1
+    finally:
+        dp.remove()

@@ -33,6 +33,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "agent",
     "status",
     "drain",
+    "cleanup",
     "lab",
     "completion",
 )

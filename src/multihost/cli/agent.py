@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
 from multihost import preflight
@@ -84,11 +85,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     from multihost.agent import Agent
+    from multihost.dataplane.xdp import XdpError
 
     log = EventLog(node=node)
     agent = Agent(cfg, node, manual=args.manual, control_socket=args.control_socket, log=log)
     try:
         return asyncio.run(agent.run())
-    except OSError as e:
+    except (OSError, XdpError) as e:
         log("failed", level="error", error=str(e))
+        print(f"multihost: error: {e}", file=sys.stderr)
         return 1

@@ -61,6 +61,7 @@ def summary(cfg: Config) -> dict[str, object]:
         "heartbeat_interval_ms": c.heartbeat_interval_ms,
         "dead_after_ms": c.dead_after_ms,
         "hash_seed": f"{c.hash_seed:#010x}",
+        "dataplane": c.dataplane,
         "buckets": cfg.buckets,
         "digest": cfg.digest().hex(),
         "nodes": {n.name: {"address": str(n.address), "slot": n.slot} for n in cfg.nodes},

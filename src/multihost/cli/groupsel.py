@@ -82,7 +82,7 @@ def from_members(args: argparse.Namespace, mode: HashMode, seed: int | None) -> 
 def from_config(path: str, group: str | None, destination: IPAddress | None = None) -> Group:
     """The group named ``group``, else the one serving ``destination``, else the only one."""
     try:
-        cfg, _ = preflight.load(path, with_key=False)
+        cfg, _ = preflight.load(path, with_key=False, host=False)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     names = ", ".join(g.name for g in cfg.groups)

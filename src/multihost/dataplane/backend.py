@@ -64,6 +64,7 @@ def start(
     pins: Path,
     xdp_mode: str = "auto",
     netns: str | None = None,
+    obj: Path | None = None,
 ) -> Started:
     """Build and install the chosen backend with ``state``.  ``choice="xdp"``: raises
     :class:`XdpError` naming what is missing; ``"auto"``: falls back to nft and says why."""
@@ -71,9 +72,10 @@ def start(
         raise XdpError(f"dataplane {choice!r}: use auto, xdp or nft")
     reason = 'configured (dataplane = "nft")'
     if choice != "nft":
-        missing = unavailable_reason()
+        missing = unavailable_reason() if obj is None else unavailable_reason(obj)
         if missing is None:
-            xdp = XdpDataplane(spec, interface, pins, netns=netns, mode=xdp_mode)
+            kw = {} if obj is None else {"obj": obj}
+            xdp = XdpDataplane(spec, interface, pins, netns=netns, mode=xdp_mode, **kw)
             try:
                 xdp.install(state)
                 mode = xdp.describe()["mode"]

@@ -14,7 +14,7 @@ agent uses (``install``, ``update``, ``set_lease``, ``lease_held``, ``read_state
 
 Fail-closed without an nft hook: the program stays attached when the agent dies (netlink XDP
 attachment is not tied to a process), and its lease (``mh_node.lease_expires_ns``, compared
-with ``bpf_ktime_get_ns()``, i.e. CLOCK_MONOTONIC, per packet) lapses by itself, after which
+with ``bpf_ktime_get_coarse_ns()``, written one tick early) lapses by itself, after which
 the node takes no new flow -- before any peer may declare it dead.
 
 Must not: decide ownership, render nft rules, or touch any interface but the one it is given
@@ -63,10 +63,13 @@ from multihost.dataplane.xdplayout import (
     NODE,
     PROGRAM_NAME,
     STATS,
+    VIP4_COLLIDE,
+    VIP4_SLOTS,
     BucketState,
     Verdict,
     bucket_elements,
     group_bases,
+    vip4_slot,
 )
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
@@ -85,6 +88,8 @@ _STATE_CODE = {
 #: (conntrack's unreplied UDP timeout).
 UDP_FLOW_LIVE_S = 30.0
 Row = tuple[str, int, str, int, int, int | None]  # as conntrack.Row: proto is a number
+#: Resolution of CLOCK_MONOTONIC_COARSE (6 on Linux; the program's bpf_ktime_get_coarse_ns).
+_COARSE_NS = int(time.clock_getres(getattr(time, "CLOCK_MONOTONIC_COARSE", 6)) * 1e9)
 
 
 class XdpError(RuntimeError):
@@ -334,8 +339,9 @@ class XdpDataplane:
             self._lease = LEASE_FOREVER
         elif expires_ms <= 0:
             self._lease = 0
-        else:
-            self._lease = time.monotonic_ns() + int(expires_ms) * 1_000_000
+        else:  # one coarse tick early: the program reads the coarse clock (see the C)
+            self._lease = time.monotonic_ns() + int(expires_ms) * 1_000_000 - _COARSE_NS
+            self._lease = max(self._lease, 1)
         self._write_node()
 
     def lease_held(self) -> bool:
@@ -514,6 +520,8 @@ class XdpDataplane:
                 raise XdpError(f"the kernel refused the XDP program: {e}") from e
             fds = {name: os.dup(obj.map_fd(name)) for name in MAP_NAMES}
             prog_fd = os.dup(obj.program_fd(PROGRAM_NAME))
+        except BpfError as e:  # an object without our maps or program
+            raise XdpError(f"XDP object {self.obj_path} does not match this loader: {e}") from e
         finally:
             obj.close()
         self._fds, self._prog_fd = fds, prog_fd
@@ -597,6 +605,19 @@ class XdpDataplane:
         libbpf.map_update(self._fd("mh_node"), _pack("=I", 0), value)
 
     def _write_addrs(self) -> None:
+        slots: dict[int, int] = {}  # mh_vip4 slot -> group + 1 (VIP4_COLLIDE if shared)
+        owner: dict[int, bytes] = {}
+        for i, g in enumerate(self.spec.groups):
+            for a in g.addresses:
+                if a.version == 4:
+                    s = vip4_slot(a.packed)
+                    slots[s] = VIP4_COLLIDE if s in slots else i + 1
+                    owner[s] = a.packed
+        fd4 = self._fd("mh_vip4")
+        for s in range(VIP4_SLOTS):
+            group = slots.get(s, 0)
+            value = owner.get(s, bytes(4)) + _pack("=I", group)
+            libbpf.map_update(fd4, _pack("=I", s), value)
         fd = self._fd("mh_addrs")
         want = {addr_key(a): i for i, g in enumerate(self.spec.groups) for a in g.addresses}
         for key in libbpf.map_keys(fd, ADDR_KEY.size):

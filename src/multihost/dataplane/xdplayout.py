@@ -14,6 +14,7 @@ Must not: touch the kernel, files or clocks; it is pure data and rendering.
 Maps (all sized here; ``buckets`` sized by the loader before load):
 
 =================  ===========  =========================================================
+``mh_vip4``        array        IPv4 fast path: slot(daddr) -> (address, group + 1)
 ``mh_addrs``       hash         traffic IP (family + 16 address bytes) -> group index
 ``mh_groups``      array        group index -> active table copy, base offsets, seed, mode
 ``mh_buckets``     array        bucket states, 1 byte per bucket, 8 per element; mmapable
@@ -40,6 +41,7 @@ from multihost.flowhash import HashMode
 
 #: Pin-directory names are these map names; the program's own pin is ``prog``.
 MAP_NAMES = (
+    "mh_vip4",
     "mh_addrs",
     "mh_groups",
     "mh_buckets",
@@ -51,6 +53,11 @@ MAP_NAMES = (
 PROGRAM_NAME = "mh_xdp"
 
 MAX_ADDRS = 4096
+#: Slots of the IPv4 fast path (a power of two); see :func:`vip4_slot`.
+VIP4_SLOTS = 1024
+VIP4_SHIFT = 32 - 10
+#: ``mh_vip4.group_plus_one`` of a slot two traffic IPs share: look in ``mh_addrs``.
+VIP4_COLLIDE = 0xFFFFFFFF
 MAX_GROUPS = 512
 FRAG_ENTRIES = 8192
 UDP_FLOW_ENTRIES = 65536
@@ -130,6 +137,13 @@ ADDR_KEY = Struct(
     (("__u32", "family", 0, "I"), ("__u8", "addr", 16, "s")),
 )
 ADDR_VAL = Struct("mh_addr_val", (("__u32", "group", 0, "I"),))
+VIP4 = Struct(
+    "mh_vip4",
+    (
+        ("__u32", "addr", 0, "I"),  # the address as the program loads it (network order)
+        ("__u32", "group_plus_one", 0, "I"),  # 0: free slot; VIP4_COLLIDE: see mh_addrs
+    ),
+)
 GROUP = Struct(
     "mh_group",
     (
@@ -187,10 +201,21 @@ FLOW_KEY = Struct(
 )
 FLOW_VAL = Struct("mh_flow_val", (("__u64", "last_seen_ns", 0, "Q"),))
 
-STRUCTS = (ADDR_KEY, ADDR_VAL, GROUP, NODE, STATS, FRAG_KEY, FRAG_VAL, FLOW_KEY, FLOW_VAL)
+STRUCTS = (ADDR_KEY, ADDR_VAL, VIP4, GROUP, NODE, STATS, FRAG_KEY, FRAG_VAL, FLOW_KEY, FLOW_VAL)
 
 #: Bytes of bucket state per ``mh_buckets`` element (an array value is 8-byte aligned).
 BUCKETS_PER_ELEMENT = 8
+
+
+#: Knuth's multiplicative hash constant (2^32 / golden ratio).
+VIP4_MULT = 0x9E3779B1
+
+
+def vip4_slot(addr: bytes) -> int:
+    """The ``mh_vip4`` slot of an IPv4 address: the program multiplies the 4 address bytes,
+    loaded as a little-endian word, by :data:`VIP4_MULT` and keeps the top bits."""
+    word = int.from_bytes(addr, "little")
+    return ((word * VIP4_MULT) & 0xFFFFFFFF) >> VIP4_SHIFT
 
 
 def bucket_elements(group_buckets: list[int]) -> int:
@@ -217,6 +242,10 @@ def group_bases(group_buckets: list[int]) -> list[tuple[int, int]]:
 def _defines() -> list[str]:
     lines = [
         f"#define MH_MAX_ADDRS {MAX_ADDRS}",
+        f"#define MH_VIP4_SLOTS {VIP4_SLOTS}",
+        f"#define MH_VIP4_SHIFT {VIP4_SHIFT}",
+        f"#define MH_VIP4_COLLIDE {VIP4_COLLIDE:#x}",
+        f"#define MH_VIP4_MULT {VIP4_MULT:#x}",
         f"#define MH_MAX_GROUPS {MAX_GROUPS}",
         f"#define MH_FRAG_ENTRIES {FRAG_ENTRIES}",
         f"#define MH_UDP_FLOW_ENTRIES {UDP_FLOW_ENTRIES}",

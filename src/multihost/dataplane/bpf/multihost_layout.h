@@ -4,6 +4,10 @@
 #define MULTIHOST_LAYOUT_H
 
 #define MH_MAX_ADDRS 4096
+#define MH_VIP4_SLOTS 1024
+#define MH_VIP4_SHIFT 22
+#define MH_VIP4_COLLIDE 0xffffffff
+#define MH_VIP4_MULT 0x9e3779b1
 #define MH_MAX_GROUPS 512
 #define MH_FRAG_ENTRIES 8192
 #define MH_UDP_FLOW_ENTRIES 65536
@@ -37,6 +41,12 @@ struct mh_addr_val {
 	__u32 group;
 };
 _Static_assert(sizeof(struct mh_addr_val) == 4, "mh_addr_val layout");
+
+struct mh_vip4 {
+	__u32 addr;
+	__u32 group_plus_one;
+};
+_Static_assert(sizeof(struct mh_vip4) == 8, "mh_vip4 layout");
 
 struct mh_group {
 	__u32 active;
