@@ -382,3 +382,26 @@ def test_check_is_the_agents_specs() -> None:
     bad["traffic_ip_group"][0]["name"] = "web-1"
     with pytest.raises(ConfigError, match=re.escape("traffic_ip_group[0].name")):
         preflight.check(parse_config(to_toml(bad), "x.toml"))
+
+
+def test_unavailable_xdp_same_refusal(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    agent_stub: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from multihost.dataplane import xdp
+
+    monkeypatch.setattr(xdp, "unavailable_reason", lambda: "no BTF (test)")
+    cfg = fresh()
+    cfg["cluster"]["dataplane"] = "xdp"
+    path = write(tmp_path, cfg)
+    (rc1, err1), (rc2, err2) = both(capsys, path)
+    assert rc1 == rc2 == 2 and err1 == err2 and agent_stub == []
+    assert (
+        err1
+        == f'multihost: error: {path}: cluster.dataplane: "xdp" cannot run here: no BTF (test)\n'
+    )
+    # whohas computes from the file only: the host's XDP support does not matter
+    flow = "198.18.0.2:1-198.18.0.100:80"
+    assert main(["whohas", "--config", str(path), "--live", "A", "--flow", flow]) == 0
