@@ -155,6 +155,12 @@ def check_dataplane(cfg: Config) -> None:
     if cfg.cluster.dataplane != "xdp":
         return
     from multihost.dataplane.xdp import unavailable_reason
+    from multihost.dataplane.xdplayout import limits_problem
+
+    naddr = sum(len(g.addresses) for g in cfg.groups)
+    problem = limits_problem(len(cfg.groups), cfg.buckets, naddr)
+    if problem is not None:
+        raise ConfigError(cfg.source, problem[0], f'dataplane = "xdp": {problem[1]}')
 
     reason = unavailable_reason()
     if reason is not None:
