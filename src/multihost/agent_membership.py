@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from multihost import preflight
 from multihost.mcast import open_multicast
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
@@ -45,23 +45,7 @@ def link_up(interface: str) -> bool:
 
 
 def membership_config(agent: Agent, key: bytes) -> MembershipConfig:
-    cfg = agent.cfg
-    c = cfg.cluster
-    return MembershipConfig(
-        cluster=c.name,
-        node=agent.node.name,
-        members=cfg.slots,
-        groups={g.name: frozenset(g.members) for g in cfg.groups},
-        key=key,
-        interval=c.heartbeat_interval_ms / 1000,
-        dead_after=c.dead_after_ms / 1000,
-        config_digest=cfg.digest(),
-        quorum=c.quorum,
-        takeover_hold=c.takeover_hold_ms / 1000,
-        lease_margin=c.lease_margin_ms / 1000,
-        jitter=c.heartbeat_jitter_ms / 1000,
-        strict_transitions=False,
-    )
+    return preflight.membership_config(agent.cfg, agent.node.name, key)
 
 
 class MembershipDriver:
@@ -90,9 +74,7 @@ class MembershipDriver:
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        addr = self.agent.node.address
-        if not isinstance(addr, ipaddress.IPv4Address):
-            raise OSError(f"node {self.agent.node.name}: heartbeats need an IPv4 address")
+        addr = preflight.heartbeat_address(self.agent.cfg, self.agent.node.name)
         c = self.agent.cfg.cluster
         self.sock = open_multicast(c.multicast_group, c.port, c.interface, addr)
         loop.add_reader(self.sock.fileno(), self._on_readable)
