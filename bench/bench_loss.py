@@ -45,7 +45,7 @@ from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
 from multihost.lab.topology import describe
 
-EVENTS = ("member-dead", "lease-lapsed", "view-changed", "suspended", "member-suspect")
+EVENTS = ("member-dead", "lease-lapsed", "view-changed", "suspended", "peer-suspect")
 
 
 def _logs(state: LabState) -> dict[str, Path]:

@@ -40,7 +40,7 @@ from multihost.lab import failover
 from multihost.lab.build import LabState
 from multihost.lab.clean import proc_start_time
 
-EVENTS = ("member-dead", "lease-lapsed", "member-suspect", "view-changed", "loop-late")
+EVENTS = ("member-dead", "lease-lapsed", "peer-suspect", "view-changed", "loop-late")
 
 
 @contextlib.contextmanager

@@ -325,7 +325,7 @@ def test_crash_stops_no_survivor(quorum: bool, n: int, phase: float) -> None:
     lapsed = [log for x in sim.nodes.values() for _, log in x.logs if log.event == "lease-lapsed"]
     assert not lapsed
     suspected = {
-        x.name for x in sim.nodes.values() for _, log in x.logs if log.event == "member-suspect"
+        x.name for x in sim.nodes.values() for _, log in x.logs if log.event == "peer-suspect"
     }
     assert suspected == {f"n{i}" for i in range(n)} - {"n2"}
 

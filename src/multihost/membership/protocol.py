@@ -373,7 +373,7 @@ class MembershipCore:
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         suspects = frozenset(p.name for p in alive if suspect(p, now, self._timing))
         for name in sorted(suspects - self._suspects):
-            out.append(Log("info", "member-suspect", {"member": name}))
+            out.append(Log("debug", "peer-suspect", {"member": name}))
         self._suspects = suspects
         for p in alive:
             ok = self._lease_time_ok(p, now)
