@@ -35,7 +35,7 @@ from multihost.lab import build
 from multihost.lab.build import LabState
 from multihost.lab.clean import clean, proc_start_time
 from multihost.lab.failover import LogCursor
-from multihost.lab.topology import describe, state_dir, validate_prefix
+from multihost.lab.topology import PREFIX_ENV, describe, state_dir, validate_prefix
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results_failover.json"
@@ -50,6 +50,16 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def own_prefix(prefix: str) -> str:
+    """``prefix`` (an ``mhtF`` benchmark prefix) under ``$MULTIHOST_LAB_PREFIX`` if set."""
+    if not validate_prefix(prefix).startswith("mhtF"):
+        raise ValueError(f"benchmark labs use mhtF prefixes, not {prefix!r}")
+    own = os.environ.get(PREFIX_ENV)
+    if not own:
+        return prefix
+    return validate_prefix(validate_prefix(own)[:-1] + prefix.removeprefix("mhtF"))
+
+
 @contextlib.contextmanager
 def lab(
     prefix: str,
@@ -60,9 +70,12 @@ def lab(
     metrics: bool = False,
     with_agents: bool = True,
 ) -> Iterator[LabState]:
-    """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens."""
-    if not validate_prefix(prefix).startswith("mhtF"):
-        raise ValueError(f"benchmark labs use mhtF prefixes, not {prefix!r}")
+    """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens.
+
+    ``$MULTIHOST_LAB_PREFIX`` (say ``mhG-``), when set, replaces the ``mhtF`` part:
+    ``mhtFc-`` becomes ``mhGc-``, so people sharing a machine keep to their own labs.
+    """
+    prefix = own_prefix(prefix)
     clean(prefix)  # leftovers of an earlier, killed run of this very benchmark
     try:
         yield build.build(
