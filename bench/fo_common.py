@@ -15,6 +15,7 @@ Must not: touch a lab, namespace or process that it did not create, or edit ``sr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -60,6 +61,16 @@ def own_prefix(prefix: str) -> str:
     return validate_prefix(validate_prefix(own)[:-1] + prefix.removeprefix("mhtF"))
 
 
+def lab_backend(backend: str | None) -> dict[str, Any]:
+    """``build.build``'s keyword for a data plane backend: nothing unless one is asked for;
+    ValueError if this lab cannot choose one."""
+    if backend is None:
+        return {}
+    if "backend" not in inspect.signature(build.build).parameters:
+        raise ValueError(f"this lab has no data plane backends (asked for {backend!r})")
+    return {"backend": backend}
+
+
 @contextlib.contextmanager
 def lab(
     prefix: str,
@@ -69,13 +80,16 @@ def lab(
     dead_after_ms: int | None = None,
     metrics: bool = False,
     with_agents: bool = True,
+    backend: str | None = None,
 ) -> Iterator[LabState]:
-    """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens.
+    """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens;
+    ``backend``: the data plane backend, passed on only when given (:func:`lab_backend`).
 
     ``$MULTIHOST_LAB_PREFIX`` (say ``mhG-``), when set, replaces the ``mhtF`` part:
     ``mhtFc-`` becomes ``mhGc-``, so people sharing a machine keep to their own labs.
     """
     prefix = own_prefix(prefix)
+    extra = lab_backend(backend)
     clean(prefix)  # leftovers of an earlier, killed run of this very benchmark
     try:
         yield build.build(
@@ -84,6 +98,7 @@ def lab(
             heartbeat_ms=heartbeat_ms,
             dead_after_ms=dead_after_ms,
             metrics=metrics,
+            **extra,
         )
     except BaseException:
         keep_evidence(prefix)
