@@ -76,6 +76,7 @@ class Done:
     reason: str
     lease_ms: int | None  # as written (when ``leased``)
     leased: bool
+    flipped: bool  # the lease went from held to lapsed or back
     confirm: int | None
     took: float  # seconds the bucket update took
     ended: float  # time.monotonic() when it was in the kernel
@@ -88,6 +89,10 @@ class KernelThread:
     def __init__(self, plane: KernelPlane, deliver: Callable[[Done], None]) -> None:
         self._plane = plane
         self._deliver = deliver  # called in the thread: must hand over to the loop itself
+        # Lease writes are counted here and reported only when the held state changes (or
+        # with an update): a renewal then costs the loop no wakeup at all.
+        self.lease_writes = 0
+        self.lease_held = True  # as installed: held without expiry
         self._cv = threading.Condition()
         self._jobs: deque[_Job] = deque()
         self._closing = False
@@ -147,7 +152,9 @@ class KernelThread:
                 except BaseException as e:  # handed to the waiter
                     job.future.set_exception(e)
                 continue
-            self._deliver(self._run(job))
+            done = self._run(job)
+            if done.state is not None or done.confirm is not None or done.error or done.flipped:
+                self._deliver(done)
 
     def _run(self, job: _Job) -> Done:
         ms: int | None = None
@@ -164,8 +171,14 @@ class KernelThread:
             error = repr(e)
         confirm = None if error else job.confirm
         leased = job.lease is not None and not error
+        flipped = False
+        if leased:
+            self.lease_writes += 1
+            held = ms is None or ms > 0
+            flipped, self.lease_held = held != self.lease_held, held
+        ended = time.monotonic()
         return Done(
-            job.state, job.since, job.reason, ms, leased, confirm, took, time.monotonic(), error
+            job.state, job.since, job.reason, ms, leased, flipped, confirm, took, ended, error
         )
 
 
@@ -191,9 +204,8 @@ class KernelSync:
         self._on_applied = on_applied
         self._on_confirm = on_confirm
         self._thread: KernelThread | None = None
+        self._lease_writes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.lease_held = True  # as installed: held without expiry
-        self.lease_updates = 0
         self.updates = 0
         self.last_update_ms: float | None = None
         self.flows_draining: int | None = 0  # flows left in draining buckets (last look)
@@ -209,8 +221,19 @@ class KernelSync:
 
     def close(self) -> None:
         if self._thread is not None:
+            self._lease_writes = self._thread.lease_writes
             self._thread.close()
             self._thread = None
+
+    @property
+    def lease_held(self) -> bool:
+        """Whether the kernel may take new flows (its lease, as last reported)."""
+        return self._thread is None or self._thread.lease_held
+
+    @property
+    def lease_updates(self) -> int:
+        """Kernel lease writes so far."""
+        return self._thread.lease_writes if self._thread is not None else self._lease_writes
 
     # ------------------------------------------------------------------- state
     def state(self) -> State:
@@ -278,12 +301,9 @@ class KernelSync:
         if d.error:
             self.log("kernel-update-failed", level="error", reason=d.reason or None, error=d.error)
             return
-        if d.leased:
-            self.lease_updates += 1
+        if d.flipped:
             held = d.lease_ms is None or d.lease_ms > 0
-            if held != self.lease_held:
-                self.lease_held = held
-                self.log("kernel-lease", held=held, expires_ms=d.lease_ms)
+            self.log("kernel-lease", held=held, expires_ms=d.lease_ms)
         if d.state is not None:
             self.applied = d.state
             self.updates += 1

@@ -84,3 +84,19 @@ def test_call_after_close_fails() -> None:
     kt.close()
     with pytest.raises(RuntimeError):
         kt.call(lambda: None).result(1)
+
+
+def test_lease_renewals_wake_the_loop_only_when_held_flips() -> None:
+    plane = Plane()
+    plane.gate.set()
+    done: list[Done] = []
+    kt = KernelThread(plane, done.append)
+    try:
+        for until in (1e12, 1e12 + 1, float("-inf"), float("-inf"), INF):
+            kt.submit(_Job(lease=until))
+            kt.call(lambda: None).result(10)  # one job at a time: no coalescing
+    finally:
+        kt.close()
+    assert [c[0] for c in plane.calls] == ["lease"] * 5
+    assert kt.lease_writes == 5 and kt.lease_held
+    assert [d.lease_ms for d in done] == [0, None]  # the lapse and the return only
