@@ -5,12 +5,22 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the lab, the root tests and the benchmarks use.
 DEBS   := nftables iproute2 nginx-light iperf3 arping tcpdump keepalived wrk iptables \
-          conntrack ethtool procps kmod
+          conntrack ethtool procps kmod \
+          clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev
+# The XDP program (dataplane = "xdp"): C source + generated layout header -> BTF object.
+BPF_DIR := src/multihost/dataplane/bpf
+BPF_OBJ := $(BPF_DIR)/multihost_xdp.o
 
-.PHONY: setup debs test lint types unit demo bench lock clean
+.PHONY: setup debs bpf test lint types unit demo bench lock clean
 .DEFAULT_GOAL := test
 
-setup: $(STAMP) debs
+setup: $(STAMP) debs bpf
+
+bpf: debs
+	@$(MAKE) --no-print-directory $(BPF_OBJ)
+
+$(BPF_OBJ): $(BPF_DIR)/multihost_xdp.c $(BPF_DIR)/multihost_layout.h scripts/build-bpf.sh
+	@scripts/build-bpf.sh
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,4 +60,4 @@ lock:
 	@echo "requirements.lock updated"
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info $(BPF_OBJ)

@@ -59,6 +59,8 @@ from multihost.dataplane.ruleset import (
     RulesetSpec,
     jhash_expr,
 )
+from multihost.dataplane.xdp import XdpDataplane
+from multihost.flowhash import Flow, flow_bucket
 from multihost.macaddr import format_mac, multicast_mac
 
 VIP = "198.19.0.1"
@@ -73,6 +75,7 @@ FLOWS = 16384  # per flow set (a power of two: the generator masks its counter)
 GROUP = "bench"
 ACCEPT_TARGET = 0.97  # accepted-path TCP throughput vs no filter
 CAPACITY_TARGET = 0.95  # receive capacity vs no filter, every live-set case
+XDP_TCP_TARGET = 0.98  # XDP accepted-path TCP throughput vs no filter
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Variant:
     key: str
     label: str
     flows: str  # flow set name
-    kind: str  # "gen", "none", "ct", "nft", "xt"
+    kind: str  # "gen", "none", "ct", "nft", "xt", "xdp" (native), "xdpg" (generic XDP)
     live: tuple[int, ...] = ()
     accepted: float = 1.0  # expected share of packets that reach the socket
 
@@ -102,8 +105,21 @@ VARIANTS = (
     ),
     Variant("xt", "(c) xt_cluster node 1 of 8, owned flows", "xtown", "xt"),
     Variant("xtN", "(c) xt_cluster node 1 of 8, non-owner: all flows", "random", "xt", (), 1 / 8),
+    Variant("xdp8", "(x) XDP program (native), 8 of 8 live, owned flows", "own8", "xdp", _ALL),
+    Variant("xdp2", "(x) XDP program (native), 2 of 8 live, owned flows", "own2", "xdp", (0, 1)),
+    Variant(
+        "xdpN",
+        "(x) XDP program (native), non-owner: 8 of 8, all flows",
+        "random",
+        "xdp",
+        _ALL,
+        1 / 8,
+    ),
+    Variant("xdpg", "(x') XDP program (generic), owns every bucket", "random", "xdpg", _ALL),
+    Variant("xdpgN", "(x') XDP program (generic), owns no bucket", "random", "xdpg", (), 0.0),
 )
-TCP_VARIANTS = ("none", "nft2", "xt")
+TCP_VARIANTS = ("none", "nft2", "xt", "xdpg")
+XDP_KINDS = ("xdp", "xdpg")
 # The second, short pass with few flows (everything cache-hot): what is cache misses.
 FEW_FLOWS = 256
 FEW_KEYS = ("gen", "none", "ct", "min", "minb", "nft2")
@@ -180,6 +196,7 @@ class Bench:
         self.cpu: int = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
         self.lab = dp_net.Lab(vip=VIP, dport=DPORT, pool=str(dp_flows.POOL))
         self.dataplanes: list[Dataplane] = []
+        self.xdp: dict[str, XdpDataplane] = {}
         self.gen: Generator | None = None
         self.frames: dict[str, bytes] = {}
         self.ifindex: dict[str, int] = {}
@@ -221,7 +238,17 @@ class Bench:
             elif v.kind == "xt":
                 for rule in xt_rules():
                     dp_net.ns_run(ns, "iptables", "-t", "mangle", "-A", "PREROUTING", *rule)
+            elif v.kind in XDP_KINDS:
+                mode = "native" if v.kind == "xdp" else "generic"
+                pins = Path("/sys/fs/bpf") / f"{ns}-pins"
+                x = XdpDataplane(spec(), "r0", pins, netns=ns, mode=mode)
+                self.xdp[v.key] = x
+                mine = owned(v.live) if v.kind == "xdp" else frozenset(range(BUCKETS))
+                if v.kind == "xdpg" and not v.live:
+                    mine = frozenset()
+                installs[v.key] = round(x.install({GROUP: GroupBuckets(owned=mine)}) * 1000, 1)
         info["nft_install_ms"] = installs
+        info["xdp"] = {k: x.describe() for k, x in self.xdp.items()}
         info["ranges"] = {
             v.key: len(assign(v.live).ranges(NODE)) for v in self.variants if v.kind == "nft"
         }
@@ -234,6 +261,9 @@ class Bench:
         for d in self.dataplanes:
             d.nft.close()
         self.dataplanes.clear()
+        for x in self.xdp.values():
+            x.remove()
+        self.xdp.clear()
         if self.gen is not None:
             self.gen.close()
         self.lab.close()
@@ -250,6 +280,8 @@ class Bench:
         """One ``BPF_PROG_RUN`` of ``repeat`` frames; raw counter deltas."""
         ns = self.lab.receivers.get(v.key)
         snap0 = dp_net.snmp(ns) if ns else {}
+        xdp = self.xdp.get(v.key)
+        seen0 = _xdp_seen(xdp)
         cpu0 = dp_net.cpu_times(self.cpu)
         k0 = dp_net.task_ns(self.ksoftirqd)
         w0, t0 = time.perf_counter_ns(), time.thread_time_ns()
@@ -257,7 +289,12 @@ class Bench:
         w1, t1 = time.perf_counter_ns(), time.thread_time_ns()
         k1 = dp_net.task_ns(self.ksoftirqd)
         snap1: dict[str, int] = {}
-        if ns:
+        seen = 0
+        if xdp is not None:  # dropped frames never reach IP: count what the program saw
+            dp_net.settle(lambda: min(seen0 + repeat, _xdp_seen(xdp)), seen0 + repeat)
+            seen = _xdp_seen(xdp) - seen0
+            snap1 = dp_net.snmp(ns) if ns else {}
+        elif ns:
             target = snap0["Ip.InReceives"] + repeat
             dp_net.settle(lambda: min(target, dp_net.snmp(ns)["Ip.InReceives"]), target)
             snap1 = dp_net.snmp(ns)
@@ -268,7 +305,7 @@ class Bench:
 
         out = {
             "sent": repeat,
-            "received": d("Ip.InReceives") if ns else repeat,
+            "received": seen if xdp is not None else d("Ip.InReceives") if ns else repeat,
             "delivered": d("Udp.InDatagrams") + d("Udp.RcvbufErrors"),
             "noports": d("Udp.NoPorts"),
             "wall_ns": w1 - w0,
@@ -327,6 +364,9 @@ class Bench:
         self.lab.tcp_route("none", clients["none"], None)
         self.lab.tcp_route("nft2", clients["nft2"], mac)
         self.lab.tcp_route("xt", clients["xt"], mac)
+        if "xdpg" in self.lab.index:  # owns every bucket: any client port is its flow
+            clients["xdpg"] = f"198.18.{self.lab.index['xdpg']}.1"
+            self.lab.tcp_route("xdpg", clients["xdpg"], mac)
         # Ports the worst-case node owns for (nft2 client, any port, VIP, 5201): a run of 8
         # for the control connections (the ephemeral range of the sender namespace) and
         # single ones for the data connections (iperf3 --cport), a fresh one per run.
@@ -389,11 +429,35 @@ class Bench:
             ),
         }
 
+    def prog_ns(self, repeat: int = 200_000) -> dict[str, Any]:
+        """The XDP program alone (``BPF_PROG_RUN`` with ``repeat``): ns per owned and per
+        dropped frame, and the same for the no-filter pass-through of a non-VIP frame."""
+        x = self.xdp.get("xdp2")
+        if x is None:
+            return {}
+        vip = ipaddress.IPv4Address(VIP)
+        out: dict[str, Any] = {}
+        mine = owned((0, 1))
+        rng = np.random.default_rng(7)
+        for label, want in (("owned", True), ("dropped", False)):
+            for _ in range(10_000):
+                src = ipaddress.IPv4Address(int(rng.integers(0xC6128000, 0xC612FFFF)))
+                port = int(rng.integers(1024, 65535))
+                flow = Flow(src, port, vip, DPORT, "udp")
+                if (flow_bucket(flow, BUCKETS, SEED) in mine) == want:
+                    break
+            frame = dp_flows.single_udp_frame(multicast_mac(GROUP_IP), flow)
+            runs = [x.test_run(frame, repeat)[2] for _ in range(5)]
+            out[f"{label}_ns"] = stats([float(r) for r in runs])
+        return out
+
     def counters(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         nft_vs = [v for v in self.variants if v.kind == "nft"]
         for v, d in zip(nft_vs, self.dataplanes, strict=True):
             out[v.key] = d.counters()[GROUP]
+        for key, x in self.xdp.items():
+            out[key] = x.counters()[GROUP]
         for v in self.variants:
             if v.kind == "xt":
                 out[v.key] = dp_net.ns_run(
@@ -410,6 +474,14 @@ CT_ONLY = """table inet mhtB_ct {
 \t}
 }
 """
+
+
+def _xdp_seen(x: XdpDataplane | None) -> int:
+    """Frames the XDP program decided on (passed or dropped)."""
+    if x is None:
+        return 0
+    c = x.counters()[GROUP]
+    return c["accepted_packets"] + c["dropped_packets"]
 
 
 def min_filter(buckets: frozenset[int], bitmap: bool = False) -> str:
@@ -561,6 +633,24 @@ def verdicts(summary: dict[str, Any], tcp: dict[str, Any], few: dict[str, Any]) 
             "e2e_median": e["median"],
             "vs_conntrack_only_median": summary[key]["ratio_rx_capacity_vs_ct"]["median"],
         }
+    for key, target in (("xdp8", CAPACITY_TARGET), ("xdp2", CAPACITY_TARGET), ("xdpN", 3.0)):
+        if key in summary:
+            r = summary[key]["ratio_rx_capacity"]
+            out[f"capacity_{key}"] = {
+                "target": target,
+                "median": r["median"],
+                "min": r["min"],
+                "met": r["median"] >= target,
+            }
+    if "xdpg" in tcp:
+        r = tcp["xdpg"]["ratio"]
+        out["tcp_accepted_xdpg"] = {
+            "target": XDP_TCP_TARGET,
+            "median": r["median"],
+            "min": r["min"],
+            "per_cpu_median": tcp["xdpg"]["ratio_per_cpu"]["median"],
+            "met": r["median"] >= XDP_TCP_TARGET,
+        }
     if not tcp:
         return out
     r, c = tcp["nft2"]["ratio"], tcp["nft2"]["ratio_per_cpu"]
@@ -648,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
             done = ", ".join(f"{r['variant']} {r['ns_per_pkt']:.0f}" for r in rnd)
             print(f"round {n + 1}/{rounds} (ns/pkt): {done}", file=sys.stderr)
         counters = bench.counters()
+        prog_ns = bench.prog_ns()
         tcp_runs: list[list[dict[str, Any]]] = []
         tcp_info: dict[str, Any] = {}
         if not args.no_tcp:
@@ -696,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         "verdicts": verdicts(summary, tcp, few),
         "few_flows": few,
         "filter_counters_total": counters,
+        "xdp_program_ns": prog_ns,
         "runs": runs,
         "tcp_runs": tcp_runs,
     }

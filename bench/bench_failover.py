@@ -77,10 +77,11 @@ def trial(state: LabState, i: int, node: str, how: str) -> dict[str, Any]:
     return row
 
 
-def run(trials: int) -> dict[str, Any]:
+def run(trials: int, backend: str = "auto") -> dict[str, Any]:
     info = fc.machine()
     rows: list[dict[str, Any]] = []
-    with fc.lab(PREFIX, 4, metrics=True) as state:
+    with fc.lab(PREFIX, 4, metrics=True, backend=backend) as state:
+        info["dataplane"] = state.agents.get("dataplane", {})
         members = list(state.topology.members)
         failover.wait_converged(state, members, quiet=True, timeout=60)
         for i in range(2 * trials):
@@ -150,10 +151,15 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20, help="per failure kind (default 20)")
     ap.add_argument("--md", action="store_true", help="rewrite bench/results_failover.md")
     ap.add_argument("--plot", action="store_true", help="rewrite bench/failover.png")
+    ap.add_argument(
+        "--backend", choices=("auto", "xdp", "nft"), default="auto", help="the agents' data plane"
+    )
     args = ap.parse_args()
-    data = run(args.trials)
-    data["command"] = f".venv/bin/python bench/bench_failover.py --trials {args.trials}"
-    fc.save_part("default", data)
+    data = run(args.trials, args.backend)
+    data["command"] = (
+        f".venv/bin/python bench/bench_failover.py --trials {args.trials} --backend {args.backend}"
+    )
+    fc.save_part("default" if args.backend == "auto" else f"backend-{args.backend}", data)
     print(report(data))
     for line in verdict(data):
         print(line)

@@ -215,3 +215,11 @@ def udp_frame(dst_mac: bytes, src_mac: bytes, daddr: bytes, dport: int, flows: F
     ip = ip_header(src, daddr, ip_checksum(ip_header(src, daddr)))
     udp = struct.pack("!HHHH", int(flows.sport[0]), dport, 8 + FRAME_PAYLOAD, 0)
     return dst_mac + src_mac + b"\x08\x00" + ip + udp + bytes(FRAME_PAYLOAD)
+
+
+def single_udp_frame(dst_mac: bytes, flow: Flow) -> bytes:
+    """One frame of one IPv4 UDP ``multihost.flowhash.Flow`` (the same 60-byte layout)."""
+    src, dst = flow.saddr.packed, flow.daddr.packed
+    ip = ip_header(src, dst, ip_checksum(ip_header(src, dst)))
+    udp = struct.pack("!HHHH", flow.sport, flow.dport, 8 + FRAME_PAYLOAD, 0)
+    return dst_mac + bytes(6) + b"\x08\x00" + ip + udp + bytes(FRAME_PAYLOAD)

@@ -1,15 +1,14 @@
 """The agent: the one event loop that owns this node's share of the traffic IPs.
 
-Owns: the sockets and the clock, wired to the pure cores and layers below -- host setup
-(traffic IPs on ``lo``, ARP sysctls, multicast membership), the nft data plane (installed
-here: an owner-flagged table held through this process's persistent nft context, so the
-kernel drops it and the node stops answering if this process dies; afterwards programmed
-only through :mod:`multihost.agent_kernel`'s thread), the ARP responder, the heartbeat
-socket, the membership timer and the link watch (their inputs go to
-:mod:`multihost.agent_membership`, whose actions this module carries out), or manual mode,
-where ``set-live`` requests decide the live set; the control socket, metrics, systemd
-notifications and signals (SIGTERM/SIGINT: clean stop that releases everything; SIGHUP:
-reload the configuration if it is valid).
+Owns: the process and its event loop, wired to the layers below -- host setup (traffic
+IPs on ``lo``, ARP sysctls, multicast membership), starting the data plane backend (nft:
+an owner-flagged table held through this process's nft context, so the kernel drops it if
+this process dies; or XDP; afterwards programmed only through :mod:`multihost.agent_kernel`'s
+thread), the ARP responder, membership (:mod:`multihost.agent_heartbeats` owns the
+heartbeat socket, timer and link watch and carries out :mod:`multihost.agent_membership`'s
+actions) or manual mode, where ``set-live`` requests decide the live set; the control
+socket, ``status``, metrics, systemd notifications and signals (SIGTERM/SIGINT: clean stop
+that releases everything; SIGHUP: reload the configuration if it is valid).
 
 Must not: decide ownership or membership itself (``ownership``/``membership`` do), render
 nft rules (``dataplane.ruleset`` does), or wait for the kernel on the event loop (heartbeats
@@ -34,8 +33,8 @@ from multihost.agent_membership import MembershipGlue, membership_config
 from multihost.assignment import merge_ranges
 from multihost.config import Config, ConfigError, load_config, read_key
 from multihost.control import serve
+from multihost.dataplane import backend as dataplanes
 from multihost.dataplane.hostsetup import HostSetup
-from multihost.dataplane.nft import Dataplane
 from multihost.dataplane.responder import Responder
 from multihost.dataplane.ruleset import GroupSpec, RulesetSpec
 from multihost.handover import Handover
@@ -48,6 +47,10 @@ from multihost.simulation import fraction_text
 
 #: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
 COUNTER_EVERY = 5
+#: Manual mode on the XDP backend: the kernel lease, renewed every housekeeping tick.  The
+#: XDP program outlives a killed agent (nft's owned table does not), so without a lease a
+#: dead manual agent's node would go on taking new flows.
+MANUAL_XDP_LEASE_MS = 3000
 
 
 def ruleset_spec(cfg: Config) -> RulesetSpec:
@@ -84,7 +87,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._cleanups: list[tuple[str, Callable[[], Any]]] = []
         self.host: HostSetup | None = None
-        self.dataplane: Dataplane | None = None
+        self.dataplane: dataplanes.Backend | None = None
         self.responder: Responder | None = None
         self.membership: MembershipGlue | None = None
         self.heartbeats: HeartbeatLoop | None = None
@@ -152,11 +155,19 @@ class Agent:
         await asyncio.to_thread(self.host.apply)
         host = self.host
         self._undo("host", lambda: asyncio.to_thread(host.restore))
-        # Fail-closed from the first packet: the table exists, owning nothing.
-        self.dataplane = Dataplane(ruleset_spec(cfg))
-        self.dataplane.install(self.kernel.state())
+        # Fail-closed from the first packet: the filter exists, owning nothing.
+        started = dataplanes.start(
+            ruleset_spec(cfg),
+            self.kernel.state(),
+            choice=cfg.cluster.dataplane,
+            interface=cfg.cluster.interface,
+            pins=dataplanes.pin_dir(cfg.cluster.bpf_pin_root, cfg.cluster.name, self.node.name),
+            xdp_mode=cfg.cluster.xdp_mode,
+        )
+        self.dataplane = started.backend
         self.kernel.start(self.dataplane, loop)
         self._undo("dataplane", self._remove_dataplane)
+        self.log("dataplane", **self.dataplane.describe(), reason=started.reason)
         vip_mac = multicast_mac(cfg.cluster.multicast_group)
         self.responder = Responder(cfg.cluster.interface, addresses, vip_mac)
         loop.add_reader(self.responder.fileno(), self.responder.on_readable)
@@ -207,6 +218,8 @@ class Agent:
         ticks = 0
         while not self._stop.is_set():
             try:
+                if self.manual and self.dataplane is not None and self.dataplane.backend == "xdp":
+                    self.kernel.set_lease(time.monotonic() + MANUAL_XDP_LEASE_MS / 1000)
                 if self.dataplane is not None and ticks % COUNTER_EVERY == 0:
                     self._packets = await self.kernel.call(self.dataplane.counters)
                 await self.kernel.handover_tick(self.others_draining)
@@ -365,6 +378,9 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "live": list(live),
             "groups": groups,
+            "dataplane": self.dataplane.describe()
+            if self.dataplane is not None
+            else {"backend": None, "mode": None, "program_id": None},
             "kernel": {
                 "updates": self.kernel.updates,
                 "last_update_ms": self.kernel.last_update_ms,

@@ -8,7 +8,7 @@ this node's :class:`~multihost.handover.Handover` sets, the state submitted to a
 state applied by the kernel, retargeting, the handover tick (flows still in use ->
 drained, incoming -> owned), and the kernel bookkeeping ``status`` shows.
 
-Must not: block the event loop on the kernel (nft transactions, XDP map writes and conntrack
+Must not: block the event loop on the kernel (nft transactions, XDP map writes and flow
 dumps all run in threads, so a slow update never delays a heartbeat), decide ownership
 (``membership``/``ownership`` do), or know sockets and heartbeats.  A lease is queued as an
 absolute deadline and turned into milliseconds when it is written, so a write that waited
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from multihost.config import Config
-from multihost.dataplane.conntrack import GroupFlows, buckets_in_use, dump_entries
+from multihost.dataplane.backend import Backend
+from multihost.dataplane.conntrack import GroupFlows, buckets_in_use
 from multihost.dataplane.ruleset import GroupBuckets
 from multihost.handover import Handover
 from multihost.logfmt import EventLog
@@ -41,8 +42,8 @@ INF = float("inf")
 
 
 class KernelPlane(Protocol):
-    """What the agent needs of a data plane backend (``dataplane.nft.Dataplane`` and any
-    other backend with the same methods)."""
+    """What the kernel thread writes through (the part of ``dataplane.backend.Backend``
+    that changes the kernel)."""
 
     def update(self, state: Mapping[str, GroupBuckets]) -> Any: ...
     def set_lease(self, expires_ms: int | None) -> None: ...
@@ -204,15 +205,17 @@ class KernelSync:
         self._on_applied = on_applied
         self._on_confirm = on_confirm
         self._thread: KernelThread | None = None
+        self._plane: Backend | None = None
         self._lease_writes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.updates = 0
         self.last_update_ms: float | None = None
         self.flows_draining: int | None = 0  # flows left in draining buckets (last look)
 
-    def start(self, plane: KernelPlane, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, plane: Backend, loop: asyncio.AbstractEventLoop) -> None:
         """From now on the kernel is programmed only through this object's thread."""
         self._loop = loop
+        self._plane = plane
 
         def deliver(done: Done) -> None:
             loop.call_soon_threadsafe(self._done, done)
@@ -331,10 +334,10 @@ class KernelSync:
             return
         now = time.monotonic()
         if self.handover.draining_count():
-            try:
-                in_use = await asyncio.to_thread(self._flows_in_use)
-            except Exception as e:  # conntrack unreadable: fall back to max_drain
-                self.log("conntrack-failed", level="warning", error=repr(e))
+            try:  # in the kernel thread: the backend reads its own flow state
+                in_use = await self.call(self._flows_in_use)
+            except Exception as e:  # flows unreadable: fall back to max_drain
+                self.log("flows-unreadable", level="warning", error=repr(e))
                 in_use = None
             remaining = 0
             for g in self.handover.groups:
@@ -352,10 +355,12 @@ class KernelSync:
         self.sync(None, "handover")
 
     def _flows_in_use(self) -> dict[str, Counter[int]]:
-        """Per group, bucket -> this node's flows in it (conntrack; in a thread)."""
+        """Per group, bucket -> this node's flows in it (conntrack, or sockets + the XDP
+        flow map: the backend's ``flow_rows``).  Runs in the kernel thread."""
+        assert self._plane is not None
         cfg = self.cfg
         groups = {g.name: GroupFlows(frozenset(g.addresses), g.hash) for g in cfg.groups}
-        return buckets_in_use(dump_entries(), groups, cfg.buckets, cfg.cluster.hash_seed)
+        return buckets_in_use(self._plane.flow_rows(), groups, cfg.buckets, cfg.cluster.hash_seed)
 
     def status(self) -> dict[str, Any]:
         snaps = self.handover.all_snapshots().values()

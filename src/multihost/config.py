@@ -61,6 +61,9 @@ class ClusterConfig:
     max_drain_ms: int = 60_000
     control_socket: Path = Path("/run/multihost/control.sock")
     metrics_address: str | None = None  # "HOST:PORT"; None = off
+    dataplane: str = "auto"  # "auto" | "xdp" | "nft" (see multihost.dataplane.backend)
+    xdp_mode: str = "auto"  # "auto" (native, else generic) | "native" | "generic"
+    bpf_pin_root: Path = Path("/sys/fs/bpf/multihost")  # on a BPF filesystem
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,17 @@ def _seed(r: _Reader, name: str, cluster_name: str) -> int:
     return int(value)
 
 
+DATAPLANES = ("auto", "xdp", "nft")
+XDP_MODES = ("auto", "native", "generic")
+
+
+def _choice(r: _Reader, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = r.get(name, str, default)
+    if value not in choices:
+        raise r.err(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return str(value)
+
+
 def _cluster(source: str, raw: Any) -> ClusterConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, "cluster", "a [cluster] table is required")
@@ -247,7 +261,12 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         max_drain_ms=r.int_in("max_drain_ms", 0, 86_400_000, 60_000),
         control_socket=Path(r.get("control_socket", str, "/run/multihost/control.sock")),
         metrics_address=metrics,
+        dataplane=_choice(r, "dataplane", DATAPLANES, "auto"),
+        xdp_mode=_choice(r, "xdp_mode", XDP_MODES, "auto"),
+        bpf_pin_root=Path(r.get("bpf_pin_root", str, "/sys/fs/bpf/multihost")),
     )
+    if not cfg.bpf_pin_root.is_absolute():
+        raise r.err("bpf_pin_root", f"{str(cfg.bpf_pin_root)!r} must be an absolute path")
     r.finish()
     return cfg
 

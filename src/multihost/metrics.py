@@ -89,6 +89,16 @@ class _SnapshotCollector(Collector):
                 by.add_metric([node, grp, verdict], vals.get(f"{verdict}_bytes", 0))
         yield pk
         yield by
+        xp = CounterMetricFamily(
+            "multihost_xdp_packets",
+            "Packets to traffic IPs by XDP program verdict (xdp data plane only)",
+            labels=["node", "group", "verdict"],
+        )
+        for grp, vals in sorted(s.packets.items()):
+            for key, n in sorted(vals.items()):
+                if key.startswith("xdp_") and key.endswith("_packets"):
+                    xp.add_metric([node, grp, key[4 : -len("_packets")]], n)
+        yield xp
         c = CounterMetricFamily(
             "multihost_arp", "ARP/NDP responder counters", labels=["node", "counter"]
         )

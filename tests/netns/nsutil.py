@@ -71,26 +71,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def cleanup_stale() -> None:
-    """Delete ``mhtA-<pid>-...`` namespaces left behind by test runs that no longer exist."""
+def cleanup_stale(prefix: str = PREFIX) -> None:
+    """Delete ``<prefix><pid>-...`` namespaces (default ``mhtA-``) left behind by test runs
+    that no longer exist."""
     for name in namespaces():
         parts = name.split("-")
-        stale = name.startswith(PREFIX) and len(parts) >= 3 and parts[1].isdigit()
+        stale = name.startswith(prefix) and len(parts) >= 3 and parts[1].isdigit()
         if stale and not _pid_alive(int(parts[1])):
             run("ip", "netns", "delete", name, check=False)
 
 
 @contextmanager
-def netns_group(*roles: str) -> Iterator[dict[str, str]]:
-    """Create one namespace per role (lo up); always delete them all on exit."""
+def netns_group(*roles: str, prefix: str = PREFIX) -> Iterator[dict[str, str]]:
+    """Create one namespace per role (lo up), named ``<prefix><pid>-<n>-<role>``; always
+    delete them all on exit."""
     n = next(_counter)
-    names = {r: f"{PREFIX}{os.getpid()}-{n}-{r}" for r in roles}
+    names = {r: f"{prefix}{os.getpid()}-{n}-{r}" for r in roles}
     created: list[str] = []
     try:
         for name in names.values():
             run("ip", "netns", "add", name)
             created.append(name)
-            ns_run(name, "ip", "link", "set", "lo", "up")
+            run("ip", "-n", name, "link", "set", "lo", "up")
         yield names
     finally:
         for name in created:

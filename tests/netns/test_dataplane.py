@@ -18,13 +18,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import pytest
 
 from multihost.assignment import assign
+from multihost.dataplane.backend import Backend
 from multihost.dataplane.conntrack import dump_entries
 from multihost.dataplane.hostsetup import HostSetup, HostSetupError, multicast_memberships
 from multihost.dataplane.nft import Dataplane, Nft, NftError, netns_entered
@@ -35,6 +37,7 @@ from multihost.dataplane.ruleset import (
     RulesetSpec,
     render_guard_table,
 )
+from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import Flow, HashMode, IPAddress, flow_bucket
 from multihost.macaddr import format_mac, multicast_mac
 from tests.netns import nsutil
@@ -61,6 +64,7 @@ TRI, SRC = (
 )
 SPEC3 = RulesetSpec(B, SEED, (WEB, TRI, SRC))
 FOUR = HashMode.FOUR_TUPLE
+MakeDp = Callable[[RulesetSpec], Backend]
 
 
 @dataclass
@@ -92,6 +96,26 @@ def lab() -> Iterator[Lab]:
             host.restore()
 
 
+@pytest.fixture(params=["nft", "xdp"])
+def make_dp(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Callable[[RulesetSpec], Backend]]:
+    """A data plane of either backend on the node (tests that hold for both)."""
+    made: list[Backend] = []
+
+    def make(spec: RulesetSpec) -> Backend:
+        dp: Backend
+        if request.param == "nft":
+            dp = Dataplane(spec, lab.nft)
+        else:
+            dp = XdpDataplane(spec, "n0", Path(f"/sys/fs/bpf/{lab.node}-pins"), netns=lab.node)
+        made.append(dp)
+        return dp
+
+    yield make
+    for dp in made:
+        if dp.backend == "xdp":
+            dp.remove()
+
+
 def owning(buckets: frozenset[int]) -> dict[str, GroupBuckets]:
     return {g: GroupBuckets(owned=buckets) for g in ("web", "tri", "src")}
 
@@ -112,21 +136,23 @@ def random_flows(
     ]
 
 
-def counter(dp: Dataplane, group: str) -> nsutil.Counter:
+def counter(dp: Backend, group: str) -> nsutil.Counter:
     def read() -> tuple[int, int]:
         c = dp.counters()[group]
-        return c["accepted_packets"], c["dropped_packets"]
+        # per datagram, as nft counts reassembled ones: XDP also counts later fragments
+        later = c.get("xdp_frag_passed_packets", 0), c.get("xdp_frag_dropped_packets", 0)
+        return c["accepted_packets"] - later[0], c["dropped_packets"] - later[1]
 
     return read
 
 
 def udp_round(
-    lab: Lab, dp: Dataplane, group: str, vip: IPAddress, flows: list[FlowT], **kw: int
+    lab: Lab, dp: Backend, group: str, vip: IPAddress, flows: list[FlowT], **kw: int
 ) -> set[FlowT]:
     return nsutil.udp_round(lab.client, lab.node, counter(dp, group), vip, flows, **kw)
 
 
-def tcp_round(lab: Lab, dp: Dataplane, flows: list[FlowT], owned: set[FlowT]) -> set[FlowT]:
+def tcp_round(lab: Lab, dp: Backend, flows: list[FlowT], owned: set[FlowT]) -> set[FlowT]:
     return nsutil.tcp_round(lab.client, lab.node, counter(dp, "web"), VIP, flows, owned=owned)
 
 
@@ -156,8 +182,8 @@ def established(lab: Lab, flow: FlowT) -> Iterator[tuple[socket.socket, socket.s
 
 
 @pytest.mark.parametrize("owned", [SCATTERED, CONTIGUOUS], ids=["scattered", "contiguous"])
-def test_kernel_bucket_matches_model_udp(lab: Lab, owned: frozenset[int]) -> None:
-    dp = Dataplane(SPEC3, lab.nft)
+def test_kernel_bucket_matches_model_udp(lab: Lab, owned: frozenset[int], make_dp: MakeDp) -> None:
+    dp = make_dp(SPEC3)
     dp.install(owning(owned))
     rng = random.Random(1)
     cases: list[tuple[str, IPAddress, HashMode, list[FlowT]]] = [
@@ -173,8 +199,8 @@ def test_kernel_bucket_matches_model_udp(lab: Lab, owned: frozenset[int]) -> Non
         print(f"{group} ({mode}): {len(flows)} flows, {len(want)} owned, kernel == model")
 
 
-def test_kernel_bucket_matches_model_tcp(lab: Lab) -> None:
-    dp = Dataplane(SPEC3, lab.nft)
+def test_kernel_bucket_matches_model_tcp(lab: Lab, make_dp: MakeDp) -> None:
+    dp = make_dp(SPEC3)
     dp.install(owning(SCATTERED))
     flows = random_flows(random.Random(2), 160, [80], POOL)
     want = predicted(flows, VIP, HashMode.FOUR_TUPLE, SCATTERED, "tcp")
@@ -201,8 +227,8 @@ def test_only_served_flows_reach_conntrack(lab: Lab) -> None:
     assert tracked == want
 
 
-def test_icmp_echo_by_address_hash_and_errors_to_every_node(lab: Lab) -> None:
-    dp = Dataplane(SPEC3, lab.nft)
+def test_icmp_echo_by_address_hash_and_errors_to_every_node(lab: Lab, make_dp: MakeDp) -> None:
+    dp = make_dp(SPEC3)
     dp.install(owning(SCATTERED))
     bucket = {a: flow_bucket(Flow(a, 0, VIP, 0, "icmp"), B, SEED) for a in POOL}
     want = {a for a in POOL if bucket[a] in SCATTERED}
@@ -217,8 +243,10 @@ def test_icmp_echo_by_address_hash_and_errors_to_every_node(lab: Lab) -> None:
     assert counter(dp, "web")() == (before[0] + 1, before[1])
 
 
-def test_fragmented_datagrams_are_reassembled_before_the_hash(lab: Lab) -> None:
-    dp = Dataplane(SPEC3, lab.nft)
+def test_fragmented_datagrams_are_taken_whole_by_the_owner(lab: Lab, make_dp: MakeDp) -> None:
+    """3,000-byte datagrams over a 1,500-byte MTU: nft hashes the reassembled datagram, XDP
+    decides each fragment by its first fragment's verdict -- the same flows either way."""
+    dp = make_dp(SPEC3)
     dp.install(owning(SCATTERED))
     flows = random_flows(random.Random(3), 60, [80], [CLIENT])
     want = predicted(flows, VIP, HashMode.FOUR_TUPLE, SCATTERED)

@@ -100,10 +100,12 @@ def lab_key(state: LabState) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
+def lab(lab_backend: str) -> Iterator[LabState]:
     prefix = f"mhtCh{secrets.token_hex(2)}-"
     try:
-        state = build.build(describe(5, prefix=prefix), dead_after_ms=DEAD_AFTER_MS)
+        state = build.build(
+            describe(5, prefix=prefix), dead_after_ms=DEAD_AFTER_MS, backend=lab_backend
+        )
         wait_converged(state, state.topology.members, timeout=30)
         yield state
     finally:
@@ -349,11 +351,16 @@ def test_partition_without_quorum_serves_buckets_twice(
 
 
 def test_partition_with_quorum_minority_stops_serving(
-    record_property: Callable[[str, object], None],
+    record_property: Callable[[str, object], None], lab_backend: str
 ) -> None:
     prefix = f"mhtCq{secrets.token_hex(2)}-"
     try:
-        state = build.build(describe(5, prefix=prefix), quorum=True, dead_after_ms=DEAD_AFTER_MS)
+        state = build.build(
+            describe(5, prefix=prefix),
+            quorum=True,
+            dead_after_ms=DEAD_AFTER_MS,
+            backend=lab_backend,
+        )
         wait_converged(state, state.topology.members, timeout=30)
         netfaults.partition(state, ["A", "B", "C"], ["D", "E"])
         wait_until(_split(state), 10, "two views A,B,C | D,E")

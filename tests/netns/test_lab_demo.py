@@ -29,10 +29,14 @@ CONNECTIONS = 1200
 
 
 @pytest.fixture(scope="module")
-def result() -> Any:
+def result(lab_backend: str) -> Any:
     prefix = f"mhtF{secrets.token_hex(2)}-"
     cfg = demo.DemoConfig(
-        connections=CONNECTIONS, how="crash", prefix=prefix, events=("fail D", "recover D")
+        connections=CONNECTIONS,
+        how="crash",
+        prefix=prefix,
+        events=("fail D", "recover D"),
+        backend=lab_backend,
     )
     try:
         yield demo.run_demo(cfg)

@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,11 +35,61 @@ def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
+def _sigkill_xdp(lab: LabState, pid: int) -> None:
+    """XDP backend: the program stays attached and pinned after SIGKILL; its kernel lease
+    (manual mode: renewed every second for 3 s) lapses and D takes no new flow; 'multihost
+    cleanup' then detaches and unpins it."""
+    from multihost.dataplane import libbpf
+    from multihost.dataplane.xdplayout import NODE
+
+    d = lab.topology.host("D")
+    pins = agents.bpffs_dir(lab) / f"{lab.topology.prefix.rstrip('-')}-D"
+    os.kill(pid, signal.SIGKILL)
+    fd = libbpf.obj_get(str(pins / "mh_node"))
+    try:
+
+        def lapsed() -> bool:
+            raw = libbpf.map_lookup(fd, bytes(4), NODE.size)
+            assert raw is not None
+            return int.from_bytes(raw[:8], "little") < time.monotonic_ns()
+
+        wait_until(lapsed, 5, "D's kernel lease to lapse")
+    finally:
+        os.close(fd)
+    assert "xdp" in _link(d.netns, d.interface)  # still filtering: others' buckets dropped
+    for proto, n in (("tcp", 400), ("udp", 400)):
+        r = run_probe(lab, proto, n, port_seed=8, timeout=1.0)
+        assert "D" not in r.answered, r.to_dict()
+        assert r.duplicated == 0
+        assert r.timeout + r.failed == r.predicted.get("D", 0), r.to_dict()
+    cfg = lab.agents["config"]
+    out = subprocess.run(
+        ["ip", "netns", "exec", d.netns, *CLI, "cleanup", "--config", cfg, "--node", "D",
+         "--control-socket", str(agents.control_socket(lab, "D")), "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    done = json.loads(out.stdout)
+    assert done["xdp"]["detached"] and done["xdp"]["unpinned"], done
+    assert done["addresses_removed"] == [str(lab.topology.vip)], done
+    assert "xdp" not in _link(d.netns, d.interface) and not pins.exists()
+
+
+def _link(netns: str, dev: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", netns, "link", "show", dev], capture_output=True, text=True, check=True
+    ).stdout
+
+
+CLI = (sys.executable, "-m", "multihost")
+
+
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabState]:
+def lab(lab_backend: str) -> Iterator[LabState]:
     prefix = f"mhtT{secrets.token_hex(2)}-"
     try:
-        state = build.build(describe(4, prefix=prefix), manual=True)
+        state = build.build(describe(4, prefix=prefix), manual=True, backend=lab_backend)
+        assert set(state.agents["dataplane"].values()) == {lab_backend}
         yield state
     finally:
         clean(prefix)
@@ -113,11 +164,14 @@ def test_set_live_during_a_probe_loses_nothing(lab: LabState) -> None:
     assert_clean(run_probe(lab, "tcp", 1000, port_seed=7), 1000)
 
 
-def test_sigkill_of_the_agent_stops_its_node_at_once(lab: LabState) -> None:
+def test_sigkill_of_the_agent_stops_its_node_at_once(lab: LabState, lab_backend: str) -> None:
     rec = agents.agent_record(lab, "D")
     assert rec is not None
-    os.kill(int(rec["pid"]), signal.SIGKILL)
     d = lab.topology.host("D")
+    if lab_backend == "xdp":
+        _sigkill_xdp(lab, int(rec["pid"]))
+        return
+    os.kill(int(rec["pid"]), signal.SIGKILL)
 
     def table_gone() -> bool:
         out = subprocess.run(

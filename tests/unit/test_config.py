@@ -179,3 +179,20 @@ def test_key_file_checks(tmp_path: Path) -> None:
     key.write_bytes(b"short")
     with pytest.raises(ConfigError, match="at least 16"):
         read_key(cfg)
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "reason"),
+    [
+        ('dataplane = "ebpf"', "cluster.dataplane", "not one of 'auto', 'xdp', 'nft'"),
+        ('xdp_mode = "offload"', "cluster.xdp_mode", "not one of 'auto', 'native', 'generic'"),
+        ('bpf_pin_root = "bpf"', "cluster.bpf_pin_root", "must be an absolute path"),
+    ],
+)
+def test_dataplane_keys(line: str, key: str, reason: str) -> None:
+    assert parse_config(MINIMAL).cluster.dataplane == "auto"
+    ok = parse_config(MINIMAL.replace('key_file = "key"', 'key_file = "key"\ndataplane = "nft"'))
+    assert ok.cluster.dataplane == "nft"
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL.replace('key_file = "key"', f'key_file = "key"\n{line}'), "m.toml")
+    assert info.value.key == key and reason in info.value.reason

@@ -24,6 +24,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "agent",
     "status",
     "drain",
+    "cleanup",
     "lab",
 )
 

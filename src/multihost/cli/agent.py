@@ -9,8 +9,10 @@ import argparse
 import asyncio
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
+from multihost.cli.check_config import check_dataplane
 from multihost.cli.common import Formatter, UsageError
 from multihost.config import Config, ConfigError, load_config, read_key
 from multihost.logfmt import EventLog
@@ -74,14 +76,17 @@ def run(args: argparse.Namespace) -> int:
         node = resolve_node(cfg, args.node)
         if not args.manual:
             read_key(cfg)
+        check_dataplane(cfg)  # refuse what check-config refuses
     except ConfigError as e:
         raise UsageError(str(e)) from None
     from multihost.agent import Agent
+    from multihost.dataplane.xdp import XdpError
 
     log = EventLog(node=node)
     agent = Agent(cfg, node, manual=args.manual, control_socket=args.control_socket, log=log)
     try:
         return asyncio.run(agent.run())
-    except OSError as e:
+    except (OSError, XdpError) as e:
         log("failed", level="error", error=str(e))
+        print(f"multihost: error: {e}", file=sys.stderr)
         return 1

@@ -50,6 +50,7 @@ def summary(cfg: Config) -> dict[str, object]:
         "heartbeat_interval_ms": c.heartbeat_interval_ms,
         "dead_after_ms": c.dead_after_ms,
         "hash_seed": f"{c.hash_seed:#010x}",
+        "dataplane": c.dataplane,
         "buckets": cfg.buckets,
         "digest": cfg.digest().hex(),
         "nodes": {n.name: {"address": str(n.address), "slot": n.slot} for n in cfg.nodes},
@@ -64,11 +65,24 @@ def summary(cfg: Config) -> dict[str, object]:
     }
 
 
+def check_dataplane(cfg: Config) -> None:
+    """``dataplane = "xdp"`` on a machine that cannot run it: a ConfigError saying what is
+    missing (the agent refuses to start for the same reason)."""
+    if cfg.cluster.dataplane != "xdp":
+        return
+    from multihost.dataplane.xdp import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ConfigError(cfg.source, "cluster.dataplane", f'"xdp" cannot run here: {reason}')
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
         if not args.no_key:
             read_key(cfg)
+        check_dataplane(cfg)
     except ConfigError as e:
         if args.json:
             print_json(

@@ -18,6 +18,7 @@ from typing import Any
 
 from multihost.assignment import assign, default_table, slots_of
 from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json, render_table
+from multihost.config import DATAPLANES as BACKENDS
 from multihost.lab import build as labbuild
 from multihost.lab.clean import clean as clean_lab
 from multihost.lab.topology import (
@@ -204,6 +205,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument(
         "--max-drain-ms", type=int, metavar="MS", help="cluster.max_drain_ms (default 60000)"
     )
+    a.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
+    )
     add_json_flag(a)
 
     desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
@@ -293,10 +300,19 @@ def run_up(args: argparse.Namespace) -> int:
         dead_after_ms=args.dead_after_ms,
         quorum=args.quorum,
         max_drain_ms=args.max_drain_ms,
+        backend=args.backend,
     )
     took = time.monotonic() - started
     if args.json:
-        print_json({**topo.summary(), "state": str(state.path), "seconds": round(took, 2)})
+        print_json(
+            {
+                **topo.summary(),
+                "state": str(state.path),
+                "seconds": round(took, 2),
+                "backend": args.backend,
+                "dataplane": state.agents.get("dataplane", {}),
+            }
+        )
         return 0
     print(
         f"lab {topo.prefix} is up: {len(topo.nodes)} nodes, {len(topo.clients)} client(s), "

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from multihost.cli.common import UsageError, add_json_flag, print_json
+from multihost.config import DATAPLANES as BACKENDS
 from multihost.lab.build import LabState, require_root
 from multihost.lab.topology import default_prefix, validate_prefix
 
@@ -79,6 +80,12 @@ def register_actions(action: Action, state_of: StateOf) -> None:
     a.add_argument("--keep", action="store_true", help="keep a lab this run built")
     a.add_argument("--agent-nice", type=int, metavar="N", help="run the agents at nice N")
     a.add_argument("--quorum", action="store_true", help="build the lab with quorum = true")
+    a.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="when building: cluster.dataplane of the agents (default auto)",
+    )
     add_json_flag(a)
     a = action("loss", "drop a share of the heartbeats", LOSS, _loss(state_of))
     a.add_argument("percent", type=int, metavar="PERCENT")
@@ -118,6 +125,7 @@ def _chaos(args: argparse.Namespace) -> int:
         rate=args.rate,
         agent_nice=args.agent_nice,
         quorum=args.quorum,
+        backend=args.backend,
         progress=say,
     )
     if args.json:

@@ -14,6 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 from multihost.cli.common import add_json_flag, print_json, render_table
+from multihost.config import DATAPLANES as BACKENDS
 from multihost.lab import build as labbuild
 from multihost.lab import demo, faults
 from multihost.lab.topology import validate_prefix
@@ -56,13 +57,21 @@ def register_actions(action: Action, state_of: Callable[[argparse.Namespace], An
         help="TCP connections per step (default 2000)",
     )
     a.add_argument("--how", choices=faults.HOWS, default="crash", help="default: crash")
+    a.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
+    )
     add_json_flag(a)
 
 
 def run(args: argparse.Namespace) -> int:
     labbuild.require_root()
     prefix = validate_prefix(args.prefix or demo.DEFAULT_PREFIX)
-    cfg = demo.DemoConfig(connections=args.connections, how=args.how, prefix=prefix)
+    cfg = demo.DemoConfig(
+        connections=args.connections, how=args.how, prefix=prefix, backend=args.backend
+    )
 
     def progress(msg: str) -> None:
         print(f"demo: {msg}", file=sys.stderr, flush=True)

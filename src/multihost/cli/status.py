@@ -94,6 +94,10 @@ def to_text(st: dict[str, Any]) -> str:
                 f"  packets accepted {pk.get('accepted_packets', 0)},"
                 f" dropped {pk.get('dropped_packets', 0)}"
             )
+    dp = st.get("dataplane") or {}
+    if dp.get("backend"):
+        where = f" ({dp['mode']} XDP, program {dp['program_id']})" if dp.get("mode") else ""
+        lines += ["", f"data plane: {dp['backend']}{where}"]
     k = st.get("kernel", {})
     if k.get("last_update_ms") is not None:
         lines += ["", f"kernel updates {k['updates']}, last took {k['last_update_ms']:.2f} ms"]

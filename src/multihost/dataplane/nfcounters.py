@@ -10,7 +10,8 @@ heartbeats stalled and peers declared it dead).  The dump asks the kernel for co
 objects only: well under a millisecond.
 
 Also the small netlink dump helpers :mod:`.conntrack` shares (``attr``, ``parse_attrs``,
-``walk``: the messages of one receive; ``dump``: request and receive until done).
+``walk``: the messages of one receive; ``dump``: request and receive until done, which
+:mod:`.sockdiag` also uses on a ``NETLINK_SOCK_DIAG`` socket).
 
 Must not: change anything in the kernel (a read-only request; it needs no ownership of the
 table), or decide when to read (the agent does).
@@ -89,10 +90,17 @@ def walk(
     return out, False
 
 
-def dump(request: bytes, decode: Callable[[bytes], bool], timeout: float, rcvbuf: int = 0) -> None:
-    """Send one dump ``request`` on a fresh ``NETLINK_NETFILTER`` socket (current netns)
-    and feed every receive to ``decode`` until it reports the dump complete."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+def dump(
+    request: bytes,
+    decode: Callable[[bytes], bool],
+    timeout: float,
+    rcvbuf: int = 0,
+    protocol: int = NETLINK_NETFILTER,
+) -> None:
+    """Send one dump ``request`` on a fresh netlink socket of ``protocol`` (default
+    ``NETLINK_NETFILTER``; current netns) and feed every receive to ``decode`` until it
+    reports the dump complete."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as sock:
         sock.settimeout(timeout)
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)

@@ -291,6 +291,8 @@ class Dataplane:
     ``fast_path=False`` sends element updates through libnftables JSON instead of netlink.
     """
 
+    backend = "nft"
+
     def __init__(
         self, spec: RulesetSpec, nft: Nft | None = None, *, fast_path: bool = True
     ) -> None:
@@ -402,6 +404,17 @@ class Dataplane:
                 row[f"{kind}_bytes"] = nbytes
             out[group.name] = row
         return out
+
+    def describe(self) -> dict[str, Any]:
+        """For ``status``: the backend (the XDP-only keys are null)."""
+        return {"backend": "nft", "mode": None, "program_id": None}
+
+    def flow_rows(self) -> list[tuple[str, int, str, int, int, int | None]]:
+        """This node's flows to traffic IPs: the conntrack dump (blocks: run in a thread)."""
+        from multihost.dataplane.conntrack import dump_entries
+
+        with netns_entered(self.nft.netns):
+            return dump_entries()
 
     def remove(self) -> None:
         """Clean stop: delete the owned and the guard table (one transaction)."""

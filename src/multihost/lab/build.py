@@ -169,11 +169,12 @@ def build(
     metrics: bool = False,
     quorum: bool = False,
     max_drain_ms: int | None = None,
+    backend: str = "auto",
 ) -> LabState:
     """Create the lab, start its services and agents; all or nothing.
 
-    ``heartbeat_ms``/``dead_after_ms``/``metrics``/``quorum``/``max_drain_ms``: see
-    :func:`agents.start_agents`.
+    ``heartbeat_ms``/``dead_after_ms``/``metrics``/``quorum``/``max_drain_ms``/``backend``:
+    see :func:`agents.start_agents`.
 
     Raises :class:`LabError` if a lab with the prefix exists or a step fails; in the
     latter case everything built so far has been removed before the error is raised.
@@ -199,8 +200,12 @@ def build(
         live=list(topology.members),
         agents={"manual": manual},
     )
-    timing = {"heartbeat_ms": heartbeat_ms, "dead_after_ms": dead_after_ms, "metrics": metrics}
-    timing.update(quorum=quorum, max_drain_ms=max_drain_ms)
+    timing: dict[str, object] = {
+        "heartbeat_ms": heartbeat_ms,
+        "dead_after_ms": dead_after_ms,
+        "metrics": metrics,
+    }
+    timing.update(quorum=quorum, max_drain_ms=max_drain_ms, backend=backend)
     state.agents.update({k: v for k, v in timing.items() if v})
     steps: list[tuple[str, Callable[[LabState], None]]] = [
         ("creating namespaces", create_namespaces),
@@ -460,6 +465,7 @@ def _start_agents(state: LabState) -> None:
         metrics=bool(a.get("metrics", False)),
         quorum=bool(a.get("quorum", False)),
         max_drain_ms=a.get("max_drain_ms"),
+        backend=str(a.get("backend") or "auto"),
     )
     state.agents = dict(result or {})
 

@@ -416,6 +416,7 @@ def run_lab(
     keep: bool = False,
     max_drain_ms: int | None = None,
     quorum: bool = False,
+    backend: str = "auto",
     **kw: Any,
 ) -> dict[str, Any]:
     """:func:`run` on the lab with ``prefix``; builds a ``nodes``-node lab if there is none
@@ -426,7 +427,7 @@ def run_lab(
     if state is None:
         drain = max_drain_ms if max_drain_ms is not None else int((duration + 120) * 1000)
         topo = describe(nodes or 4, prefix=prefix, seed=seed)
-        state = build.build(topo, max_drain_ms=drain, quorum=quorum)
+        state = build.build(topo, max_drain_ms=drain, quorum=quorum, backend=backend)
     elif nodes is not None and len(state.topology.nodes) != nodes:
         raise LabError(f"lab {prefix!r} has {len(state.topology.nodes)} nodes, not {nodes}")
     try:
@@ -434,6 +435,7 @@ def run_lab(
         res["lab_built"] = built
         res["max_drain_ms"] = state.agents.get("max_drain_ms", 60_000)
         res["quorum"] = bool(state.agents.get("quorum", False))
+        res["dataplane"] = state.agents.get("dataplane", {})
         return res
     finally:
         if built and not keep:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -260,6 +261,15 @@ def remove_lab(
     for name in names:
         remove_namespace(name, prefix, report)
     directory = state_dir(prefix)
+    bpffs = directory / "bpf"
+    if os.path.ismount(bpffs):  # the lab's BPF filesystem: unmounting frees its pins
+        proc = subprocess.run(
+            ["umount", "-l", str(bpffs)], check=False, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            report.errors.append(f"{bpffs}: umount: {proc.stderr.strip()}")
+        else:
+            report.paths.append(str(bpffs))
     if directory.exists():
         try:
             shutil.rmtree(directory)

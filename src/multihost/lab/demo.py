@@ -49,6 +49,7 @@ class DemoConfig:
     nodes: int = 4
     seed: int | None = None
     converge_timeout: float = 30.0
+    backend: str = "auto"  # cluster.dataplane of the lab's agents
 
 
 def shares(members: Sequence[str], live: Sequence[str]) -> dict[str, Fraction]:
@@ -129,7 +130,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     with _sigterm_as_interrupt():
         say(f"building a {cfg.nodes}-node lab (prefix {cfg.prefix}, seed {topo.seed_text})")
         started = time.monotonic()
-        state = build.build(topo, lambda step: say(f"  {step}"))
+        state = build.build(topo, lambda step: say(f"  {step}"), backend=cfg.backend)
         try:
             steps = [_step(state, "start", cfg, rng, say)]
             for ev in cfg.events:
@@ -139,6 +140,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
                 "prefix": cfg.prefix,
                 "seed": topo.seed_text,
                 "how": cfg.how,
+                "backend": cfg.backend,
+                "dataplane": state.agents.get("dataplane", {}),
                 "seconds": round(time.monotonic() - started, 1),
             }
         finally:

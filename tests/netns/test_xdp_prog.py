@@ -1,0 +1,317 @@
+"""The loaded XDP program against the Python model, flow by flow (``BPF_PROG_RUN``).
+
+Every test loads the real object (``make setup`` builds it), attaches it to a veth inside a
+namespace of its own and pins it under a fresh directory of /sys/fs/bpf; the fixture
+detaches and unpins whatever happens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, RulesetSpec
+from multihost.dataplane.xdp import XdpDataplane, is_bpffs, unavailable_reason
+from multihost.dataplane.xdplayout import BucketState
+from multihost.flowhash import Flow, HashMode, flow_bucket
+from tests.netns import xdpframes as xf
+from tests.netns.nsutil import netns_group, ns_run
+
+VIP4 = ipaddress.ip_address("198.18.0.100")
+VIP6 = ipaddress.ip_address("2001:db8::100")
+BUCKETS = 40320
+FLOWS_PER_MODE = 10_000
+BPF_ROOT = Path("/sys/fs/bpf")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the XDP backend must be available for these tests: {reason}")
+    if not is_bpffs(BPF_ROOT):
+        pytest.skip(f"{BPF_ROOT} is not a BPF filesystem")
+    with netns_group("x") as names:
+        ns = names["x"]
+        ns_run(ns, "ip", "link", "add", "x0", "type", "veth", "peer", "name", "x1")
+        ns_run(ns, "ip", "link", "set", "x0", "up")
+        ns_run(ns, "ip", "link", "set", "x1", "up")
+        yield ns
+
+
+@pytest.fixture
+def pin_dir(netns: str) -> Iterator[Path]:
+    d = BPF_ROOT / f"{netns}-pins"
+    yield d
+    for p in sorted(d.glob("*")) if d.exists() else []:
+        p.unlink()
+    if d.exists():
+        d.rmdir()
+
+
+def _spec(mode: HashMode, seed: int) -> RulesetSpec:
+    return RulesetSpec(BUCKETS, seed, (GroupSpec("web", (VIP4, VIP6), mode),))
+
+
+def _random_state(rng: random.Random) -> tuple[GroupBuckets, dict[int, BucketState]]:
+    states = [rng.choice(list(BucketState)) for _ in range(BUCKETS)]
+    sets: dict[str, set[int]] = {"owned": set(), "draining": set(), "incoming": set()}
+    names = {
+        BucketState.OWNED: "owned",
+        BucketState.DRAINING: "draining",
+        BucketState.INCOMING: "incoming",
+    }
+    for b, s in enumerate(states):
+        if s in names:
+            sets[names[s]].add(b)
+    gb = GroupBuckets(**{k: frozenset(v) for k, v in sets.items()})
+    return gb, dict(enumerate(states))
+
+
+def _random_flow(rng: random.Random) -> Flow:
+    proto = rng.choice(["tcp", "udp", "tcp", "udp", "icmp", "sctp"])
+    if rng.random() < 0.3:
+        src: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(
+            (0x20010DB8 << 96) | rng.getrandbits(64)
+        )
+        dst: ipaddress.IPv4Address | ipaddress.IPv6Address = VIP6
+        proto = "icmpv6" if proto == "icmp" else proto
+    else:
+        src = ipaddress.IPv4Address((198 << 24) | (18 << 16) | (1 << 15) | rng.getrandbits(15))
+        dst = VIP4
+    return Flow(
+        src, rng.randrange(1, 65536), dst, rng.choice([80, 443, rng.randrange(1, 65536)]), proto
+    )
+
+
+def _mac(ns: str) -> bytes:
+    out = ns_run(ns, "cat", "/sys/class/net/x0/address").stdout.strip()
+    return bytes.fromhex(out.replace(":", ""))
+
+
+@pytest.mark.parametrize("mode", list(HashMode))
+def test_every_flow_gets_the_models_bucket_and_verdict(
+    netns: str, pin_dir: Path, mode: HashMode
+) -> None:
+    rng = random.Random(f"xdp-{mode.value}")
+    seed = rng.getrandbits(32)
+    gb, states = _random_state(rng)
+    dp = XdpDataplane(_spec(mode, seed), "x0", pin_dir, netns=netns)
+    os.sched_setaffinity(0, {0})  # BPF_PROG_RUN runs on this CPU: read its per-CPU stats
+    try:
+        dp.install({"web": gb})
+        mac = _mac(netns)
+        mismatches: list[str] = []
+        for _ in range(FLOWS_PER_MODE):
+            flow = _random_flow(rng)
+            flags = rng.choice([xf.SYN, xf.ACK, xf.SYN | xf.ACK])
+            retval, out, _ = dp.test_run(xf.frame(flow, flags=flags))
+            want_bucket = flow_bucket(flow, BUCKETS, seed, mode)
+            bucket, state = dp.last_hashed(0, 0)
+            want = xf.expected(flow, states[want_bucket], flags=flags)
+            want_ret = xf.XDP_PASS if xf.passes(want) else xf.XDP_DROP
+            if (bucket, retval) != (want_bucket, want_ret) or state != states[want_bucket]:
+                mismatches.append(
+                    f"{flow}: bucket {bucket} want {want_bucket}, ret {retval} want {want_ret}"
+                )
+            elif retval == xf.XDP_PASS and out[:6] != mac:
+                mismatches.append(f"{flow}: passed without the interface MAC ({out[:6].hex()})")
+        assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:3]}"
+        c = dp.counters()["web"]
+        assert c["accepted_packets"] + c["dropped_packets"] == FLOWS_PER_MODE
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        dp.remove()
+    assert not pin_dir.exists()
+
+
+def test_icmp_errors_reach_every_node_and_other_traffic_is_untouched(
+    netns: str, pin_dir: Path
+) -> None:
+    dp = XdpDataplane(_spec(HashMode.FOUR_TUPLE, 7), "x0", pin_dir, netns=netns)
+    try:
+        dp.install({})  # owns nothing
+        f4 = Flow(xf.addr("198.18.1.1"), 0, VIP4, 0, "icmp")
+        for t, ret in ((3, xf.XDP_PASS), (11, xf.XDP_PASS), (8, xf.XDP_DROP)):
+            assert dp.test_run(xf.frame(f4, icmp_type=t))[0] == ret, t
+        f6 = Flow(xf.addr("2001:db8::1"), 0, VIP6, 0, "icmpv6")
+        for t, ret in ((2, xf.XDP_PASS), (135, xf.XDP_PASS), (128, xf.XDP_DROP)):
+            assert dp.test_run(xf.frame(f6, icmp_type=t))[0] == ret, t
+        other = Flow(xf.addr("198.18.1.1"), 1, xf.addr("198.18.0.7"), 80, "tcp")
+        retval, out, _ = dp.test_run(xf.frame(other))
+        assert retval == xf.XDP_PASS and out[:6] == xf.VIP_MAC  # not a traffic IP: as it was
+        assert dp.counters()["web"]["xdp_to_all_packets"] == 4
+    finally:
+        dp.remove()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_fragments_follow_their_first_fragment(netns: str, pin_dir: Path, family: int) -> None:
+    spec = _spec(HashMode.FOUR_TUPLE, 11)
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    vip, src = (VIP4, "198.18.2.") if family == 4 else (VIP6, "2001:db8::2:")
+    flows = [Flow(xf.addr(f"{src}{i}"), 5000 + i, vip, 53, "udp") for i in range(1, 60)]
+    mine = frozenset(flow_bucket(f, BUCKETS, 11) for f in flows[::2])
+    try:
+        dp.install({"web": GroupBuckets(owned=mine)})
+        for i, f in enumerate(flows):
+            owner = flow_bucket(f, BUCKETS, 11) in mine
+            body = xf.l4(f, payload=b"y" * 1472)
+            first = dp.test_run(xf.frame(f, frag=(0, True, 1000 + i), body=body[:1480]))[0]
+            later = dp.test_run(xf.frame(f, frag=(1480, False, 1000 + i), body=b"z" * 200))[0]
+            want = xf.XDP_PASS if owner else xf.XDP_DROP
+            assert (first, later) == (want, want), (f, first, later)
+        stray = Flow(xf.addr(f"{src}200"), 1, vip, 53, "udp")
+        assert (
+            dp.test_run(xf.frame(stray, frag=(1480, False, 77), body=b"z" * 20))[0] == xf.XDP_DROP
+        )
+        c = dp.counters()["web"]
+        assert c["xdp_frag_passed_packets"] + c["xdp_frag_dropped_packets"] == len(flows) + 1
+    finally:
+        dp.remove()
+
+
+def test_lease_lapse_stops_new_flows_only(netns: str, pin_dir: Path) -> None:
+    spec = _spec(HashMode.FOUR_TUPLE, 3)
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    flows = [Flow(xf.addr(f"198.18.3.{i}"), 40000 + i, VIP4, 80, "tcp") for i in range(1, 40)]
+    udp = [Flow(f.saddr, f.sport, f.daddr, f.dport, "udp") for f in flows]
+    allb = frozenset(range(BUCKETS))
+    try:
+        dp.install({"web": GroupBuckets(owned=allb)})
+        assert all(dp.test_run(xf.frame(f))[0] == xf.XDP_PASS for f in flows + udp)
+        dp.set_lease(0)
+        assert not dp.lease_held()
+        assert all(dp.test_run(xf.frame(f))[0] == xf.XDP_DROP for f in flows + udp)
+        assert all(dp.test_run(xf.frame(f, flags=xf.ACK))[0] == xf.XDP_DROP for f in flows)
+        assert dp.counters()["web"]["xdp_lease_lapsed_packets"] == 3 * len(flows)
+        dp.set_lease(60_000)
+        assert dp.lease_held()
+        assert all(dp.test_run(xf.frame(f))[0] == xf.XDP_PASS for f in flows)
+        dp.set_lease(None)
+        assert dp.lease_held()
+    finally:
+        dp.remove()
+
+
+def test_handover_uses_local_sockets_and_remembered_flows(netns: str, pin_dir: Path) -> None:
+    """A real listening socket and a real connection in the namespace: the program finds them
+    with bpf_skc_lookup_tcp (no conntrack), and a UDP flow passed while draining is
+    remembered for the incoming side."""
+    spec = RulesetSpec(BUCKETS, 5, (GroupSpec("web", (VIP4,), HashMode.FOUR_TUPLE),))
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    from multihost.dataplane.nft import netns_entered
+
+    with netns_entered(netns):
+        ns_run(netns, "ip", "addr", "add", f"{VIP4}/32", "dev", "lo")
+        ns_run(netns, "ip", "addr", "add", "198.18.4.1/32", "dev", "lo")
+        lsock = socket.socket()
+        lsock.bind((str(VIP4), 80))
+        lsock.listen(8)
+        csock = socket.socket()
+        csock.bind(("198.18.4.1", 0))
+        csock.connect((str(VIP4), 80))
+        conn, _ = lsock.accept()
+    try:
+        cport = csock.getsockname()[1]
+        est = Flow(xf.addr("198.18.4.1"), cport, VIP4, 80, "tcp")
+        new = Flow(xf.addr("198.18.4.1"), cport + 1 if cport < 65535 else 1024, VIP4, 80, "tcp")
+        all_b = frozenset(range(BUCKETS))
+        dp.install({"web": GroupBuckets(draining=all_b)})
+        assert dp.test_run(xf.frame(est, flags=xf.ACK))[0] == xf.XDP_PASS  # our connection
+        assert dp.test_run(xf.frame(new, flags=xf.ACK))[0] == xf.XDP_DROP  # another node's
+        assert dp.test_run(xf.frame(new, flags=xf.SYN))[0] == xf.XDP_DROP  # a new flow
+        assert dp.test_run(xf.frame(est, flags=xf.SYN))[0] == xf.XDP_DROP  # never a SYN
+        u = Flow(xf.addr("198.18.4.9"), 999, VIP4, 53, "udp")
+        assert dp.test_run(xf.frame(u))[0] == xf.XDP_PASS  # draining: UDP passes, remembered
+        rows = dp.flow_rows()
+        assert ("198.18.4.1", cport, str(VIP4), 80, 6, None) in rows
+        assert ("198.18.4.9", 999, str(VIP4), 53, 17, None) in rows
+        dp.update({"web": GroupBuckets(incoming=all_b)})
+        assert dp.test_run(xf.frame(u))[0] == xf.XDP_PASS  # remembered
+        u2 = Flow(xf.addr("198.18.4.9"), 1000, VIP4, 53, "udp")
+        assert dp.test_run(xf.frame(u2))[0] == xf.XDP_DROP  # another node's UDP flow
+        assert dp.test_run(xf.frame(new, flags=xf.SYN))[0] == xf.XDP_PASS  # new flows: ours
+        assert dp.test_run(xf.frame(new, flags=xf.ACK))[0] == xf.XDP_DROP  # old owner's
+        assert dp.test_run(xf.frame(est, flags=xf.ACK))[0] == xf.XDP_PASS
+        assert dp.read_state()["web"] == GroupBuckets(incoming=all_b)
+    finally:
+        for s in (conn, csock, lsock):
+            s.close()
+        dp.remove()
+
+
+def test_restart_adopts_the_pinned_program(netns: str, pin_dir: Path) -> None:
+    spec = _spec(HashMode.FOUR_TUPLE, 9)
+    first = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    first.install({"web": GroupBuckets(owned=frozenset(range(100)))})
+    pid = first.describe()["program_id"]
+    first.close()  # the agent died: program and maps stay attached and pinned
+    try:
+        second = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+        second.install({"web": GroupBuckets(owned=frozenset(range(50)))})
+        d = second.describe()
+        assert d["program_id"] == pid and d["adopted"] is True
+        assert second.read_state()["web"].owned == frozenset(range(50))
+        second.remove()
+        out = ns_run(netns, "ip", "-j", "link", "show", "x0").stdout
+        assert '"xdp"' not in out
+        assert not pin_dir.exists()
+    finally:
+        from multihost.dataplane.xdp import cleanup
+
+        cleanup("x0", pin_dir, netns)
+
+
+def test_update_flips_whole_tables(netns: str, pin_dir: Path) -> None:
+    spec = _spec(HashMode.FOUR_TUPLE, 21)
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    try:
+        dp.install({})
+        a = GroupBuckets(owned=frozenset(range(0, BUCKETS, 2)))
+        b = GroupBuckets(owned=frozenset(range(1, BUCKETS, 2)), draining=frozenset({0}))
+        for _ in range(3):
+            st = dp.update({"web": a})
+            assert st.changed and dp.read_state()["web"] == a
+            dp.update({"web": b})
+            assert dp.read_state()["web"] == b
+        assert dp.update({"web": b}).path == "none"
+    finally:
+        dp.remove()
+
+
+def test_traffic_ips_sharing_a_fast_path_slot(netns: str, pin_dir: Path) -> None:
+    """Two IPv4 traffic IPs in one mh_vip4 slot go through the hash map; an address that is
+    not a traffic IP but lands in a used slot passes untouched."""
+    from multihost.dataplane.xdplayout import vip4_slot
+
+    base = ipaddress.IPv4Address("198.18.0.100")
+    first = vip4_slot(base.packed)
+    other = next(
+        a
+        for i in range(1, 1 << 16)
+        if vip4_slot((a := ipaddress.IPv4Address(int(base) + i)).packed) == first
+    )
+    lone = next(
+        a
+        for i in range(1, 1 << 16)
+        if vip4_slot((a := ipaddress.IPv4Address(int(base) - i)).packed) == first
+    )
+    spec = RulesetSpec(BUCKETS, 2, (GroupSpec("web", (base,)), GroupSpec("api", (other,))))
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    try:
+        dp.install({"web": GroupBuckets(owned=frozenset(range(BUCKETS)))})
+        src = xf.addr("198.18.9.9")
+        assert dp.test_run(xf.frame(Flow(src, 1, base, 80, "tcp")))[0] == xf.XDP_PASS
+        assert dp.test_run(xf.frame(Flow(src, 1, other, 80, "tcp")))[0] == xf.XDP_DROP  # api
+        retval, out, _ = dp.test_run(xf.frame(Flow(src, 1, lone, 80, "tcp")))
+        assert retval == xf.XDP_PASS and out[:6] == xf.VIP_MAC  # not a traffic IP
+        assert dp.counters()["api"]["dropped_packets"] == 1
+    finally:
+        dp.remove()
