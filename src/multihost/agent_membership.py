@@ -42,6 +42,8 @@ def membership_config(cfg: Config, node: str, key: bytes) -> MembershipConfig:
         config_digest=cfg.digest(),
         quorum=c.quorum,
         takeover_hold=c.takeover_hold_ms / 1000,
+        lease_margin=c.lease_margin_ms / 1000,
+        jitter=c.heartbeat_jitter_ms / 1000,
         strict_transitions=False,
     )
 

@@ -33,7 +33,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
 MIN_KEY_BYTES = 16
-DEAD_AFTER_INTERVALS = 4
+# Default dead_after: two intervals (one lost heartbeat) plus this much lateness (at least;
+# a quarter interval above 120 ms intervals).
+DEAD_AFTER_SLACK_MS = 30
+
+
+def default_dead_after_ms(interval_ms: int) -> int:
+    return 2 * interval_ms + max(DEAD_AFTER_SLACK_MS, interval_ms // 4)
+
+
 METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
 
 
@@ -54,9 +62,11 @@ class ClusterConfig:
     key_file: Path
     hash_seed: int
     heartbeat_interval_ms: int = 100
-    dead_after_ms: int = 400
+    dead_after_ms: int = 2 * 100 + DEAD_AFTER_SLACK_MS
     quorum: bool = False
     takeover_hold_ms: int = 0
+    lease_margin_ms: int = 10  # default: interval / 10 within 5..50
+    heartbeat_jitter_ms: int = 5  # default: min(5, interval / 4)
     realtime_priority: int = 10  # SCHED_RR priority of the agent; 0 = normal scheduling
     max_drain_ms: int = 60_000
     control_socket: Path = Path("/run/multihost/control.sock")
@@ -64,6 +74,52 @@ class ClusterConfig:
     dataplane: str = "auto"  # "auto" | "xdp" | "nft" (see multihost.dataplane.backend)
     xdp_mode: str = "auto"  # "auto" (native, else generic) | "native" | "generic"
     bpf_pin_root: Path = Path("/sys/fs/bpf/multihost")  # on a BPF filesystem
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """A configuration that is valid but works badly: ``path: key: reason``."""
+
+    source: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.reason}"
+
+
+def timing_warnings(source: str, c: ClusterConfig) -> list[ConfigWarning]:
+    """What the timing keys of a valid configuration cost (``docs/membership.md``, "Timing
+    rules"): leases that lapse between late heartbeats (a crash then pauses the survivors'
+    new flows), and a dead_after that declares live members dead after one late loss."""
+    i, j = c.heartbeat_interval_ms, c.heartbeat_jitter_ms
+    window = c.dead_after_ms + c.takeover_hold_ms - c.lease_margin_ms
+    out = []
+    need = 2 * i + 3 * j
+    if window <= need:
+        out.append(
+            ConfigWarning(
+                source,
+                "cluster.dead_after_ms",
+                f"{c.dead_after_ms} ms is too close to 2 x heartbeat_interval_ms for "
+                f"heartbeat_jitter_ms {j}: leases (dead_after_ms + takeover_hold_ms - "
+                f"lease_margin_ms = {window} ms) lapse when heartbeats are late, and a crash "
+                "pauses the survivors' new flows; use dead_after_ms >= "
+                f"{need + c.lease_margin_ms - c.takeover_hold_ms + 1}",
+            )
+        )
+    slack = c.dead_after_ms - 2 * i
+    if slack < 3 * j:
+        out.append(
+            ConfigWarning(
+                source,
+                "cluster.dead_after_ms",
+                f"{c.dead_after_ms} ms leaves {slack} ms beyond two heartbeats, less than 3 x "
+                f"heartbeat_jitter_ms ({3 * j}): one lost heartbeat followed by a late one "
+                "declares a live member dead (a false failover)",
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -234,12 +290,24 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         raise r.err("multicast_group", f"{group} is link-local control; use 239.192.0.0/14")
     port = r.int_in("port", 1, 65535, 7946)
     interval = r.int_in("heartbeat_interval_ms", 5, 10_000, 100)
-    # Default 4 intervals: robust against a stalled agent on a busy host.  3 intervals (VRRP's
-    # master-down interval is 3 x advert_int + skew) fails over faster (BENCHMARKS.md).
-    dead_after = r.int_in("dead_after_ms", 1, 600_000, DEAD_AFTER_INTERVALS * interval)
+    # Default: one lost heartbeat plus DEAD_AFTER_SLACK_MS of lateness (VRRP's master-down
+    # interval is 3 x advert_int + skew); see docs/membership.md, "Timing rules".
+    dead_after = r.int_in("dead_after_ms", 1, 600_000, default_dead_after_ms(interval))
     if dead_after < 2 * interval:
         raise r.err(
             "dead_after_ms", f"{dead_after} must be at least 2 x heartbeat_interval_ms ({interval})"
+        )
+    hold = r.int_in("takeover_hold_ms", 0, 60_000, 0)
+    jitter = r.int_in("heartbeat_jitter_ms", 0, interval - 1, min(5, interval // 4))
+    margin = r.int_in("lease_margin_ms", 1, 60_000, min(50, max(5, interval // 10)))
+    window = dead_after + hold - 2 * interval
+    if margin >= window:
+        raise r.err(
+            "lease_margin_ms",
+            f"{margin} ms cannot hold: a lease lasts dead_after_ms + takeover_hold_ms - "
+            f"lease_margin_ms after the acked heartbeat was sent, and acks come up to 2 x "
+            f"heartbeat_interval_ms ({2 * interval} ms) apart, so every lease would lapse; "
+            f"use lease_margin_ms < {window} or raise dead_after_ms",
         )
     metrics = r.get("metrics_address", str, None)
     if metrics is not None and not re.match(
@@ -256,7 +324,9 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         heartbeat_interval_ms=interval,
         dead_after_ms=dead_after,
         quorum=r.get("quorum", bool, False),
-        takeover_hold_ms=r.int_in("takeover_hold_ms", 0, 60_000, 0),
+        takeover_hold_ms=hold,
+        lease_margin_ms=margin,
+        heartbeat_jitter_ms=jitter,
         realtime_priority=r.int_in("realtime_priority", 0, 99, 10),
         max_drain_ms=r.int_in("max_drain_ms", 0, 86_400_000, 60_000),
         control_socket=Path(r.get("control_socket", str, "/run/multihost/control.sock")),

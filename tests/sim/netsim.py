@@ -100,6 +100,7 @@ def make_configs(
     dead_after: float = DEAD_AFTER,
     hold: float = 0.0,
     margin: float = 0.1,
+    jitter: float = DELAY_MAX,
     quorum: bool = False,
     cluster: str = "sim",
     key: bytes = KEY,
@@ -123,6 +124,7 @@ def make_configs(
             quorum=quorum,
             takeover_hold=hold,
             lease_margin=margin,
+            jitter=jitter,
         )
         for name in names
     }
@@ -269,7 +271,7 @@ class NetSim:
                 node.logs.append((self.now, e))
         node.deadline = core.next_deadline()
         if self.allow_mutual_suspicion:  # the core re-validates its claims on every call
-            vid = self._view_id(core.view)
+            vid = self._view_id(core.view - core.suspects)  # peers it hears
             for g, mask in core.claims.items():
                 arr = node.validated.setdefault(g, np.full(BUCKETS, -1, dtype=np.int32))
                 arr[mask] = vid
@@ -354,7 +356,8 @@ class NetSim:
 
     def _mutually_suspecting(self, a: SimNode, b: SimNode, group: str, overlap: BoolArray) -> bool:
         """Did ``a`` and ``b`` each last claim every bucket of ``overlap`` while believing
-        the other dead?  (The documented exception without quorum.)"""
+        the other dead or suspect (not heard for interval + jitter)?  (The documented
+        exception without quorum: bidirectional silence.)"""
         if not self.allow_mutual_suspicion:
             return False
         ids_a = a.validated[group][overlap].astype(np.int64)
@@ -427,6 +430,57 @@ class NetSim:
         core = self.nodes[name].core
         assert core is not None, f"{name} is down"
         return core
+
+
+class OutageWatch:
+    """Liveness after crashes: every bucket a survivor serves when a node crashes must stay
+    served by it (a crash only grows survivors' shares).  Records, per survivor, the longest
+    time any such bucket went unserved; :meth:`check` fails beyond ``bound``."""
+
+    def __init__(self, sim: NetSim) -> None:
+        self.sim = sim
+        self.kept: dict[str, dict[str, BoolArray]] = {}  # survivor -> group -> must serve
+        self.since: dict[str, float] = {}
+        self.longest: dict[str, float] = {}
+        sim.observers.append(self._observe)
+
+    def crashed(self) -> None:
+        """Call right after ``sim.crash``: snapshot what every up node serves now."""
+        for n in self.sim.nodes.values():
+            if n.up:
+                keep = self.kept.setdefault(n.name, {})
+                for g, mask in n.kernel.masks.items():
+                    keep[g] = keep.get(g, EMPTY) | mask
+        for name in list(self.kept):
+            if not self.sim.nodes[name].up:
+                del self.kept[name]
+                self.since.pop(name, None)
+
+    def _observe(self, node: SimNode, old: Kernel, new: Kernel, now: float) -> None:
+        keep = self.kept.get(node.name)
+        if keep is None:
+            return
+        if not node.up:  # crashed itself: no longer a survivor
+            del self.kept[node.name]
+            self.since.pop(node.name, None)
+            return
+        missing = any(np.any(m & ~new.masks.get(g, EMPTY)) for g, m in keep.items())
+        if missing:
+            self.since.setdefault(node.name, now)
+        elif node.name in self.since:
+            gap = now - self.since.pop(node.name)
+            self.longest[node.name] = max(self.longest.get(node.name, 0.0), gap)
+
+    def worst(self) -> float:
+        now = self.sim.now
+        open_gaps = (now - t for t in self.since.values())
+        return max([*self.longest.values(), *open_gaps], default=0.0)
+
+    def check(self, bound: float) -> None:
+        assert self.worst() <= bound, (
+            f"a survivor's own buckets went unserved for {self.worst():.3f} s "
+            f"(bound {bound}): {self.longest} open {self.since}"
+        )
 
 
 def settle(sim: NetSim, bound: float = SETTLE) -> float:

@@ -25,6 +25,7 @@ from tests.sim.netsim import (
     SETTLE,
     NetParams,
     NetSim,
+    OutageWatch,
     make_configs,
     settle,
 )
@@ -162,3 +163,116 @@ def test_random_faults_without_quorum(sc: Scenario) -> None:
 @given(scenarios(quorum=True))
 def test_random_faults_with_quorum_are_strictly_safe(sc: Scenario) -> None:
     run_scenario(sc, quorum=True)
+
+
+# ------------------------------------------------ within the assumptions (issue 11)
+#
+# The suspect rule assumes A4 (a live peer with a working link is heard every interval +
+# jitter).  Without loss and partitions, with delays inside the bound and one-way faults
+# in one orientation per pair (never both directions: that would be bidirectional loss),
+# no pair ever suspects each other both ways, so even without quorum the check is strict.
+
+
+def _strict_steps(n: int) -> st.SearchStrategy[Step]:
+    return st.builds(
+        Step,
+        kind=st.sampled_from(["crash", "restart", "oneway", "drain", "undrain"]),
+        a=st.integers(0, n - 1),
+        b=st.integers(0, n - 1),
+        value=st.just(0.0),
+        duration=st.floats(0.0, 3 * DEAD_AFTER),
+        wait=st.floats(0.0, 2 * DEAD_AFTER),
+    )
+
+
+@st.composite
+def strict_scenarios(draw: st.DrawFn) -> Scenario:
+    n = draw(st.sampled_from([2, 3, 4, 5, 8]))
+    groups: dict[str, tuple[int, ...]] = {"all": tuple(range(n))}
+    for i, members in enumerate(
+        draw(st.lists(st.sets(st.integers(0, n - 1), min_size=1), max_size=2))
+    ):
+        groups[f"g{i}"] = tuple(sorted(members))
+    return Scenario(
+        n=n,
+        groups=groups,
+        hold=draw(st.sampled_from([0.0, 0.0, INTERVAL + 0.5])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        loss=0.0,
+        steps=tuple(draw(st.lists(_strict_steps(n), min_size=1, max_size=8))),
+    )
+
+
+@PROFILE
+@given(strict_scenarios())
+def test_random_faults_within_the_assumptions_are_strictly_safe_without_quorum(
+    sc: Scenario,
+) -> None:
+    configs = make_configs(sc.n, groups=sc.groups, hold=sc.hold)
+    base = NetParams(dup=0.1)
+    sim = NetSim(configs, seed=sc.seed, params=base)  # strict: no mutual suspicion allowed
+    sim.run_for(2 * INTERVAL)
+    for step in sc.steps:
+        sim.run_for(_apply(sim, step, quorum=True, base=base))  # quorum=True: one orientation
+    sim.run_for(max(s.duration for s in sc.steps))
+    sim.heal()
+    for name, node in sim.nodes.items():
+        if not node.up:
+            sim.restart(name)
+        elif node.core is not None and node.core.draining:
+            sim.set_draining(name, False)
+    settle(sim, bound=SETTLE + DEAD_AFTER + sc.hold)
+
+
+@dataclass(frozen=True)
+class CrashPlan:
+    n: int
+    seed: int
+    hold: float
+    crashes: tuple[tuple[int, float], ...]  # (node index, wait before the next crash)
+
+
+@st.composite
+def crash_plans(draw: st.DrawFn, quorum: bool) -> CrashPlan:
+    n = draw(st.sampled_from([2, 3, 4, 5, 8]))
+    most = n - (n // 2 + 1) if quorum else n - 1  # quorum: a majority stays up
+    return CrashPlan(
+        n=n,
+        seed=draw(st.integers(0, 2**32 - 1)),
+        hold=draw(st.sampled_from([0.0, INTERVAL / 2])),
+        crashes=tuple(
+            draw(
+                st.lists(
+                    st.tuples(st.integers(0, n - 1), st.floats(0.0, 2 * DEAD_AFTER)),
+                    max_size=most,
+                    unique_by=lambda c: c[0],
+                )
+            )
+        ),
+    )
+
+
+def run_crashes(plan: CrashPlan, quorum: bool) -> None:
+    configs = make_configs(plan.n, hold=plan.hold, quorum=quorum)
+    params = NetParams(dup=0.1)
+    sim = NetSim(configs, seed=plan.seed, params=params)  # strict safety as well
+    settle(sim, bound=SETTLE + plan.hold)
+    watch = OutageWatch(sim)
+    for index, wait in plan.crashes:
+        sim.crash(f"n{index}")
+        watch.crashed()
+        sim.run_for(wait)
+    settle(sim, bound=SETTLE + plan.hold)
+    watch.check(params.apply_lag_max)
+
+
+@PROFILE
+@given(crash_plans(quorum=False))
+def test_random_crashes_stop_no_survivor_without_quorum(plan: CrashPlan) -> None:
+    run_crashes(plan, quorum=False)
+
+
+@PROFILE
+@given(crash_plans(quorum=True))
+def test_random_crashes_stop_no_survivor_with_quorum(plan: CrashPlan) -> None:
+    run_crashes(plan, quorum=True)

@@ -13,10 +13,11 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 
+from multihost.membership import protocol
 from multihost.membership.effects import ClaimsChanged, Rejected, ViewChanged
+from multihost.membership.ownership import EMPTY
 from multihost.membership.state import (
     TRANSITIONS,
     IllegalTransitionError,
@@ -35,6 +36,7 @@ from tests.sim.netsim import (
     Kernel,
     NetParams,
     NetSim,
+    OutageWatch,
     SafetyViolationError,
     SimNode,
     make_configs,
@@ -305,46 +307,91 @@ def test_quorum_needs_a_majority_of_configured_members() -> None:
 # ------------------------------------------------------------ lease cost, hold
 
 
-def _release_tracker(sim: NetSim, survivors: set[str]) -> dict[str, float]:
-    """Longest time any survivor served less of ``all`` than before the crash."""
-    lost_since: dict[str, float] = {}
-    longest: dict[str, float] = dict.fromkeys(survivors, 0.0)
-    baseline = {n: sim.nodes[n].kernel.masks["all"].copy() for n in survivors}
+@pytest.mark.parametrize("quorum", [False, True], ids=["no-quorum", "quorum"])
+@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("phase", [0.0, 0.37, 0.83])
+def test_crash_stops_no_survivor(quorum: bool, n: int, phase: float) -> None:
+    """A crashed member's lease lapses before it is declared dead; being suspect (silent
+    for interval + jitter, its last heartbeat acking us) it needs to give none, so no
+    survivor stops serving its own buckets, not even for the apply time (issue 11)."""
+    sim = NetSim(make_configs(n, quorum=quorum), seed=41 + n)
+    settle(sim)
+    sim.run_for(phase)
+    watch = OutageWatch(sim)
+    sim.crash("n2")
+    watch.crashed()
+    settle(sim)
+    watch.check(0.0)
+    lapsed = [log for x in sim.nodes.values() for _, log in x.logs if log.event == "lease-lapsed"]
+    assert not lapsed
+    suspected = {
+        x.name for x in sim.nodes.values() for _, log in x.logs if log.event == "member-suspect"
+    }
+    assert suspected == {f"n{i}" for i in range(n)} - {"n2"}
 
-    def observe(node: SimNode, old: Kernel, new: Kernel, now: float) -> None:
-        if node.name not in survivors:
-            return
-        missing = bool(np.any(baseline[node.name] & ~new.masks.get("all", baseline[node.name])))
-        if missing:
-            lost_since.setdefault(node.name, now)
-        elif node.name in lost_since:
-            start = lost_since.pop(node.name)
-            longest[node.name] = max(longest[node.name], now - start)
 
-    sim.observers.append(observe)
-    return longest
-
-
-def test_crash_release_window_is_at_most_one_interval_plus_delays() -> None:
+def test_without_suspicion_a_crash_stops_survivors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control (a mutation the test above catches): without the suspect exemption, the
+    old rule, survivors stop for up to one interval plus two delays plus the margin."""
+    monkeypatch.setattr(protocol, "exempt", lambda *a, **k: False)
     sim = NetSim(make_configs(5), seed=41)
     settle(sim)
-    survivors = {"n0", "n1", "n3", "n4"}
-    longest = _release_tracker(sim, survivors)
+    watch = OutageWatch(sim)
     sim.crash("n2")
+    watch.crashed()
     settle(sim)
-    assert max(longest.values()) <= INTERVAL + 2 * DELAY_MAX + 0.1
+    assert 0.0 < watch.worst() <= INTERVAL + 2 * DELAY_MAX + 0.1 + 0.05
 
 
-def test_takeover_hold_removes_the_crash_release_window() -> None:
+def test_takeover_hold_removes_the_crash_release_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even without the suspect exemption, a hold above one interval plus two delays
+    plus the margin leaves the crashed member's lease valid until it is declared dead."""
     hold = INTERVAL + 2 * DELAY_MAX + 0.3
+    monkeypatch.setattr(protocol, "exempt", lambda *a, **k: False)
     sim = NetSim(make_configs(5, hold=hold), seed=41)
     settle(sim, bound=SETTLE + hold)
-    longest = _release_tracker(sim, {"n0", "n1", "n3", "n4"})
+    watch = OutageWatch(sim)
     sim.crash("n2")
+    watch.crashed()
     crashed_at = sim.now
     settle(sim, bound=SETTLE + hold)
-    assert max(longest.values()) == 0.0
+    watch.check(0.0)
     assert sim.now - crashed_at <= DEAD_AFTER + hold + INTERVAL + DELAY_MAX
+
+
+def test_brief_example_d_then_c_leaves_a_and_b_half_each() -> None:
+    """The brief's worked example: D fails, then C; A and B serve half each, and neither
+    survivor ever stops serving what it had."""
+    sim = NetSim(make_configs(4), seed=44)
+    settle(sim)
+    watch = OutageWatch(sim)
+    for name in ("n3", "n2"):
+        sim.crash(name)
+        watch.crashed()
+        settle(sim)
+    watch.check(0.0)
+    assert sim.nodes["n0"].serves("all") == sim.nodes["n1"].serves("all") == 20160
+
+
+def test_heard_peer_that_stops_acking_stops_us_at_once() -> None:
+    """The asymmetric case the lease exists for: n1 stops hearing n0 but n0 still hears n1.
+    n1 is never suspect, so n0 must stop by its lease, before n1 may take over."""
+    params = NetParams(delay_min=0.001, delay_max=0.002)
+    sim = NetSim(make_configs(3), seed=45, params=params)
+    settle(sim)
+    sim.link("n0", "n1", up=False)
+    cut = sim.now
+    stopped: list[float] = []
+
+    def observe(node: SimNode, old: Kernel, new: Kernel, now: float) -> None:
+        if node.name == "n0" and not new.masks.get("all", EMPTY).any() and not stopped:
+            stopped.append(now)
+
+    sim.observers.append(observe)
+    sim.run_for(3 * DEAD_AFTER)
+    assert "n1" not in sim.core("n0").suspects
+    assert stopped and stopped[0] - cut <= DEAD_AFTER  # stopped by the lapsed lease
+    assert sim.nodes["n0"].serves("all") == 0 and sim.exactly_once()
 
 
 # ------------------------------------------------------------------ rejection

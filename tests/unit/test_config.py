@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from multihost.config import ConfigError, load_config, parse_config, read_key
+from multihost.config import ConfigError, load_config, parse_config, read_key, timing_warnings
 from multihost.flowhash import HashMode
+from multihost.membership.config import MembershipConfig, MembershipConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "contrib" / "multihost.example.toml"
 
@@ -47,7 +50,9 @@ def test_example_file_is_valid() -> None:
 def test_defaults() -> None:
     cfg = parse_config(MINIMAL, "m.toml")
     assert cfg.cluster.heartbeat_interval_ms == 100
-    assert cfg.cluster.dead_after_ms == 400  # 4 heartbeat intervals
+    assert cfg.cluster.dead_after_ms == 230  # one lost heartbeat plus 30 ms
+    assert cfg.cluster.lease_margin_ms == 10  # follows the interval
+    assert cfg.cluster.heartbeat_jitter_ms == 5
     assert cfg.cluster.port == 7946
     assert cfg.cluster.metrics_address is None
     assert not cfg.cluster.quorum
@@ -179,6 +184,106 @@ def test_key_file_checks(tmp_path: Path) -> None:
     key.write_bytes(b"short")
     with pytest.raises(ConfigError, match="at least 16"):
         read_key(cfg)
+
+
+def _timing(**keys: int) -> str:
+    extra = "".join(f"\n{k} = {v}" for k, v in keys.items())
+    return MINIMAL.replace('key_file = "key"', 'key_file = "key"' + extra)
+
+
+@pytest.mark.parametrize(
+    ("interval", "dead_after", "margin"),
+    [(100, 230, 10), (20, 70, 5), (10, 50, 5), (5, 40, 5), (1000, 2250, 50)],
+)
+def test_lease_margin_and_dead_after_follow_the_interval(
+    interval: int, dead_after: int, margin: int
+) -> None:
+    c = parse_config(_timing(heartbeat_interval_ms=interval)).cluster
+    assert (c.dead_after_ms, c.lease_margin_ms) == (dead_after, margin)
+    assert timing_warnings("m.toml", c) == []  # the defaults hold at every interval
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ({"lease_margin_ms": 30}, "cannot hold"),  # 230 - 200 = 30: no lease left
+        ({"dead_after_ms": 200}, "cannot hold"),  # exactly 2 intervals, no hold
+        ({"lease_margin_ms": 0}, "outside 1..60000"),
+        ({"heartbeat_jitter_ms": 100}, "outside 0..99"),
+    ],
+)
+def test_timing_that_cannot_hold_is_an_error_naming_the_key(
+    keys: dict[str, int], reason: str
+) -> None:
+    with pytest.raises(ConfigError, match=reason) as exc:
+        parse_config(_timing(**keys))
+    assert exc.value.key == "cluster." + (
+        "lease_margin_ms" if "dead_after_ms" in keys else next(iter(keys))
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ({"dead_after_ms": 220}, "pauses the survivors' new flows"),  # 210 <= 215
+        ({"heartbeat_jitter_ms": 9}, "pauses the survivors' new flows"),  # 220 <= 227
+        ({"dead_after_ms": 210, "takeover_hold_ms": 50}, "false failover"),
+        ({"heartbeat_interval_ms": 20, "dead_after_ms": 50}, "false failover"),
+    ],
+)
+def test_dead_after_too_close_to_the_interval_is_a_warning_naming_the_key(
+    keys: dict[str, int], reason: str
+) -> None:
+    cfg = parse_config(_timing(**keys), "m.toml")
+    warnings = timing_warnings(cfg.source, cfg.cluster)
+    assert any(w.key == "cluster.dead_after_ms" and reason in w.reason for w in warnings)
+    assert all(str(w).startswith("m.toml: cluster.dead_after_ms: ") for w in warnings)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    interval=st.integers(5, 2000),
+    dead_after=st.integers(1, 5000),
+    hold=st.integers(0, 500),
+    margin=st.integers(0, 300),
+    jitter=st.integers(0, 300),
+)
+def test_the_core_accepts_exactly_what_the_configuration_accepts(
+    interval: int, dead_after: int, hold: int, margin: int, jitter: int
+) -> None:
+    """The agent builds the core's configuration from the parsed file: the core must not
+    refuse anything check-config accepted, nor accept timing check-config refuses."""
+    text = _timing(
+        heartbeat_interval_ms=interval,
+        dead_after_ms=dead_after,
+        takeover_hold_ms=hold,
+        lease_margin_ms=margin,
+        heartbeat_jitter_ms=jitter,
+    )
+    try:
+        c = parse_config(text).cluster
+        parsed = True
+    except ConfigError:
+        parsed = False
+    try:
+        MembershipConfig(
+            cluster="c1",
+            node="A",
+            members={"A": 0, "B": 3},
+            groups={"web": frozenset({"A", "B"})},
+            key=b"k" * 16,
+            interval=interval / 1000,
+            dead_after=dead_after / 1000,
+            takeover_hold=hold / 1000,
+            lease_margin=margin / 1000,
+            jitter=jitter / 1000,
+        )
+        core = True
+    except MembershipConfigError:
+        core = False
+    assert parsed == core
+    if parsed:
+        assert c.dead_after_ms == dead_after
 
 
 @pytest.mark.parametrize(

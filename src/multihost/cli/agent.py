@@ -14,7 +14,7 @@ from pathlib import Path
 
 from multihost.cli.check_config import check_dataplane
 from multihost.cli.common import Formatter, UsageError
-from multihost.config import Config, ConfigError, load_config, read_key
+from multihost.config import Config, ConfigError, load_config, read_key, timing_warnings
 from multihost.logfmt import EventLog
 
 DESCRIPTION = """\
@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from multihost.dataplane.xdp import XdpError
 
     log = EventLog(node=node)
+    for w in timing_warnings(cfg.source, cfg.cluster):  # the same as check-config prints
+        log("config-warning", level="warning", key=w.key, reason=w.reason)
     agent = Agent(cfg, node, manual=args.manual, control_socket=args.control_socket, log=log)
     try:
         return asyncio.run(agent.run())

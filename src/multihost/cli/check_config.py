@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from multihost.cli.common import Formatter, add_json_flag, print_json
-from multihost.config import Config, ConfigError, load_config, read_key
+from multihost.config import Config, ConfigError, load_config, read_key, timing_warnings
 from multihost.macaddr import format_mac, multicast_mac
 
 DESCRIPTION = """\
@@ -18,7 +18,12 @@ changed.  Every error names the file, the key path and the reason, e.g.
 
   /etc/multihost/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'
 
-Exit status: 0 valid, 2 invalid.  With --json, one object: {"valid": true, ...} or
+Valid configurations that work badly get warnings naming the key (e.g. a dead_after_ms
+too close to the heartbeat interval for heartbeat_jitter_ms); the agent logs the same
+ones at start and refuses exactly what this command refuses.
+
+Exit status: 0 valid (warnings or not), 2 invalid.  With --json, one object:
+{"valid": true, "warnings": [{"key": ..., "reason": ...}], ...} or
 {"valid": false, "error": {"file": ..., "key": ..., "reason": ...}}.
 """
 
@@ -49,6 +54,10 @@ def summary(cfg: Config) -> dict[str, object]:
         "multicast_mac": format_mac(multicast_mac(c.multicast_group)),
         "heartbeat_interval_ms": c.heartbeat_interval_ms,
         "dead_after_ms": c.dead_after_ms,
+        "takeover_hold_ms": c.takeover_hold_ms,
+        "lease_margin_ms": c.lease_margin_ms,
+        "heartbeat_jitter_ms": c.heartbeat_jitter_ms,
+        "warnings": [{"key": w.key, "reason": w.reason} for w in timing_warnings(cfg.source, c)],
         "hash_seed": f"{c.hash_seed:#010x}",
         "dataplane": c.dataplane,
         "buckets": cfg.buckets,
@@ -94,10 +103,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(s)
         return 0
+    for w in timing_warnings(cfg.source, cfg.cluster):
+        print(f"multihost: warning: {w}", file=sys.stderr)
     print(f"{cfg.source}: valid")
     print(
         f"  cluster {s['cluster']} on {s['interface']}, group {s['multicast_group']}"
         f" (ARP MAC {s['multicast_mac']}), seed {s['hash_seed']}"
+    )
+    c = cfg.cluster
+    print(
+        f"  heartbeats every {c.heartbeat_interval_ms} ms, dead after {c.dead_after_ms} ms,"
+        f" hold {c.takeover_hold_ms} ms, lease margin {c.lease_margin_ms} ms,"
+        f" jitter {c.heartbeat_jitter_ms} ms"
     )
     for n in cfg.nodes:
         print(f"  node {n.name}: {n.address} slot {n.slot}")

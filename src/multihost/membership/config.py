@@ -47,7 +47,11 @@ class MembershipConfig:
       that much longer, so a crash releases nothing early when it exceeds one interval plus
       two network delays (see docs).  0 gives the fastest failover.
     * ``lease_margin``: the agent must apply a release within this time; leases are given up
-      this much before they expire.
+      this much before they expire.  It must leave a lease that outlasts the gap between
+      two acks: ``lease_margin < dead_after + takeover_hold - 2 * interval``.
+    * ``jitter``: bound on a heartbeat's lateness (sender scheduling plus network delay
+      spread), assumption A4 of the docs: a peer silent for ``interval + jitter`` is
+      *suspect* and need not give us a lease (below ``interval``).
     * ``quorum``: claim nothing unless a majority of the configured members (this node and
       peers holding fresh leases with it) is reachable.
     * ``config_digest``: digest of the ownership-relevant configuration (any bytes, <= 64).
@@ -66,6 +70,7 @@ class MembershipConfig:
     quorum: bool = False
     takeover_hold: float = 0.0
     lease_margin: float = 0.05
+    jitter: float = 0.005
     strict_transitions: bool = True
 
     def __post_init__(self) -> None:
@@ -105,6 +110,7 @@ class MembershipConfig:
             ("dead_after", self.dead_after),
             ("takeover_hold", self.takeover_hold),
             ("lease_margin", self.lease_margin),
+            ("jitter", self.jitter),
         ):
             if not math.isfinite(value) or value < 0:
                 raise MembershipConfigError(f"{what} {value!r} must be finite and >= 0")
@@ -114,8 +120,15 @@ class MembershipConfig:
             raise MembershipConfigError(
                 f"dead_after {self.dead_after} must be at least twice the interval"
             )
-        if self.lease_margin >= self.dead_after / 2:
-            raise MembershipConfigError("lease_margin must be below dead_after / 2")
+        window = self.dead_after + self.takeover_hold - 2 * self.interval
+        if not 0 < self.lease_margin < window:
+            raise MembershipConfigError(
+                f"lease_margin {self.lease_margin} must be > 0 and below dead_after + "
+                f"takeover_hold - 2 x interval ({window:.6g}): a lease must outlast the gap "
+                "between two acks"
+            )
+        if self.jitter >= self.interval:
+            raise MembershipConfigError(f"jitter {self.jitter} must be below the interval")
         object.__setattr__(self, "members", MappingProxyType(members))
         object.__setattr__(self, "groups", MappingProxyType(groups))
 

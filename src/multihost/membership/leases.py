@@ -1,7 +1,8 @@
 """Lease and hold arithmetic of the membership core, as pure functions of recorded facts.
 
 Owns: when this node's lease from a peer expires (from the peer's ack of one of our
-heartbeats and the time we sent it), when a departed member's lease from a third node has
+heartbeats and the time we sent it), when a peer is *suspect* and need not give us a lease
+(:func:`suspect`, :func:`exempt`), when a departed member's lease from a third node has
 provably expired (from that node's heartbeats no longer acking it), and the bound on what
 the kernel may serve across not-yet-confirmed claim sets (:class:`KernelState`,
 :func:`advertised`).
@@ -23,9 +24,25 @@ NEVER: Final = float("-inf")  # an expiry that has always passed
 
 @dataclass(frozen=True)
 class Timing:
+    """``jitter`` bounds a heartbeat's lateness (sender scheduling plus the spread and bound
+    of the one-way delay): assumption A4 in ``docs/membership.md``."""
+
     dead_after: float
     hold: float
     margin: float
+    interval: float = 0.0
+    jitter: float = 0.0
+
+    @property
+    def suspect_after(self) -> float:
+        """Silence after which a live peer with a working link would have been heard."""
+        return self.interval + self.jitter
+
+    @property
+    def ack_age_max(self) -> float:
+        """Oldest our acked heartbeat can be, at the receipt of a peer's heartbeat, while
+        that peer hears us: one interval of ours plus two lateness bounds."""
+        return self.interval + 2 * self.jitter
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,36 @@ def lease_expiry(
     return sent + t.dead_after + t.hold - t.margin
 
 
+def suspect(peer: PeerRecord, now: float, t: Timing) -> bool:
+    """Nothing has arrived from ``peer`` for longer than ``suspect_after``: under A4 it has
+    crashed, or its link to us has failed."""
+    return peer.last_heard is not None and now >= peer.last_heard + t.suspect_after
+
+
+def exempt(
+    peer: PeerRecord,
+    slot: int,
+    boot: bytes,
+    *,
+    need: int,
+    now: float,
+    t: Timing,
+) -> bool:
+    """May we serve without ``peer``'s lease?  Only if it is suspect and its last heartbeat
+    showed it hearing us: it acked (seq >= ``need``) one of our heartbeats sent at most
+    ``ack_age_max`` before that heartbeat arrived.  Then it cannot declare us dead before
+    ``last_heard - ack_age_max + dead_after``, and a take by it needs our silence towards
+    it *and* its silence towards us (bidirectional loss, docs/membership.md).  A peer we
+    hear but that stopped acking us is never exempt: its stale acks stop us at once."""
+    if not suspect(peer, now, t) or peer.heartbeat is None or peer.last_heard is None:
+        return False
+    ack = peer.heartbeat.acks.get(slot)
+    if ack is None or ack.boot != boot or ack.seq < need:
+        return False
+    sent = peer.acked_sent
+    return sent is not None and peer.last_heard - sent <= t.ack_age_max
+
+
 def ack_expiry(x: PeerRecord, p: PeerRecord, t: Timing) -> float | None:
     """When every lease ``p`` may hold from ``x`` has expired, per x's heartbeats; None
     while x still acks p's current (or an unknown) incarnation.
@@ -68,6 +115,31 @@ def ack_expiry(x: PeerRecord, p: PeerRecord, t: Timing) -> float | None:
         since = x.noack_since.get(p.slot)
         return None if since is None else since + t.hold
     return NEVER if ack.boot in p.old_boots else None
+
+
+def takeover_safe(
+    p: PeerRecord,
+    peers: Iterable[PeerRecord],
+    alive: Iterable[PeerRecord],
+    *,
+    now: float,
+    quorum: bool,
+    t: Timing,
+) -> bool:
+    """May this node take buckets ``p`` (not alive) might still serve?  Without quorum:
+    once ``p`` has been gone for the hold.  With quorum, any member that left within the
+    hold may still lend the other side a lease towards its quorum; and every alive peer
+    must have let ``p`` go (:func:`ack_expiry`)."""
+    if not quorum:
+        return p.departed_at is None or now >= p.departed_at + t.hold
+    for y in peers:
+        if y.departed_at is not None and now < y.departed_at + t.hold:
+            return False
+    for x in alive:
+        expiry = ack_expiry(x, p, t)
+        if x is not p and (expiry is None or now < expiry):
+            return False
+    return True
 
 
 def advertised(states: Iterable[KernelState]) -> tuple[int, int]:
@@ -89,3 +161,14 @@ def kernel_lease(expiries: Iterable[float | None]) -> float | None:
     """Until when the kernel may take new flows: the earliest lease expiry among the alive
     peers (``NEVER`` if one holds no valid lease of ours); None without alive peers."""
     return min((NEVER if e is None else e for e in expiries), default=None)
+
+
+def quorum_lease(expiries: Iterable[float | None], members: int) -> float | None:
+    """With quorum: until when this node keeps its quorum of time-valid leases (itself plus
+    the peers' ``expiries``); no peer can take over before then (two majorities always
+    share a member).  None if this node alone is a majority."""
+    needed = members // 2  # peers needed besides this node: 1 + needed > members / 2
+    if needed == 0:
+        return None
+    ordered = sorted((NEVER if e is None else e for e in expiries), reverse=True)
+    return ordered[needed - 1] if len(ordered) >= needed else NEVER

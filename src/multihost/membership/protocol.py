@@ -6,16 +6,14 @@ this node may serve at every instant.  Inputs are ``receive(datagram, now)``,
 confirmation that the kernel serves the claims of ``epoch``); ``next_deadline()`` says when
 to tick next.  Outputs are :mod:`.effects`.
 
-Safety rules (argued in ``docs/membership.md``), re-evaluated from scratch on every input:
-a group's claims are this node's share under its eligible live set, minus every bucket an
-alive peer's latest heartbeat says it may serve, and are empty unless this node holds a
-*fresh lease* from every alive peer of the group (the peer acknowledged one of our sequence
-numbers sent less than ``dead_after + takeover_hold - lease_margin`` ago).  Also empty
-while draining or suspended (a peer of the group cannot hear us), without quorum (when
-enabled), and during the start-up grace in groups with a member not heard since start.
-After a peer departs, the group takes nothing new for ``takeover_hold`` (with quorum: until
-every alive peer has dropped it for that long).  Heartbeats advertise a bound on every
-claim set the kernel may still serve (applied or not yet confirmed).
+Safety rules (``docs/membership.md``; the group rule is :mod:`.claims`, the lease and
+suspicion arithmetic :mod:`.leases`), re-evaluated from scratch on every input: a group's
+claims are this node's share under its eligible live set, minus every bucket an alive
+peer's latest heartbeat says it may serve; empty unless every alive peer of the group
+gives a *fresh lease* or is *suspect* (with quorum: a majority's leases stand in for the
+others' time validity), and while draining, suspended, without quorum or in the start-up
+grace.  A departed peer's buckets are not taken before ``takeover_hold``; heartbeats
+advertise a bound on every claim set the kernel may still serve.
 
 Must not: open sockets, read clocks, sleep or draw randomness (the boot id is passed in).
 """
@@ -24,12 +22,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
 from multihost.membership.admission import Refused, admit
+from multihost.membership.claims import ClaimInputs, compute, group_inputs
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import (
     REJECT_REASONS,
@@ -46,18 +44,21 @@ from multihost.membership.leases import (
     Timing,
     ack_expiry,
     advertised,
+    exempt,
     kernel_lease,
     lease_expiry,
+    quorum_lease,
+    suspect,
+    takeover_safe,
 )
+from multihost.membership.outgoing import outgoing
 from multihost.membership.ownership import (
     EMPTY,
     BoolArray,
     GroupLayout,
-    claim_mask,
     claims_bound,
     layout_groups,
     mask_of,
-    slots_in,
 )
 from multihost.membership.state import (
     IllegalTransitionError,
@@ -67,20 +68,10 @@ from multihost.membership.state import (
     PeerRecord,
     peer_status,
 )
-from multihost.membership.wire import BOOT_ID_SIZE, Ack, Heartbeat, encode
+from multihost.membership.wire import BOOT_ID_SIZE, encode
 
 ALIVE: Final = MemberState.ALIVE
 INF: Final = float("inf")
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """Everything a group's claims depend on (unchanged inputs: unchanged claims)."""
-
-    blocked: str = ""  # why nothing may be claimed ("" if claiming)
-    live: frozenset[int] = frozenset()  # our live set for the group
-    adverts: tuple[tuple[int, frozenset[int]], ...] = ()  # (peer slot, its advertised live)
-    frozen: bool = False  # a departed member may still serve: take nothing new
 
 
 class MembershipCore:
@@ -96,7 +87,13 @@ class MembershipCore:
         self._digest = config.wire_digest
         self._da = config.dead_after
         self._hold = config.takeover_hold
-        self._timing = Timing(config.dead_after, config.takeover_hold, config.lease_margin)
+        self._timing = Timing(
+            config.dead_after,
+            config.takeover_hold,
+            config.lease_margin,
+            config.interval,
+            config.jitter,
+        )
         self._now = now
         self._groups = layout_groups(config.groups, config.members)
         self._my_groups = tuple(g for g in self._groups if self._me in g.members)
@@ -113,13 +110,14 @@ class MembershipCore:
         self._suspended: dict[str, bool] = {g.name: False for g in self._my_groups}
         self._view: frozenset[str] = frozenset({self._me})
         self._claims: dict[str, BoolArray] = {g.name: EMPTY for g in self._my_groups}
-        self._claim_keys: dict[str, _Inputs] = {}
+        self._claim_keys: dict[str, ClaimInputs] = {}
         self._epoch = 0
         self._applied_epoch = 0
         self._states: list[KernelState] = [KernelState(0, 0, 0)]  # [0] is confirmed
         self._quorum_ok = not config.quorum or len(config.members) == 1
         self._grace_until = now + self._da + self._hold
         self._lease_ok: dict[str, bool] = {}  # time-valid lease per alive peer
+        self._suspects: frozenset[str] = frozenset()  # alive peers silent > interval + jitter
         self._impostors: set[bytes] = set()
         self._sent = 0
         self._received = 0
@@ -177,8 +175,7 @@ class MembershipCore:
 
     def next_deadline(self) -> float:
         """The next time at which ``tick`` changes something (absent new input)."""
-        now, da, hold = self._now, self._da, self._hold
-        best = self._next_send
+        now, da, hold, best = self._now, self._da, self._hold, self._next_send
 
         def consider(t: float | None) -> None:
             nonlocal best
@@ -193,6 +190,7 @@ class MembershipCore:
                 consider(p.departed_at + hold)
             if p.state is ALIVE:
                 consider(self._lease_expiry(p))
+                consider(p.last_heard and p.last_heard + self._timing.suspect_after)
             elif self.config.quorum:
                 for x in alive:
                     consider(ack_expiry(x, p, self._timing))
@@ -233,8 +231,16 @@ class MembershipCore:
     def lease_deadline(self) -> float | None:
         """The kernel's dead-man switch: the kernel may take new flows until then (None:
         no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
-        alive = (p for p in self._peers.values() if p.state is ALIVE)
-        return kernel_lease(self._lease_expiry(p) for p in alive)
+        alive = [p for p in self._peers.values() if p.state is ALIVE]
+        if self.config.quorum:  # a majority's leases stand in for every peer's
+            return quorum_lease(map(self._lease_expiry, alive), len(self.config.members))
+        needed = (p for p in alive if not self._exempt(p, self._need_all(p), self._now))
+        return kernel_lease(map(self._lease_expiry, needed))
+
+    @property
+    def suspects(self) -> frozenset[str]:
+        """Alive peers not heard for longer than ``interval + jitter`` (crashed or cut off)."""
+        return self._suspects
 
     def blocked(self) -> frozenset[str]:
         """Why this node's groups claim nothing (e.g. ``lease``), one reason per group."""
@@ -263,7 +269,7 @@ class MembershipCore:
         out = {self._me: me}
         for p in self._peers.values():
             expiry = self._lease_expiry(p) if p.state is ALIVE else None
-            out[p.name] = peer_status(p, self.config.members, expiry)
+            out[p.name] = peer_status(p, self.config.members, expiry, p.name in self._suspects)
         return out
 
     # ------------------------------------------------------------- receiving
@@ -292,25 +298,17 @@ class MembershipCore:
             peer.new_incarnation(hb.boot)
         peer.record_receipt(hb, now)
         peer.latest = hb
+        change = peer.note_digest(hb.digest, self._digest)
+        if change == "config-digest-match":
+            out.append(Log("info", change, {"member": peer.name}))
+        elif change is not None:
+            out.append(Log("error", change, {"member": peer.name, "theirs": hb.digest.hex()}))
         if hb.digest != self._digest:
             self._reject("digest-mismatch", peer.name, out)
-            if peer.mismatch_digest != hb.digest:
-                peer.mismatch_digest = hb.digest
-                fields = {"member": peer.name, "theirs": hb.digest.hex()}
-                out.append(Log("error", "config-digest-mismatch", fields))
-            peer.heartbeat = None
             event = MemberEvent.HEARD_MISMATCH
         else:
-            if peer.mismatch_digest is not None:
-                peer.mismatch_digest = None
-                out.append(Log("info", "config-digest-match", {"member": peer.name}))
             self._accepted += 1
-            previous = peer.heartbeat
-            peer.heartbeat = hb
-            peer.record_acks(hb, now)
-            if previous is not None and (
-                previous.draining != hb.draining or previous.suspended_groups != hb.suspended_groups
-            ):
+            if peer.accept(hb, now, self._slot, self._boot, self._sent_at):
                 self._soon(now)  # its eligibility changed: it needs our fresh ack
             event = MemberEvent.RESTARTED if restarted else MemberEvent.HEARD
         old, new = self._transition(peer, event, out)
@@ -362,21 +360,25 @@ class MembershipCore:
     def _update_quorum(self, now: float, out: list[Effect]) -> None:
         if not self.config.quorum:
             return
-        reach = 1 + sum(
-            1 for p in self._peers.values() if p.state is ALIVE and self._lease_time_ok(p, now)
-        )
+        peers = self._peers.values()
+        reach = 1 + sum(p.state is ALIVE and self._lease_time_ok(p, now) for p in peers)
         ok = 2 * reach > len(self.config.members)
         if ok != self._quorum_ok:
             self._quorum_ok = ok
             out.append(
-                Log("info" if ok else "warning", "quorum-" + ("gained" if ok else "lost"), {})
+                Log("info", "quorum-gained", {}) if ok else Log("warning", "quorum-lost", {})
             )
 
     def _update_claims(self, now: float, out: list[Effect]) -> None:
         alive = [p for p in self._peers.values() if p.state is ALIVE]
+        suspects = frozenset(p.name for p in alive if suspect(p, now, self._timing))
+        for name in sorted(suspects - self._suspects):
+            out.append(Log("info", "member-suspect", {"member": name}))
+        self._suspects = suspects
         for p in alive:
             ok = self._lease_time_ok(p, now)
-            if self._lease_ok.get(p.name) and not ok:
+            lapsed = self._lease_ok.get(p.name) and not ok
+            if lapsed and not self._exempt(p, self._need_all(p), now):
                 out.append(Log("warning", "lease-lapsed", {"member": p.name}))
             self._lease_ok[p.name] = ok
         for g in self._my_groups:  # suspended: an alive peer of g cannot hear us
@@ -388,13 +390,17 @@ class MembershipCore:
                 if not suspended:
                     self._fresh[g.name] = self._seq + 1
                 self._soon(now)
+        t = self._timing
         unsafe = {
             p.name
             for p in self._peers.values()
-            if p.state is not ALIVE and not self._takeover_safe(p, alive, now)
+            if p.state is not ALIVE
+            and not takeover_safe(
+                p, self._peers.values(), alive, now=now, quorum=self.config.quorum, t=t
+            )
         }
         changed = keys_changed = False
-        keys: dict[str, _Inputs] = {}
+        keys: dict[str, ClaimInputs] = {}
         for g in self._my_groups:
             keys[g.name] = key = self._group_key(g, alive, now, unsafe)
             if key == self._claim_keys.get(g.name):
@@ -422,60 +428,47 @@ class MembershipCore:
 
     def _group_key(
         self, g: GroupLayout, alive: list[PeerRecord], now: float, unsafe: set[str]
-    ) -> _Inputs:
-        if self._draining or self._suspended[g.name]:
-            return _Inputs("ineligible")
-        if not self._quorum_ok:
-            return _Inputs("no-quorum")
-        peers = [self._peers[n] for n in sorted(g.members) if n != self._me]
-        if now < self._grace_until and any(p.state is MemberState.UNKNOWN for p in peers):
-            return _Inputs("grace")  # a member never heard may be serving anything
-        live = {self._slot}
-        adverts: list[tuple[int, frozenset[int]]] = []
-        for p in peers:
+    ) -> ClaimInputs:
+        def leased(p: PeerRecord) -> bool:
+            need = max(self._fresh[g.name], p.min_ack)
             hb = p.heartbeat
-            if p.state is not ALIVE or hb is None:
-                continue
-            if not self._lease_ok[p.name] or hb.acks[self._slot].seq < max(
-                self._fresh[g.name], p.min_ack
-            ):
-                return _Inputs("lease")
-            if not hb.draining and not hb.suspended_groups >> g.index & 1:
-                live.add(p.slot)
-            if hb.held_groups >> g.index & 1 and hb.applied_view >> p.slot & 1:
-                adverts.append((p.slot, slots_in(hb.applied_view) & g.slots))
-        frozen = any(p.name in unsafe for p in peers)
-        return _Inputs("", frozenset(live), tuple(adverts), frozen)
+            assert hb is not None
+            ack = hb.acks.get(self._slot)
+            fresh = ack is not None and ack.boot == self._boot and ack.seq >= need
+            if fresh and (self._lease_ok[p.name] or self.config.quorum):
+                return True  # quorum: a majority's time-valid leases stand in for p's
+            return self._exempt(p, need, now)
 
-    def _compute(self, g: GroupLayout, key: _Inputs) -> BoolArray:
-        if key.blocked:
-            return EMPTY
-        keep_only = self._claims[g.name] if key.frozen else None
-        return claim_mask(self._slot, key.live, key.adverts, keep_only)
+        return group_inputs(
+            g,
+            self._slot,
+            (self._peers[n] for n in sorted(g.members) if n != self._me),
+            ineligible=self._draining or self._suspended[g.name],
+            quorum_ok=self._quorum_ok,
+            in_grace=now < self._grace_until,
+            leased=leased,
+            unsafe=unsafe,
+        )
+
+    def _compute(self, g: GroupLayout, key: ClaimInputs) -> BoolArray:
+        return compute(self._slot, key, self._claims[g.name])
 
     # ---------------------------------------------------------- leases, holds
 
     def _lease_expiry(self, p: PeerRecord) -> float | None:
         return lease_expiry(p, self._slot, self._boot, self._sent_at, self._timing)
 
+    def _exempt(self, p: PeerRecord, need: int, now: float) -> bool:
+        return exempt(p, self._slot, self._boot, need=need, now=now, t=self._timing)
+
+    def _need_all(self, p: PeerRecord) -> int:
+        """The fresh seq ``p`` must ack in every group of ours it belongs to."""
+        groups = (self._fresh[g.name] for g in self._my_groups if p.name in g.members)
+        return max([p.min_ack, *groups])
+
     def _lease_time_ok(self, p: PeerRecord, now: float) -> bool:
         expiry = self._lease_expiry(p)
         return expiry is not None and now < expiry
-
-    def _takeover_safe(self, p: PeerRecord, alive: list[PeerRecord], now: float) -> bool:
-        """May this node take buckets ``p`` (not alive) might still serve?"""
-        if not self.config.quorum:
-            return p.departed_at is None or now >= p.departed_at + self._hold
-        # With quorum, any member that left within the hold may still lend the other side
-        # a lease towards its quorum; and every alive peer must have let p go.
-        for y in self._peers.values():
-            if y.departed_at is not None and now < y.departed_at + self._hold:
-                return False
-        for x in alive:
-            expiry = ack_expiry(x, p, self._timing)
-            if x is not p and (expiry is None or now < expiry):
-                return False
-        return True
 
     # ----------------------------------------------------------------- sending
 
@@ -484,32 +477,22 @@ class MembershipCore:
 
     def _send(self, now: float, out: list[Effect]) -> None:
         self._seq += 1
-        live, held = self._advertised()
-        acks = {
-            p.slot: Ack(p.boot, p.seq)
-            for p in self._peers.values()
-            if p.state is ALIVE and p.boot is not None
-        }
-        hb = Heartbeat(
-            cluster=self.config.cluster,
-            sender=self._me,
-            slot=self._slot,
-            boot=self._boot,
+        hb = outgoing(
+            self.config,
+            self._boot,
             seq=self._seq,
-            digest=self._digest,
-            view=mask_of(self.config.members[n] for n in self._view),
-            applied_view=live,
+            view=self._view,
+            advert=self._advertised(),
             applied_epoch=self._applied_epoch,
-            held_groups=held,
             suspended_groups=mask_of(g.index for g in self._my_groups if self._suspended[g.name]),
             draining=self._draining,
             handover=self._handover,
-            acks=acks,
+            peers=self._peers.values(),
         )
         out.append(Send(encode(hb, self.config.key)))
         self._sent += 1
         self._sent_at[self._seq] = now
-        horizon = now - (self._da + self._hold)
+        horizon = now - (self._da + self._hold + self._timing.ack_age_max)
         for seq in [s for s, t in self._sent_at.items() if t < horizon]:
             del self._sent_at[seq]
         self._last_send = now

@@ -93,6 +93,7 @@ class PeerRecord:
     mismatch_digest: bytes | None = None  # last mismatching digest logged
     departed_at: float | None = None  # when it last stopped being alive
     min_ack: int = 0  # our seq its acks must reach before its lease counts (after restart)
+    acked_sent: float | None = None  # when we sent the heartbeat its latest one acked
     # slot -> receipt time of its first heartbeat (since its last ack of that slot) without
     # an ack for that slot.
     noack_since: dict[int, float] = field(default_factory=dict)
@@ -112,6 +113,32 @@ class PeerRecord:
     def record_receipt(self, hb: Heartbeat, now: float) -> None:
         self.seq = hb.seq
         self.last_heard = now
+
+    def note_digest(self, theirs: bytes, ours: bytes) -> str | None:
+        """Track a digest mismatch (then no heartbeat of it counts); returns the event to
+        log, once per change: ``config-digest-mismatch`` or ``config-digest-match``."""
+        if theirs != ours:
+            self.heartbeat = None
+            if self.mismatch_digest != theirs:
+                self.mismatch_digest = theirs
+                return "config-digest-mismatch"
+        elif self.mismatch_digest is not None:
+            self.mismatch_digest = None
+            return "config-digest-match"
+        return None
+
+    def accept(
+        self, hb: Heartbeat, now: float, slot: int, boot: bytes, sent_at: Mapping[int, float]
+    ) -> bool:
+        """Record ``hb`` (authenticated, our digest), received at ``now``; ``sent_at`` maps
+        our seqs to their send times.  True if its eligibility (drain, suspension) changed."""
+        previous, self.heartbeat = self.heartbeat, hb
+        self.record_acks(hb, now)
+        ack = hb.acks.get(slot)
+        self.acked_sent = sent_at.get(ack.seq) if ack is not None and ack.boot == boot else None
+        return previous is not None and (
+            previous.draining != hb.draining or previous.suspended_groups != hb.suspended_groups
+        )
 
     def record_acks(self, hb: Heartbeat, now: float) -> None:
         """Track, per slot, since when its heartbeats (with our digest) stopped acking it."""
@@ -139,10 +166,11 @@ class MemberStatus:
     serving: bool = False  # may still serve buckets (drained: draining and not serving)
     handover: bool = False  # still has flows in buckets it gave away (docs/handover.md)
     suspended: bool = False  # takes no share in some group (a peer cannot hear it)
+    suspect: bool = False  # silent for longer than interval + jitter (crashed or cut off)
 
 
 def peer_status(
-    p: PeerRecord, members: Mapping[str, int], lease_expires: float | None
+    p: PeerRecord, members: Mapping[str, int], lease_expires: float | None, suspect: bool = False
 ) -> MemberStatus:
     """The status snapshot of ``p`` (``members`` maps names to slots, to name its view)."""
     names = {s: n for n, s in members.items()}
@@ -162,4 +190,5 @@ def peer_status(
         serving=bool(hb and hb.held_groups),
         suspended=bool(hb and hb.suspended_groups),
         handover=bool(hb and hb.handover),
+        suspect=suspect,
     )
