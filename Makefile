@@ -11,7 +11,7 @@ DEBS   := nftables iproute2 nginx-light iperf3 arping tcpdump keepalived wrk ipt
 BPF_DIR := src/multihost/dataplane/bpf
 BPF_OBJ := $(BPF_DIR)/multihost_xdp.o
 
-.PHONY: setup debs bpf test lint types unit demo bench lock clean
+.PHONY: setup debs bpf test lint types unit demo bench docs lock clean
 .DEFAULT_GOAL := test
 
 setup: $(STAMP) debs bpf
@@ -45,6 +45,11 @@ test: lint types unit
 
 demo: setup
 	$(BIN)/multihost lab demo
+
+# Man pages (docs/man/) and shell completion (contrib/completion/), generated from the
+# argparse parsers and the example configuration; a unit test fails when they are stale.
+docs: setup
+	$(BIN)/python scripts/gen-docs.py
 
 # Benchmarks are not tests: each prints its own table; see BENCHMARKS.md for the results and
 # the full list (data plane, failover, keepalived anchor, chaos, loss, fuzz need root).

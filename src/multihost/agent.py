@@ -31,18 +31,18 @@ from multihost.agent_heartbeats import HeartbeatLoop
 from multihost.agent_kernel import Claims, KernelSync, State
 from multihost.agent_membership import MembershipGlue, membership_config
 from multihost.assignment import merge_ranges
-from multihost.config import Config, ConfigError, load_config, read_key
+from multihost.config import Config, ConfigError, read_key
 from multihost.control import serve
 from multihost.dataplane import backend as dataplanes
 from multihost.dataplane.hostsetup import HostSetup
 from multihost.dataplane.responder import Responder
-from multihost.dataplane.ruleset import GroupSpec, RulesetSpec
 from multihost.handover import Handover
 from multihost.linkwatch import link_up
 from multihost.logfmt import EventLog
 from multihost.macaddr import format_mac, multicast_mac
 from multihost.metrics import Metrics, Snapshot
 from multihost.ownership import ownership, release_step, targets
+from multihost.preflight import load, ruleset_spec
 from multihost.simulation import fraction_text
 
 #: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
@@ -51,14 +51,6 @@ COUNTER_EVERY = 5
 #: XDP program outlives a killed agent (nft's owned table does not), so without a lease a
 #: dead manual agent's node would go on taking new flows.
 MANUAL_XDP_LEASE_MS = 3000
-
-
-def ruleset_spec(cfg: Config) -> RulesetSpec:
-    return RulesetSpec(
-        buckets=cfg.buckets,
-        seed=cfg.cluster.hash_seed,
-        groups=tuple(GroupSpec(g.name, g.addresses, g.hash) for g in cfg.groups),
-    )
 
 
 class Agent:
@@ -236,10 +228,7 @@ class Agent:
 
     def _reload(self) -> None:
         try:
-            new = load_config(self.cfg.source)
-            new.node(self.node.name)
-            if not self.manual:
-                read_key(new)
+            new, _ = load(self.cfg.source, with_key=not self.manual, node=self.node.name)
         except ConfigError as e:
             self.log("reload-rejected", level="error", error=str(e))
             return

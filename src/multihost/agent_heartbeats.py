@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import time
 from collections.abc import Callable
 
+from multihost import preflight
 from multihost.agent_kernel import KernelSync
 from multihost.agent_membership import Actions, Confirm, Lease, MembershipGlue, Retarget
 from multihost.config import Config, NodeConfig
@@ -63,9 +63,7 @@ class HeartbeatLoop:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         c = self.cfg.cluster
-        addr = self.node.address
-        if not isinstance(addr, ipaddress.IPv4Address):
-            raise OSError(f"node {self.node.name}: heartbeats need an IPv4 address")
+        addr = preflight.heartbeat_address(self.cfg, self.node.name)
         self._sock = open_multicast(c.multicast_group, c.port, c.interface, addr)
         loop.add_reader(self._sock.fileno(), self._on_heartbeats)
         self._links = LinkWatch()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from multihost import preflight
 from multihost.config import Config
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
@@ -30,22 +31,8 @@ NO_LEASE = float("-inf")  # a kernel lease that has lapsed
 
 
 def membership_config(cfg: Config, node: str, key: bytes) -> MembershipConfig:
-    c = cfg.cluster
-    return MembershipConfig(
-        cluster=c.name,
-        node=node,
-        members=cfg.slots,
-        groups={g.name: frozenset(g.members) for g in cfg.groups},
-        key=key,
-        interval=c.heartbeat_interval_ms / 1000,
-        dead_after=c.dead_after_ms / 1000,
-        config_digest=cfg.digest(),
-        quorum=c.quorum,
-        takeover_hold=c.takeover_hold_ms / 1000,
-        lease_margin=c.lease_margin_ms / 1000,
-        jitter=c.heartbeat_jitter_ms / 1000,
-        strict_transitions=False,
-    )
+    """The core's configuration for ``node`` (the same one ``check-config`` checks)."""
+    return preflight.membership_config(cfg, node, key)
 
 
 # ------------------------------------------------------------------ kernel operations

@@ -9,11 +9,11 @@ Must not: touch the kernel or the network; the agent applies what this computes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from multihost.assignment import Assignment, assign, default_table
+from multihost.assignment import NO_OWNER, Assignment, PreferenceTable, assign, default_table
 from multihost.config import Config
 
 
@@ -27,11 +27,33 @@ class GroupOwnership:
         return {m: self.assignment.share(slots[m]) for m in self.live}
 
 
+def live_slots(
+    slots: Mapping[str, int], members: Iterable[str], live: Iterable[str]
+) -> frozenset[int]:
+    """The slots a group is assigned over: its members' configured slots, live ones only."""
+    live_set = set(live)
+    return frozenset(slots[m] for m in members if m in live_set)
+
+
 def group_live_slots(cfg: Config, group: str, live: Iterable[str]) -> frozenset[int]:
     g = next(x for x in cfg.groups if x.name == group)
-    slots = cfg.slots
-    live_set = set(live)
-    return frozenset(slots[m] for m in g.members if m in live_set)
+    return live_slots(cfg.slots, g.members, live)
+
+
+def bucket_owner(
+    slots: Mapping[str, int],
+    members: Sequence[str],
+    live: Iterable[str],
+    bucket: int,
+    table: PreferenceTable | None = None,
+) -> str | None:
+    """The member that owns ``bucket`` of a group (``members``, each at ``slots[m]``) when
+    ``live`` are live: what the agent programs (see :func:`targets`); None if none is."""
+    tbl = table or default_table()
+    if not 0 <= bucket < tbl.buckets:
+        raise ValueError(f"bucket {bucket} is outside 0..{tbl.buckets - 1}")
+    slot = int(tbl.owners(live_slots(slots, members, live))[bucket])  # as Assignment.owner
+    return None if slot == NO_OWNER else next(m for m in members if slots[m] == slot)
 
 
 def ownership(cfg: Config, live: Iterable[str]) -> dict[str, GroupOwnership]:

@@ -1,13 +1,14 @@
 """Pure simulation of a traffic IP group through fail/recover events.
 
-Owns: parsing ``fail:NAME`` / ``recover:NAME`` events, naming slots by member position,
+Owns: parsing ``fail:NAME`` / ``recover:NAME`` events and ``--slots``, naming slots by
+member (its configured slot, or its position when none is given),
 and turning each step into shares, moved fraction and transfers between named members.
 Must not: print, read files or touch the kernel (``cli.simulate`` renders the result).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -57,6 +58,7 @@ class Simulation:
     buckets: int
     members: tuple[str, ...]
     steps: tuple[Step, ...]
+    slots: tuple[int, ...] = ()  # members[i] occupies slots[i]
 
 
 def parse_members(text: str, option: str = "--members") -> tuple[str, ...]:
@@ -71,6 +73,26 @@ def parse_members(text: str, option: str = "--members") -> tuple[str, ...]:
     return names
 
 
+def parse_slots(text: str, members: Sequence[str], option: str = "--slots") -> tuple[int, ...]:
+    """``"1,3"``: the slot of each member, in ``--members`` order."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        slots = tuple(int(t) for t in parts)
+    except ValueError:
+        raise SimulationError(f"{option} {text!r}: expected slot numbers, e.g. 1,3") from None
+    if len(slots) != len(members):
+        raise SimulationError(
+            f"{option} {text!r}: {len(slots)} slots for {len(members)} members"
+            f" ({','.join(members)})"
+        )
+    for s in slots:
+        if not 0 <= s < MAX_SLOTS:
+            raise SimulationError(f"{option} {text!r}: slot {s} is outside 0..{MAX_SLOTS - 1}")
+        if slots.count(s) > 1:
+            raise SimulationError(f"{option} {text!r}: slot {s} is given twice")
+    return slots
+
+
 def parse_event(text: str) -> Event:
     kind, sep, member = text.partition(":")
     if not sep or kind not in ("fail", "recover") or not member:
@@ -79,16 +101,28 @@ def parse_event(text: str) -> Event:
 
 
 def simulate(
-    members: Sequence[str], events: Sequence[Event], table: PreferenceTable | None = None
+    members: Sequence[str],
+    events: Sequence[Event],
+    table: PreferenceTable | None = None,
+    slots: Sequence[int] | None = None,
 ) -> Simulation:
-    """Run ``events`` from the all-live state; member ``i`` occupies slot ``i``."""
+    """Run ``events`` from the all-live state; member ``members[i]`` occupies slot
+    ``slots[i]`` (default: slot ``i``), as ``[[node]].slot`` places it in a cluster."""
     tbl = table if table is not None else default_table()
     if len(members) > tbl.slots:
         raise SimulationError(f"{len(members)} members, the table has {tbl.slots} slots")
-    slot = {m: i for i, m in enumerate(members)}
+    slot_list = list(range(len(members))) if slots is None else list(slots)
+    if len(slot_list) != len(members):
+        raise SimulationError(f"{len(slot_list)} slots given for {len(members)} members")
+    for s in slot_list:
+        if not 0 <= s < tbl.slots:
+            raise SimulationError(f"slot {s} is outside 0..{tbl.slots - 1}")
+        if slot_list.count(s) > 1:
+            raise SimulationError(f"slot {s} is given twice")
+    slot = dict(zip(members, slot_list, strict=True))
     live = set(members)
     before = assign(slot.values(), tbl)
-    steps = [_step("start", members, before, before)]
+    steps = [_step("start", slot, before, before)]
     for ev in events:
         if ev.member not in slot:
             raise SimulationError(
@@ -104,18 +138,19 @@ def simulate(
                 raise SimulationError(f"event recover:{ev.member}: {ev.member} is not failed")
             live.add(ev.member)
         after = assign((slot[m] for m in live), tbl)
-        steps.append(_step(str(ev), members, before, after))
+        steps.append(_step(str(ev), slot, before, after))
         before = after
-    return Simulation(tbl.buckets, tuple(members), tuple(steps))
+    return Simulation(tbl.buckets, tuple(members), tuple(steps), tuple(slot_list))
 
 
-def _step(event: str, members: Sequence[str], before: Assignment, after: Assignment) -> Step:
+def _step(event: str, slot: Mapping[str, int], before: Assignment, after: Assignment) -> Step:
     total = after.buckets_total
-    live = tuple(m for i, m in enumerate(members) if i in after.live)
-    shares = {m: after.share(i) for i, m in enumerate(members) if i in after.live}
+    live = tuple(m for m, i in slot.items() if i in after.live)
+    shares = {m: after.share(i) for m, i in slot.items() if i in after.live}
+    by_slot = {i: m for m, i in slot.items()}
 
     def name(s: int | None) -> str:
-        return "(none)" if s is None else members[s]
+        return "(none)" if s is None else by_slot[s]
 
     moves = tuple(
         NamedTransfer(name(t.source), name(t.target), Fraction(t.buckets, total))

@@ -27,6 +27,7 @@ def test_simulate_reproduces_the_worked_example(capsys: pytest.CaptureFixture[st
     got = run_json(capsys, ["simulate", *BRIEF])
     assert got == {
         "buckets": 40320,
+        "slots": {"A": 0, "B": 1, "C": 2, "D": 3},
         "steps": [
             {
                 "event": "start",

@@ -63,3 +63,15 @@ def test_missing_and_stale_objects_are_refused(tmp_path: Path) -> None:
     good = tmp_path / "good.o"
     good.write_bytes(b"\x7fELF....MHBUILD:" + xdp.build_id().encode() + b"\0")
     xdp.check_object(good)
+
+
+def test_limits_name_the_key() -> None:
+    from multihost.dataplane.xdplayout import MAX_ADDRS, MAX_GROUPS, limits_problem
+
+    assert limits_problem(1, 40320, 1) is None
+    assert limits_problem(MAX_GROUPS + 1, 40320, 1) == (
+        "traffic_ip_group",
+        f"{MAX_GROUPS + 1} groups: the XDP program takes at most {MAX_GROUPS}",
+    )
+    problem = limits_problem(1, 40320, MAX_ADDRS + 1)
+    assert problem is not None and "traffic IPs" in problem[1]

@@ -1,7 +1,8 @@
 """The ``multihost`` command line: one module per subcommand, dispatched from here.
 
 Owns: argument parsing, the exit-status convention (0 ok, 1 operation failed, 2 bad input:
-one ``multihost: error: ...`` line on stderr) and the registry of subcommands.
+one ``multihost: error: ...`` line on stderr; with ``--json`` also exactly one JSON object
+``{"ok": false, "error": ..., "code": N}`` on stdout) and the registry of subcommands.
 Must not: contain subcommand logic; each ``cli/<name>.py`` exposes ``register(subparsers)``
 which adds its parser and sets ``func`` to a ``run(args) -> int``.
 """
@@ -14,7 +15,15 @@ import sys
 from collections.abc import Sequence
 
 from multihost import __version__
-from multihost.cli.common import UsageError
+from multihost.cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    OperationError,
+    Parser,
+    UsageError,
+    error_object,
+    print_json,
+)
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
@@ -26,11 +35,12 @@ SUBCOMMANDS: tuple[str, ...] = (
     "drain",
     "cleanup",
     "lab",
+    "completion",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="multihost",
         description=(
             "Active-active multi-hosted IP addresses for Linux clusters: every member answers "
@@ -47,14 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` is among the options (not after a ``--``)."""
+    args = list(argv)
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    if as_json:
+        print_json(error_object(message, code))
+    print(f"multihost: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e), EXIT_USAGE, wants_json(argv))
+    as_json = bool(getattr(args, "json", False))
     try:
         rc: int = args.func(args)
     except UsageError as e:
-        print(f"multihost: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), EXIT_USAGE, as_json)
+    except OperationError as e:
+        return _fail(str(e), EXIT_FAILED, as_json)
+    except OSError as e:  # e.g. a lab command without root: a message, not a traceback
+        return _fail(str(e), EXIT_FAILED, as_json)
     except KeyboardInterrupt:
         print("multihost: interrupted", file=sys.stderr)
         return 130

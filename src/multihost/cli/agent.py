@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from multihost.cli.check_config import check_dataplane
+from multihost import preflight
 from multihost.cli.common import Formatter, UsageError
-from multihost.config import Config, ConfigError, load_config, read_key, timing_warnings
+from multihost.config import Config, ConfigError, timing_warnings
 from multihost.logfmt import EventLog
 
 DESCRIPTION = """\
@@ -25,6 +25,8 @@ answering), exchanges authenticated heartbeats with the other members on the clu
 multicast group, and reprograms the filter whenever the live set changes.
 
 The node is --node NAME, or the [[node]] whose address is configured on this host.
+The configuration is checked exactly as 'multihost check-config' checks it (one function):
+a file check-config accepts, the agent accepts, and the other way round.
 
 signals:
   SIGTERM, SIGINT  clean stop: release every bucket, remove addresses and rules,
@@ -72,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise UsageError("the agent needs root (nftables, raw sockets, sysctls)")
     try:
-        cfg = load_config(args.config)
+        cfg, _ = preflight.load(args.config, with_key=not args.manual)
+        sock = args.control_socket
+        if sock is not None and len(os.fsencode(sock)) > preflight.MAX_SOCKET_PATH_BYTES:
+            raise UsageError(
+                f"--control-socket {str(sock)!r}: a unix socket path holds at most"
+                f" {preflight.MAX_SOCKET_PATH_BYTES} bytes"
+            )
         node = resolve_node(cfg, args.node)
-        if not args.manual:
-            read_key(cfg)
-        check_dataplane(cfg)  # refuse what check-config refuses
     except ConfigError as e:
         raise UsageError(str(e)) from None
     from multihost.agent import Agent

@@ -7,24 +7,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from multihost.cli.common import Formatter, add_json_flag, print_json
-from multihost.config import Config, ConfigError, load_config, read_key, timing_warnings
+from multihost import preflight
+from multihost.cli.common import EXIT_USAGE, Formatter, add_json_flag, print_json
+from multihost.config import Config, ConfigError, timing_warnings
 from multihost.macaddr import format_mac, multicast_mac
 
 DESCRIPTION = """\
 Validate a multihost configuration file (TOML) and its key file.  Nothing on the host is
-changed.  Every error names the file, the key path and the reason, e.g.
+changed.  It runs the very function the agent runs to load its configuration, so a file
+check-config accepts is one the agent accepts (names the nft data plane can use, IPv4 node
+addresses for the heartbeats, at most 512 groups, membership timing, control socket path
+length, ...) and the other way round.  Every error names the file, the key path and the
+reason, e.g.
 
   /etc/multihost/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'
 
 Valid configurations that work badly get warnings naming the key (e.g. a dead_after_ms
 too close to the heartbeat interval for heartbeat_jitter_ms); the agent logs the same
-ones at start and refuses exactly what this command refuses.
+ones at start and refuses exactly what this command refuses.  It also says whether
+cluster.interface exists on this host (a note, not an error: the file may be checked on a
+workstation).
 
 Exit status: 0 valid (warnings or not), 2 invalid.  With --json, one object:
 {"valid": true, "warnings": [{"key": ..., "reason": ...}], ...} or
-{"valid": false, "error": {"file": ..., "key": ..., "reason": ...}}.
+{"valid": false, "ok": false, "code": 2, "message": "...",
+ "error": {"file": ..., "key": ..., "reason": ...}}.
 """
 
 
@@ -50,6 +59,7 @@ def summary(cfg: Config) -> dict[str, object]:
         "file": cfg.source,
         "cluster": c.name,
         "interface": c.interface,
+        "interface_present": interface_present(c.interface),
         "multicast_group": str(c.multicast_group),
         "multicast_mac": format_mac(multicast_mac(c.multicast_group)),
         "heartbeat_interval_ms": c.heartbeat_interval_ms,
@@ -74,31 +84,26 @@ def summary(cfg: Config) -> dict[str, object]:
     }
 
 
-def check_dataplane(cfg: Config) -> None:
-    """``dataplane = "xdp"`` on a machine that cannot run it: a ConfigError saying what is
-    missing (the agent refuses to start for the same reason)."""
-    if cfg.cluster.dataplane != "xdp":
-        return
-    from multihost.dataplane.xdp import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason is not None:
-        raise ConfigError(cfg.source, "cluster.dataplane", f'"xdp" cannot run here: {reason}')
+def interface_present(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.file)
-        if not args.no_key:
-            read_key(cfg)
-        check_dataplane(cfg)
+        cfg, _ = preflight.load(args.file, with_key=not args.no_key)
     except ConfigError as e:
         if args.json:
             print_json(
-                {"valid": False, "error": {"file": e.source, "key": e.key, "reason": e.reason}}
+                {
+                    "valid": False,
+                    "ok": False,
+                    "code": EXIT_USAGE,
+                    "message": str(e),
+                    "error": {"file": e.source, "key": e.key, "reason": e.reason},
+                }
             )
         print(f"multihost: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     s = summary(cfg)
     if args.json:
         print_json(s)
@@ -121,4 +126,6 @@ def run(args: argparse.Namespace) -> int:
     for g in cfg.groups:
         addrs = ", ".join(str(a) for a in g.addresses)
         print(f"  group {g.name}: {addrs} members {','.join(g.members)} hash {g.hash.value}")
+    if not s["interface_present"]:
+        print(f"  note: interface {cfg.cluster.interface!r} does not exist on this host")
     return 0

@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _remove_nft(cfg: Config, errors: list[str]) -> bool:
-    from multihost.agent import ruleset_spec
     from multihost.dataplane.nft import Nft, NftError
     from multihost.dataplane.ruleset import render_remove
+    from multihost.preflight import ruleset_spec
 
     spec = ruleset_spec(cfg)
     try:

@@ -6,9 +6,10 @@ Must not: contain agent logic; it sends one control request and reports.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json
+from multihost.cli.common import Formatter, OperationError, UsageError, add_json_flag, print_json
 from multihost.cli.status import add_socket_args, socket_path
 from multihost.control import ControlError, request
 
@@ -68,19 +69,20 @@ def run(args: argparse.Namespace) -> int:
                 ):
                     break
                 if time.monotonic() > deadline:
-                    print("multihost: drain: timed out waiting", flush=True)
-                    return 1
-                if not args.json:
-                    print(
-                        f"drain: {h.get('flows_draining')} flows left in "
-                        f"{h.get('draining_buckets')} buckets, {h.get('time_left_s')} s left",
-                        flush=True,
+                    raise OperationError(
+                        f"drain: timed out after {args.timeout:g} s waiting for"
+                        f" {h.get('flows_draining')} flows in {h.get('draining_buckets')} buckets"
                     )
+                print(
+                    f"drain: {h.get('flows_draining')} flows left in "
+                    f"{h.get('draining_buckets')} buckets, {h.get('time_left_s')} s left",
+                    file=sys.stderr if args.json else sys.stdout,
+                    flush=True,
+                )
                 time.sleep(1.0)
         st = request(path, "status")
     except ControlError as e:
-        print(f"multihost: {e}")
-        return 1
+        raise OperationError(str(e)) from None
     h = st.get("handover", {})
     out = {"node": st["node"], "draining": args.command_name == "drain", **h}
     if args.json:

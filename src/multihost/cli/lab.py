@@ -17,7 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 from multihost.assignment import assign, default_table, slots_of
-from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json, render_table
+from multihost.cli.common import (
+    Formatter,
+    OperationError,
+    UsageError,
+    add_json_flag,
+    print_json,
+    render_table,
+)
 from multihost.config import DATAPLANES as BACKENDS
 from multihost.lab import build as labbuild
 from multihost.lab.clean import clean as clean_lab
@@ -129,8 +136,7 @@ def _handle(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         except TopologyError as e:
             raise UsageError(str(e)) from None
         except labbuild.LabError as e:
-            print(f"multihost: error: {e}", file=sys.stderr)
-            return 1
+            raise OperationError(str(e)) from None
 
     return wrapper
 

@@ -9,12 +9,19 @@ import argparse
 from typing import Any
 
 from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json, render_table
+from multihost.cli.groupsel import (
+    add_config_args,
+    add_members_args,
+    conflicts,
+    from_config,
+    from_members,
+)
+from multihost.flowhash import HashMode
 from multihost.simulation import (
     Simulation,
     SimulationError,
     fraction_text,
     parse_event,
-    parse_members,
     simulate,
 )
 
@@ -22,10 +29,15 @@ DESCRIPTION = """\
 Show how the hash space is shared by the members of one traffic IP group, starting with all
 members live and applying each --event in order.  For every step it prints the live set,
 each live member's exact share, the fraction of the hash space that moved, and the
-transfers (from, to, share).  Member i (in --members order) occupies slot i.
+transfers (from, to, share).
 
-example (the feature brief's worked example):
+With --config FILE the group's members sit in their configured [[node]].slot (the group is
+--group, or the only one), exactly as the agents assign it.  With --members, member i (in
+--members order) occupies slot i unless --slots gives each member's slot.
+
+examples (the feature brief's worked example):
   multihost simulate --members A,B,C,D --event fail:D --event fail:C --event recover:D
+  multihost simulate --config /etc/multihost/multihost.toml --group web --event fail:B
 """
 
 
@@ -36,7 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=DESCRIPTION,
         formatter_class=Formatter,
     )
-    p.add_argument("--members", required=True, metavar="A,B,...", help="1-8 member names")
+    add_config_args(p)
+    add_members_args(p)
     p.add_argument(
         "--event",
         action="append",
@@ -51,6 +64,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def to_json(sim: Simulation) -> dict[str, Any]:
     return {
         "buckets": sim.buckets,
+        "slots": dict(zip(sim.members, sim.slots, strict=True)),
         "steps": [
             {
                 "event": st.event,
@@ -68,7 +82,8 @@ def to_json(sim: Simulation) -> dict[str, Any]:
 
 
 def to_text(sim: Simulation) -> str:
-    out: list[str] = [f"hash space: {sim.buckets} buckets, members {','.join(sim.members)}"]
+    placed = ",".join(f"{m}@{s}" for m, s in zip(sim.members, sim.slots, strict=True))
+    out: list[str] = [f"hash space: {sim.buckets} buckets, members (at slot) {placed}"]
     for st in sim.steps:
         out.append("")
         out.append(f"== {st.event}: live {','.join(st.live) or '(none)'}")
@@ -78,10 +93,11 @@ def to_text(sim: Simulation) -> str:
                 fraction_text(st.shares[m]) if m in st.shares else "-",
                 str(st.assignment.count(i)),
                 "live" if m in st.shares else "failed",
+                str(i),
             ]
-            for i, m in enumerate(sim.members)
+            for m, i in zip(sim.members, sim.slots, strict=True)
         ]
-        out.append(render_table(["member", "share", "buckets", "state"], rows))
+        out.append(render_table(["member", "share", "buckets", "state", "slot"], rows))
         out.append(f"moved: {fraction_text(st.moved)} of the hash space")
         for t in st.transfers:
             out.append(f"  {t.source} -> {t.target}: {fraction_text(t.share)}")
@@ -89,14 +105,25 @@ def to_text(sim: Simulation) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    conflicts(args, {"--slots": args.slots})
+    if args.config:
+        group = from_config(args.config, args.group)
+    else:
+        group = from_members(args, HashMode.FOUR_TUPLE, None)
     try:
-        members = parse_members(args.members)
         events = [parse_event(e) for e in args.event]
-        sim = simulate(members, events)
+        sim = simulate(group.members, events, slots=[group.slots[m] for m in group.members])
     except SimulationError as e:
         raise UsageError(str(e)) from None
     if args.json:
-        print_json(to_json(sim))
+        out = to_json(sim)
+        if group.name is not None:
+            out["group"] = group.name
+        if group.config is not None:
+            out["config"] = group.config.source
+        print_json(out)
     else:
+        if group.name is not None and group.config is not None:
+            print(f"group {group.name} of {group.config.source}")
         print(to_text(sim))
     return 0

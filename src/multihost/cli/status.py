@@ -9,7 +9,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from multihost.cli.common import Formatter, UsageError, add_json_flag, print_json, render_table
+from multihost.cli.common import (
+    Formatter,
+    OperationError,
+    UsageError,
+    add_json_flag,
+    print_json,
+    render_table,
+)
 from multihost.config import ConfigError, load_config
 from multihost.control import ControlError, request
 
@@ -113,11 +120,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         st = request(path, "status")
     except ControlError as e:
-        if args.json:
-            print_json({"ok": False, "error": str(e)})
-        else:
-            print(f"multihost: {e}")
-        return 1
+        raise OperationError(str(e)) from None
     st.pop("ok", None)
     if args.json:
         print_json(st)

@@ -57,9 +57,6 @@ from multihost.dataplane.xdplayout import (
     HASH_MODES,
     LEASE_FOREVER,
     MAP_NAMES,
-    MAX_ADDRS,
-    MAX_BUCKETS,
-    MAX_GROUPS,
     NODE,
     PROGRAM_NAME,
     STATS,
@@ -69,6 +66,7 @@ from multihost.dataplane.xdplayout import (
     Verdict,
     bucket_elements,
     group_bases,
+    limits_problem,
     vip4_slot,
 )
 
@@ -237,13 +235,10 @@ class XdpDataplane:
         spec.check()
         if mode not in ("auto", "native", "generic"):
             raise XdpError(f"XDP mode {mode!r}: use auto, native or generic")
-        if len(spec.groups) > MAX_GROUPS:
-            raise XdpError(f"{len(spec.groups)} groups: the XDP program takes at most {MAX_GROUPS}")
-        if spec.buckets > MAX_BUCKETS:
-            raise XdpError(f"{spec.buckets} buckets: the XDP program takes at most {MAX_BUCKETS}")
         naddr = sum(len(g.addresses) for g in spec.groups)
-        if naddr > MAX_ADDRS:
-            raise XdpError(f"{naddr} traffic IPs: the XDP program takes at most {MAX_ADDRS}")
+        problem = limits_problem(len(spec.groups), spec.buckets, naddr)
+        if problem is not None:
+            raise XdpError(problem[1])
         self.spec = spec
         self.interface = interface
         self.pin_dir = Path(pin_dir)

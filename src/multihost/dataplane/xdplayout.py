@@ -207,6 +207,20 @@ STRUCTS = (ADDR_KEY, ADDR_VAL, VIP4, GROUP, NODE, STATS, FRAG_KEY, FRAG_VAL, FLO
 BUCKETS_PER_ELEMENT = 8
 
 
+def limits_problem(groups: int, buckets: int, addresses: int) -> tuple[str, str] | None:
+    """(config key, reason) if a configuration exceeds what the program's maps hold."""
+    if groups > MAX_GROUPS:
+        return "traffic_ip_group", f"{groups} groups: the XDP program takes at most {MAX_GROUPS}"
+    if buckets > MAX_BUCKETS:
+        return "buckets", f"{buckets} buckets: the XDP program takes at most {MAX_BUCKETS}"
+    if addresses > MAX_ADDRS:
+        return (
+            "traffic_ip_group",
+            f"{addresses} traffic IPs: the XDP program takes at most {MAX_ADDRS}",
+        )
+    return None
+
+
 #: Knuth's multiplicative hash constant (2^32 / golden ratio).
 VIP4_MULT = 0x9E3779B1
 
