@@ -15,6 +15,7 @@ Must not: touch a lab, namespace or process that it did not create, or edit ``sr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from multihost.lab import build
 from multihost.lab.build import LabState
 from multihost.lab.clean import clean, proc_start_time
 from multihost.lab.failover import LogCursor
-from multihost.lab.topology import describe, state_dir, validate_prefix
+from multihost.lab.topology import PREFIX_ENV, describe, state_dir, validate_prefix
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results_failover.json"
@@ -50,6 +51,26 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def own_prefix(prefix: str) -> str:
+    """``prefix`` (an ``mhtF`` benchmark prefix) under ``$MULTIHOST_LAB_PREFIX`` if set."""
+    if not validate_prefix(prefix).startswith("mhtF"):
+        raise ValueError(f"benchmark labs use mhtF prefixes, not {prefix!r}")
+    own = os.environ.get(PREFIX_ENV)
+    if not own:
+        return prefix
+    return validate_prefix(validate_prefix(own)[:-1] + prefix.removeprefix("mhtF"))
+
+
+def lab_backend(backend: str | None) -> dict[str, Any]:
+    """``build.build``'s keyword for a data plane backend: nothing unless one is asked for;
+    ValueError if this lab cannot choose one."""
+    if backend is None:
+        return {}
+    if "backend" not in inspect.signature(build.build).parameters:
+        raise ValueError(f"this lab has no data plane backends (asked for {backend!r})")
+    return {"backend": backend}
+
+
 @contextlib.contextmanager
 def lab(
     prefix: str,
@@ -59,11 +80,16 @@ def lab(
     dead_after_ms: int | None = None,
     metrics: bool = False,
     with_agents: bool = True,
-    backend: str = "auto",
+    backend: str | None = None,
 ) -> Iterator[LabState]:
-    """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens."""
-    if not validate_prefix(prefix).startswith("mhtF"):
-        raise ValueError(f"benchmark labs use mhtF prefixes, not {prefix!r}")
+    """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens;
+    ``backend``: the data plane backend, passed on only when given (:func:`lab_backend`).
+
+    ``$MULTIHOST_LAB_PREFIX`` (say ``mhG-``), when set, replaces the ``mhtF`` part:
+    ``mhtFc-`` becomes ``mhGc-``, so people sharing a machine keep to their own labs.
+    """
+    prefix = own_prefix(prefix)
+    extra = lab_backend(backend)
     clean(prefix)  # leftovers of an earlier, killed run of this very benchmark
     try:
         yield build.build(
@@ -72,7 +98,7 @@ def lab(
             heartbeat_ms=heartbeat_ms,
             dead_after_ms=dead_after_ms,
             metrics=metrics,
-            backend=backend,
+            **extra,
         )
     except BaseException:
         keep_evidence(prefix)

@@ -1,15 +1,18 @@
 """The agent: the one event loop that owns this node's share of the traffic IPs.
 
-Owns: wiring sockets and the clock to the pure cores and their effects to the kernel —
-host setup (traffic IPs on ``lo``, ARP sysctls, multicast membership), the nft data plane
-(an owner-flagged table held through this process's persistent nft context, so the kernel
-drops it and the node stops answering if this process dies), the ARP responder, the
-membership socket and core (or manual mode, where ``set-live`` requests decide the live
-set), the control socket, metrics, systemd notifications and signals (SIGTERM/SIGINT: clean
-stop that releases everything; SIGHUP: reload the configuration if it is valid).
+Owns: the process and its event loop, wired to the layers below -- host setup (traffic
+IPs on ``lo``, ARP sysctls, multicast membership), starting the data plane backend (nft:
+an owner-flagged table held through this process's nft context, so the kernel drops it if
+this process dies; or XDP; afterwards programmed only through :mod:`multihost.agent_kernel`'s
+thread), the ARP responder, membership (:mod:`multihost.agent_heartbeats` owns the
+heartbeat socket, timer and link watch and carries out :mod:`multihost.agent_membership`'s
+actions) or manual mode, where ``set-live`` requests decide the live set; the control
+socket, ``status``, metrics, systemd notifications and signals (SIGTERM/SIGINT: clean stop
+that releases everything; SIGHUP: reload the configuration if it is valid).
 
-Must not: decide ownership itself (``ownership``/``membership`` do) or render nft rules
-(``dataplane.ruleset`` does).
+Must not: decide ownership or membership itself (``ownership``/``membership`` do), render
+nft rules (``dataplane.ruleset`` does), or wait for the kernel on the event loop (heartbeats
+go out on time whatever an nft transaction or an XDP map write costs).
 """
 
 from __future__ import annotations
@@ -19,21 +22,22 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from multihost import sdnotify
-from multihost.agent_membership import MembershipDriver
+from multihost.agent_heartbeats import HeartbeatLoop
+from multihost.agent_kernel import Claims, KernelSync, State
+from multihost.agent_membership import MembershipGlue, membership_config
 from multihost.assignment import merge_ranges
 from multihost.config import Config, ConfigError, read_key
 from multihost.control import serve
 from multihost.dataplane import backend as dataplanes
-from multihost.dataplane.conntrack import GroupFlows, buckets_in_use
 from multihost.dataplane.hostsetup import HostSetup
 from multihost.dataplane.responder import Responder
-from multihost.dataplane.ruleset import GroupBuckets
 from multihost.handover import Handover
+from multihost.linkwatch import link_up
 from multihost.logfmt import EventLog
 from multihost.macaddr import format_mac, multicast_mac
 from multihost.metrics import Metrics, Snapshot
@@ -41,7 +45,6 @@ from multihost.ownership import ownership, release_step, targets
 from multihost.preflight import load, ruleset_spec
 from multihost.simulation import fraction_text
 
-Claims = dict[str, frozenset[int]]
 #: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
 COUNTER_EVERY = 5
 #: Manual mode on the XDP backend: the kernel lease, renewed every housekeeping tick.  The
@@ -67,23 +70,26 @@ class Agent:
         self.log = log or EventLog(node=node)
         self.boot_id = os.urandom(8)
         self.started = time.monotonic()
-        self.handover = Handover([g.name for g in cfg.groups], cfg.cluster.max_drain_ms / 1000)
-        self.applied: dict[str, GroupBuckets] = {g.name: GroupBuckets() for g in cfg.groups}
-        self.manual_live: tuple[str, ...] = ()
-        self.lease_held = True  # as installed: held without expiry
-        self.lease_updates = 0
-        self.last_update_ms: float | None = None
-        self.flows_draining: int | None = 0  # flows left in draining buckets (last look)
-        self.updates = 0
         self.metrics = Metrics(node)
+        self.kernel = KernelSync(
+            cfg, self.log, self.metrics, on_applied=self._applied, on_confirm=self._confirm
+        )
+        self.manual_live: tuple[str, ...] = ()
         self.snapshot = Snapshot()
         self._stop = asyncio.Event()
         self._cleanups: list[tuple[str, Callable[[], Any]]] = []
         self.host: HostSetup | None = None
         self.dataplane: dataplanes.Backend | None = None
         self.responder: Responder | None = None
-        self.membership: MembershipDriver | None = None
+        self.membership: MembershipGlue | None = None
+        self.heartbeats: HeartbeatLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._packets: dict[str, dict[str, int]] = {}
+
+    @property
+    def handover(self) -> Handover:
+        return self.kernel.handover
 
     # ----------------------------------------------------------------- lifecycle
     async def run(self) -> int:
@@ -132,7 +138,8 @@ class Agent:
             )
 
     async def _start(self) -> None:
-        cfg, loop = self.cfg, asyncio.get_running_loop()
+        cfg = self.cfg
+        self._loop = loop = asyncio.get_running_loop()
         self._set_priority()
         addresses = [a for g in cfg.groups for a in g.addresses]
         self.host = HostSetup(cfg.cluster.interface, addresses, cfg.cluster.multicast_group)
@@ -143,13 +150,14 @@ class Agent:
         # Fail-closed from the first packet: the filter exists, owning nothing.
         started = dataplanes.start(
             ruleset_spec(cfg),
-            self._state(),
+            self.kernel.state(),
             choice=cfg.cluster.dataplane,
             interface=cfg.cluster.interface,
             pins=dataplanes.pin_dir(cfg.cluster.bpf_pin_root, cfg.cluster.name, self.node.name),
             xdp_mode=cfg.cluster.xdp_mode,
         )
         self.dataplane = started.backend
+        self.kernel.start(self.dataplane, loop)
         self._undo("dataplane", self._remove_dataplane)
         self.log("dataplane", **self.dataplane.describe(), reason=started.reason)
         vip_mac = multicast_mac(cfg.cluster.multicast_group)
@@ -158,16 +166,17 @@ class Agent:
         self._undo("responder", self._close_responder)
         self.responder.announce()
         if not self.manual:
-            key = read_key(cfg)
-            self.membership = MembershipDriver(self, key)
-            self.membership.start(loop)
-            self._undo("membership", self.membership.close)
+            self._start_membership(read_key(cfg))
+            assert self.heartbeats is not None
+            self._undo("membership", self.heartbeats.close)
         server = await serve(self.control_path, self._handle)
         self._undo("control", lambda: _close_server(server, self.control_path))
         if cfg.cluster.metrics_address:
             self.metrics.serve(cfg.cluster.metrics_address)
             self._undo("metrics", self.metrics.close)
-        loop.create_task(self._housekeeping())
+        task = loop.create_task(self._housekeeping())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self) -> None:
         while self._cleanups:
@@ -181,6 +190,7 @@ class Agent:
         self.log("stopped")
 
     def _remove_dataplane(self) -> None:
+        self.kernel.close()  # what was queued goes in first; then nobody else programs it
         if self.dataplane is not None:
             self.dataplane.remove()
             self.dataplane.close()
@@ -201,10 +211,10 @@ class Agent:
         while not self._stop.is_set():
             try:
                 if self.manual and self.dataplane is not None and self.dataplane.backend == "xdp":
-                    self.set_kernel_lease(MANUAL_XDP_LEASE_MS)
+                    self.kernel.set_lease(time.monotonic() + MANUAL_XDP_LEASE_MS / 1000)
                 if self.dataplane is not None and ticks % COUNTER_EVERY == 0:
-                    self._packets = self.dataplane.counters()
-                await self._handover_tick()
+                    self._packets = await self.kernel.call(self.dataplane.counters)
+                await self.kernel.handover_tick(self.others_draining)
                 self.publish()
                 if wd:
                     sdnotify.notify("WATCHDOG=1")
@@ -232,109 +242,40 @@ class Agent:
         self.cfg = new
         self.log("reloaded", file=new.source)
 
-    # ------------------------------------------------------------ applying claims
-    def _state(self) -> dict[str, GroupBuckets]:
-        out: dict[str, GroupBuckets] = {}
-        for g in self.applied:
-            snap = self.handover.snapshot(g)
-            out[g] = GroupBuckets(owned=snap.owned, draining=snap.draining, incoming=snap.incoming)
-        return out
+    # --------------------------------------------------------------- membership
+    def _start_membership(self, key: bytes) -> None:
+        assert self._loop is not None
+        self.membership = MembershipGlue(
+            membership_config(self.cfg, self.node.name, key),
+            self.boot_id,
+            self._loop.time(),
+            names=[n.name for n in self.cfg.nodes],
+            link_up=lambda: link_up(self.cfg.cluster.interface),
+        )
+        self.heartbeats = HeartbeatLoop(
+            self.cfg, self.node, self.membership, self.kernel, log=self.log, new_boot=self._new_boot
+        )
+        self.heartbeats.start(self._loop)
+
+    def _new_boot(self) -> bytes:
+        """A new incarnation (the link came back): a new boot id, shown in ``status``."""
+        self.boot_id = os.urandom(8)
+        return self.boot_id
+
+    def _confirm(self, epoch: int) -> None:
+        """The kernel serves what the core decided up to ``epoch``: tell the core."""
+        if self.heartbeats is not None:
+            self.heartbeats.confirmed(epoch)
+
+    def _applied(self, state: State) -> None:
+        if self.membership is not None:
+            self.membership.set_handover(any(b.draining for b in state.values()))
+        self.publish()
 
     @property
     def claims(self) -> Claims:
         """Per group, the buckets this node takes new flows in (owned + incoming)."""
-        return {g: self.handover.claims(g) for g in self.applied}
-
-    def sync_kernel(self, since: float | None = None, reason: str = "") -> None:
-        """Program the kernel with the handover state (one atomic transaction per change)."""
-        new = self._state()
-        if new == self.applied:
-            return
-        assert self.dataplane is not None
-        t0 = time.monotonic()
-        self.dataplane.update(new)
-        t1 = time.monotonic()
-        self.applied = new
-        if self.membership is not None:
-            self.membership.set_handover(self.handover.draining_count() > 0)
-        self.updates += 1
-        self.last_update_ms = (t1 - t0) * 1000
-        if since is not None:
-            self.metrics.reprogram.observe(t1 - since)
-        self.log(
-            "kernel-updated",
-            reason=reason or None,
-            owned={g: len(b.owned) for g, b in new.items()},
-            draining={g: len(b.draining) for g, b in new.items()},
-            incoming={g: len(b.incoming) for g, b in new.items()},
-            took_ms=f"{self.last_update_ms:.2f}",
-        )
-        self.publish()
-
-    def retarget(
-        self,
-        targets_: Mapping[str, frozenset[int]],
-        others_draining: bool,
-        since: float | None = None,
-        reason: str = "",
-        *,
-        reclassify: bool = False,
-    ) -> None:
-        """Serve ``targets_`` from now on, through the handover sets, and program the kernel."""
-        now = time.monotonic()
-        for g, target in targets_.items():
-            self.handover.retarget(g, target, others_draining, now, reclassify=reclassify)
-        self.sync_kernel(since, reason)
-
-    def set_kernel_lease(self, expires_ms: int | None) -> None:
-        """The kernel's dead-man switch (``Dataplane.set_lease``); lapses are logged."""
-        if self.dataplane is None:
-            return
-        self.dataplane.set_lease(expires_ms)
-        self.lease_updates += 1
-        held = expires_ms is None or expires_ms > 0
-        if held != self.lease_held:
-            self.lease_held = held
-            self.log("kernel-lease", held=held, expires_ms=expires_ms)
-
-    async def _handover_tick(self) -> None:
-        """Release drained buckets (conntrack shows no flow left), promote incoming ones."""
-        if not self.handover.groups or all(
-            not s.draining and not s.incoming for s in self.handover.all_snapshots().values()
-        ):
-            return
-        now = time.monotonic()
-        if self.handover.draining_count():
-            groups = {g.name: GroupFlows(frozenset(g.addresses), g.hash) for g in self.cfg.groups}
-            try:
-                rows = await asyncio.to_thread(self.dataplane_flow_rows)
-            except Exception as e:  # flows unreadable: fall back to max_drain
-                self.log("flows-unreadable", level="warning", error=repr(e))
-                rows = None
-            in_use = (
-                buckets_in_use(rows, groups, self.cfg.buckets, self.cfg.cluster.hash_seed)
-                if rows is not None
-                else None
-            )
-            remaining = 0
-            for g in self.handover.groups:
-                draining = self.handover.snapshot(g).draining
-                if in_use is None:
-                    busy: frozenset[int] | set[int] = draining
-                else:
-                    busy = set(in_use[g])
-                    remaining += sum(n for b, n in in_use[g].items() if b in draining)
-                self.handover.drained(g, busy, now)
-            self.flows_draining = remaining if in_use is not None else None
-        others = self.others_draining()
-        for g in self.handover.groups:
-            self.handover.promote(g, others, now)
-        self.sync_kernel(None, "handover")
-
-    def dataplane_flow_rows(self) -> list[tuple[str, int, str, int, int, int | None]]:
-        """This node's flows to its traffic IPs (conntrack or sockets + XDP flow map)."""
-        assert self.dataplane is not None
-        return self.dataplane.flow_rows()
+        return self.kernel.claims
 
     def others_draining(self) -> bool:
         """Whether another member may still hold flows in buckets it gave away (manual mode:
@@ -347,19 +288,20 @@ class Agent:
     async def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
         if cmd == "status":
-            if self.dataplane is not None:
-                self._packets = self.dataplane.counters()  # fresh for the operator
+            if self.dataplane is not None:  # fresh for the operator
+                self._packets = await self.kernel.call(self.dataplane.counters)
             return {"ok": True, **self.status()}
         if cmd == "set-live":
-            return self._set_live(req)
+            return await self._set_live(req)
         if cmd in ("drain", "undrain"):
             if self.membership is None:
                 return {"ok": False, "error": f"{cmd} needs membership mode (agent is manual)"}
-            self.membership.set_draining(cmd == "drain")
+            assert self.heartbeats is not None
+            self.heartbeats.set_draining(cmd == "drain")
             return {"ok": True, "draining": cmd == "drain"}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-    def _set_live(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _set_live(self, req: dict[str, Any]) -> dict[str, Any]:
         if not self.manual:
             return {"ok": False, "error": "set-live is only for agents in manual mode"}
         live = req.get("live")
@@ -377,10 +319,11 @@ class Agent:
         others = self.others_draining()
         if phase == "release":  # phase 1 on every node: give away, take nothing yet
             target = release_step(self.claims, target)
-            self.retarget(target, others, since, "set-live release")
+            self.kernel.retarget(target, others, since, since, "set-live release")
         else:  # phase 2: take (from a member still running: through 'incoming')
-            self.retarget(target, others, since, "set-live take")
+            self.kernel.retarget(target, others, since, since, "set-live take")
             self.manual_live = tuple(n.name for n in self.cfg.nodes if n.name in set(live))
+        await self.kernel.barrier()  # the caller's next phase relies on this one's release
         return {"ok": True, "owned": {g: len(b) for g, b in self.claims.items()}}
 
     # ------------------------------------------------------------------ status
@@ -428,31 +371,21 @@ class Agent:
             if self.dataplane is not None
             else {"backend": None, "mode": None, "program_id": None},
             "kernel": {
-                "updates": self.updates,
-                "last_update_ms": self.last_update_ms,
-                "lease_held": self.lease_held,  # may take new flows (the dead-man switch)
-                "lease_updates": self.lease_updates,
+                "updates": self.kernel.updates,
+                "last_update_ms": self.kernel.last_update_ms,
+                "lease_held": self.kernel.lease_held,  # may take new flows (dead-man switch)
+                "lease_updates": self.kernel.lease_updates,
             },
-            "handover": self.handover_status(),
+            "handover": self.kernel.status(),
             "arp": self.responder.counters() if self.responder else {},
         }
         if self.membership is not None:
             out["alive"] = list(self.membership.alive())
-            out.update(self.membership.status())
+            hb = self.heartbeats
+            io = {"send_errors": hb.send_errors, "late_timers": hb.late_timers} if hb else {}
+            now = self._loop.time() if self._loop is not None else time.monotonic()
+            out.update(self.membership.status(now, io))
         return out
-
-    def handover_status(self) -> dict[str, Any]:
-        snaps = self.handover.all_snapshots().values()
-        deadline = self.handover.next_deadline()
-        return {
-            "draining_buckets": sum(len(s.draining) for s in snaps),
-            "incoming_buckets": sum(len(s.incoming) for s in snaps),
-            "flows_draining": self.flows_draining,
-            "time_left_s": None
-            if deadline is None
-            else round(max(0.0, deadline - time.monotonic()), 1),
-            "max_drain_s": self.handover.max_drain,
-        }
 
     def publish(self) -> None:
         snap = Snapshot(

@@ -1,212 +1,192 @@
-"""Wires the sans-I/O membership core into the agent's event loop.
+"""Membership glue: the layer between the agent's event loop and the sans-I/O core.
 
-Owns: the multicast socket's reader, the core's timer (``loop.call_at`` the core's next
-deadline), and carrying out the core's effects — send heartbeats, log, count, and on
-``ClaimsChanged`` reprogram the kernel through the agent's handover (new buckets arrive
-through ``incoming`` while another live member advertises draining flows, else straight to
-``owned``) and confirm with ``core.applied(epoch)``.
+Owns: this node's :class:`~multihost.membership.protocol.MembershipCore` (and replacing it
+by a new incarnation when the cluster link returns), turning the core's effects into
+:class:`Actions` for the agent -- heartbeats to send, log lines, and an ordered list of
+kernel operations (:class:`Retarget` the claims through the handover, arm the
+:class:`Lease`, :class:`Confirm` an epoch once everything before it is in the kernel) --
+the lease-lapse shortcut (keep the bucket sets, lapse the kernel lease), fencing while the
+cluster link is down, and the membership part of ``status`` and of the metrics.
 
-Must not: decide membership or ownership (the core does) or talk to nft directly.
+Must not: open sockets, schedule timers, read the clock, draw randomness or touch the
+kernel: every time and boot id is passed in and the agent carries the actions out.  It never
+imports the agent (the loop has one direction: agent -> glue -> core).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import socket
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from multihost import preflight
-from multihost.mcast import open_multicast
+from multihost.config import Config
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
 from multihost.membership.protocol import MembershipCore
 from multihost.metrics import Snapshot
 
-if TYPE_CHECKING:
-    from multihost.agent import Agent
-
-MAX_DATAGRAMS_PER_WAKEUP = 64
-LATE_WARNING = 0.1  # s: a membership timer this late is logged (evidence of stalls)
-#: How often the cluster interface's operational state is checked (seconds).
-LINK_CHECK_PERIOD = 0.05
+INF = float("inf")
+NO_LEASE = float("-inf")  # a kernel lease that has lapsed
 
 
-def link_up(interface: str) -> bool:
-    """Whether the interface can carry traffic (sysfs operstate; the netns's own /sys)."""
-    try:
-        with open(f"/sys/class/net/{interface}/operstate") as f:
-            state = f.read().strip()
-    except OSError:
-        return False
-    return state in ("up", "unknown")
+def membership_config(cfg: Config, node: str, key: bytes) -> MembershipConfig:
+    """The core's configuration for ``node`` (the same one ``check-config`` checks)."""
+    return preflight.membership_config(cfg, node, key)
 
 
-def membership_config(agent: Agent, key: bytes) -> MembershipConfig:
-    return preflight.membership_config(agent.cfg, agent.node.name, key)
+# ------------------------------------------------------------------ kernel operations
+@dataclass(frozen=True)
+class Retarget:
+    """Serve ``claims`` (per group) from now on, through the handover sets."""
+
+    claims: Mapping[str, frozenset[int]]
+    reason: str
+    since: float | None = None  # when the view changed (reprogram latency), if it did
+    reclassify: bool = False  # re-sort kept buckets (after a lease-only lapse)
+    release_all: bool = False  # fenced: give up everything (no handover for new buckets)
 
 
-class MembershipDriver:
-    def __init__(self, agent: Agent, key: bytes) -> None:
-        self.agent = agent
-        self.core = MembershipCore(membership_config(agent, key), agent.boot_id, time.monotonic())
-        self.sock: socket.socket | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+@dataclass(frozen=True)
+class Lease:
+    """Arm the kernel's lease until ``until`` (loop time; ``INF``: no expiry; ``NO_LEASE``:
+    lapse now).  Absolute, so a write that waits in a queue never outlives the core's."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """Once every operation before this one is in the kernel: ``applied(epoch)``."""
+
+    epoch: int
+
+
+KernelOp = Retarget | Lease | Confirm
+
+
+@dataclass
+class Actions:
+    """What the agent must do, in this order: send, log, then the kernel operations."""
+
+    sends: list[bytes] = field(default_factory=list)
+    logs: list[Log] = field(default_factory=list)
+    kernel: list[KernelOp] = field(default_factory=list)
+
+    def extend(self, other: Actions) -> None:
+        self.sends += other.sends
+        self.logs += other.logs
+        self.kernel += other.kernel
+
+
+class MembershipGlue:
+    """The membership layer of one agent.  ``names``: members in configuration order;
+    ``link_up``: whether the cluster link carries traffic now (read at each claims change)."""
+
+    def __init__(
+        self,
+        config: MembershipConfig,
+        boot_id: bytes,
+        now: float,
+        *,
+        names: Sequence[str],
+        link_up: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.core = MembershipCore(config, boot_id, now)
+        self._names = tuple(names)
+        self._link_up = link_up
         self._view: frozenset[str] = frozenset()
-        # the kernel's lease: its expiry (loop time; inf: no expiry), None: unknown
-        self._lease_until: float | None = None
+        self._lease_until: float | None = None  # what the kernel lease was last set to
         self._lease_off = False  # the core's claims are blocked by a lease: no new flows
-        self._step = agent.cfg.cluster.heartbeat_interval_ms / 1000
-        self.view_changes = 0
-        self.late_timers = 0
-        self.send_errors = 0
+        self._step = config.interval
         self._view_changed_at: float | None = None
-        self._key = key
+        self.view_changes = 0
         self.fenced = False
         self.fences = 0
-        self._link_timer: asyncio.TimerHandle | None = None
-        c = agent.cfg.cluster
-        self._dest = (str(c.multicast_group), c.port)
-
-    # ------------------------------------------------------------------ lifecycle
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        addr = preflight.heartbeat_address(self.agent.cfg, self.agent.node.name)
-        c = self.agent.cfg.cluster
-        self.sock = open_multicast(c.multicast_group, c.port, c.interface, addr)
-        loop.add_reader(self.sock.fileno(), self._on_readable)
-        self._run(self.core.tick(loop.time()))
-        self._check_link()
-
-    # ------------------------------------------------------------- link fencing
-    def _check_link(self) -> None:
-        """A node whose own link is down hears nobody and would take every bucket; when the
-        link returns it would answer flows others own.  So: link down -> serve nothing;
-        link up again -> rejoin as a new incarnation (start-up grace: claims only once the
-        peers are heard and their claims known)."""
-        assert self.loop is not None
-        up = link_up(self.agent.cfg.cluster.interface)
-        if not up and not self.fenced:
-            self.fenced = True
-            self.fences += 1
-            self.agent.log("fenced", level="warning", reason="cluster link down")
-            for g in self.agent.handover.groups:
-                self.agent.handover.release_all(g)
-            self.agent.sync_kernel(None, "link down")
-        elif up and self.fenced:
-            self.fenced = False
-            self._restart_core()
-        self._link_timer = self.loop.call_later(LINK_CHECK_PERIOD, self._check_link)
-
-    def _restart_core(self) -> None:
-        assert self.loop is not None
-        self.agent.boot_id = os.urandom(8)
-        self.core = MembershipCore(
-            membership_config(self.agent, self._key), self.agent.boot_id, self.loop.time()
-        )
-        self._view = frozenset()
-        self._lease_off = False
-        self.agent.log("rejoining", boot_id=self.agent.boot_id.hex(), reason="cluster link up")
-        self._run(self.core.tick(self.loop.time()))
-
-    def close(self) -> None:
-        if self._link_timer is not None:
-            self._link_timer.cancel()
-            self._link_timer = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.sock is not None:
-            if self.loop is not None:
-                with contextlib.suppress(Exception):
-                    self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
 
     # ------------------------------------------------------------------- inputs
-    def _on_readable(self) -> None:
-        assert self.sock is not None and self.loop is not None
+    def received(self, datagrams: Sequence[bytes], now: float) -> Actions:
         effects: list[Effect] = []
-        for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
-            try:
-                data = self.sock.recv(2048)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self.agent.log("heartbeat-recv-failed", level="warning", error=str(e))
-                break
-            effects += self.core.receive(data, self.loop.time())
-        self._run(effects)
+        for data in datagrams:
+            effects += self.core.receive(data, now)
+        return self._run(effects, now)
 
-    def _on_timer(self) -> None:
-        assert self.loop is not None
-        assert self._timer is not None  # set by _schedule, the only caller of call_at
-        late = self.loop.time() - self._timer.when()
-        self._timer = None
-        if late > LATE_WARNING:  # the loop (or the whole process) was held up
-            self.late_timers += 1
-            self.agent.log("loop-late", level="warning", late_ms=round(late * 1000, 1))
-        if self.sock is not None:  # heartbeats queued meanwhile first: a late timer must
-            self._on_readable()  # not declare dead a peer whose heartbeat is waiting
-        self._run(self.core.tick(self.loop.time()))
+    def tick(self, now: float) -> Actions:
+        return self._run(self.core.tick(now), now)
 
-    def set_draining(self, draining: bool) -> None:
-        assert self.loop is not None
-        self._run(self.core.set_draining(draining, self.loop.time()))
+    def set_draining(self, draining: bool, now: float) -> Actions:
+        return self._run(self.core.set_draining(draining, now), now)
+
+    def applied(self, epoch: int, now: float) -> Actions:
+        """The kernel serves what was decided up to ``epoch`` (a :class:`Confirm` ran)."""
+        return self._run(self.core.applied(epoch, now), now)
+
+    def set_handover(self, draining_flows: bool) -> None:
+        self.core.set_handover(draining_flows)
+
+    def link_down(self) -> Actions:
+        """The cluster link is down: this node hears nobody and would take every bucket, and
+        when the link returns it would answer flows others own.  So: serve nothing."""
+        out = Actions()
+        if not self.fenced:
+            self.fenced = True
+            self.fences += 1
+            out.logs.append(Log("warning", "fenced", {"reason": "cluster link down"}))
+            out.kernel.append(Retarget({}, "link down", release_all=True))
+        return out
+
+    def link_up(self, boot_id: bytes, now: float) -> Actions:
+        """The link is back: rejoin as a new incarnation ``boot_id`` (start-up grace:
+        claims only once the peers are heard and their claims known)."""
+        if not self.fenced:
+            return Actions()
+        self.fenced = False
+        self.core = MembershipCore(self.config, boot_id, now)
+        self._view = frozenset()
+        self._lease_off = False
+        log = Log("info", "rejoining", {"boot_id": boot_id.hex(), "reason": "cluster link up"})
+        out = self._run(self.core.tick(now), now)
+        out.logs.insert(0, log)
+        return out
+
+    def next_deadline(self) -> float:
+        return self.core.next_deadline()
 
     # ------------------------------------------------------------------ effects
-    def _run(self, effects: list[Effect]) -> None:
-        assert self.loop is not None
-        pending = list(effects)
-        while pending:
-            eff = pending.pop(0)
+    def _run(self, effects: list[Effect], now: float) -> Actions:
+        out = Actions()
+        for eff in effects:
             if isinstance(eff, Send):
-                self._send(eff.payload)
+                out.sends.append(eff.payload)
             elif isinstance(eff, ViewChanged):
                 self.view_changes += 1
-                self._view_changed_at = time.monotonic()
+                self._view_changed_at = now
                 old, self._view = self._view, eff.live
-                self.agent.log(
-                    "view-changed",
-                    live=sorted(eff.live),
-                    joined=sorted(eff.live - old) or None,
-                    left=sorted(old - eff.live) or None,
-                )
+                fields = {
+                    "live": sorted(eff.live),
+                    "joined": sorted(eff.live - old) or None,
+                    "left": sorted(old - eff.live) or None,
+                }
+                out.logs.append(Log("info", "view-changed", fields))
             elif isinstance(eff, ClaimsChanged):
-                pending += self._apply(eff)
+                self._apply(eff, out, now)
             elif isinstance(eff, Log):
-                self.agent.log(eff.event, level=eff.level, **dict(eff.fields))
+                out.logs.append(eff)
             elif isinstance(eff, Rejected):
                 pass  # counted by the core; the core logs what deserves a log line
         if self._lease_off and self.core.blocked() != {"lease"}:
             # Still claiming nothing, now for another reason (no quorum, draining, ...):
             # no ClaimsChanged comes, so give the kept buckets up (to 'draining') here.
             self._lease_off = False
-            empty = {g: frozenset[int]() for g in self.agent.handover.groups}
-            self.agent.retarget(empty, self.others_draining(), None, "claims blocked")
-        self._sync_lease()
-        self._schedule()
+            out.kernel.append(Retarget({}, "claims blocked"))
+        self._sync_lease(now, out)
+        return out
 
-    def _send(self, payload: bytes) -> None:
-        if self.sock is None:
-            return
-        try:
-            self.sock.sendto(payload, self._dest)
-        except OSError:
-            self.send_errors += 1  # link down, buffer full: the next heartbeat retries
-
-    def eligible(self) -> frozenset[str]:
-        """Members that take a share: alive and not draining (as this node sees them)."""
-        members = self.core.members()
-        return frozenset(m for m in self._view if not (m in members and members[m].draining))
-
-    def _apply(self, eff: ClaimsChanged) -> list[Effect]:
-        assert self.loop is not None
-        claims = {g: eff.claims.get(g, frozenset()) for g in self.agent.handover.groups}
-        fenced = self.fenced or not link_up(self.agent.cfg.cluster.interface)
+    def _apply(self, eff: ClaimsChanged, out: Actions, now: float) -> None:
+        groups = self.config.groups
+        claims = {g: eff.claims.get(g, frozenset()) for g in groups}
+        fenced = self.fenced or not self._link_up()
         if fenced:
             claims = {g: frozenset() for g in claims}  # serving less than claimed is safe
         if not fenced and self.core.blocked() == {"lease"}:
@@ -215,72 +195,58 @@ class MembershipDriver:
             # 'draining' and back when the lease returns a moment later (it usually does:
             # the lapsing peer has crashed and its death follows within an interval).
             self._lease_off = True
-            self._sync_lease()
+            self._sync_lease(now, out)
         else:
             reclassify, self._lease_off = self._lease_off, False
-            self.agent.retarget(
-                claims,
-                self.others_draining(),
-                self._view_changed_at,
-                f"epoch {eff.epoch}",
-                reclassify=reclassify,
-            )
+            since, reason = self._view_changed_at, f"epoch {eff.epoch}"
+            out.kernel.append(Retarget(claims, reason, since, reclassify))
         self._view_changed_at = None
-        return self.core.applied(eff.epoch, self.loop.time())
+        out.kernel.append(Confirm(eff.epoch))
 
-    def _sync_lease(self) -> None:
-        """Keep the kernel's lease no later than the core's: shrink or lapse at once, extend
-        when it moved on by an interval or is within an interval of expiring."""
-        assert self.loop is not None
-        now = self.loop.time()
-        deadline = float("-inf") if self._lease_off else self.core.lease_deadline()
+    def _sync_lease(self, now: float, out: Actions) -> None:
+        """Keep the kernel's lease no later than the core's: shrink or lapse at once; extend
+        once less than half of what the core allows is left (or less than an interval):
+        about half as many kernel writes as extending at every new ack."""
+        deadline = NO_LEASE if self._lease_off else self.core.lease_deadline()
         cur = self._lease_until
         if deadline is None:  # no alive peer that could take over: held, no expiry
-            if cur != float("inf"):
-                self.agent.set_kernel_lease(None)
-            self._lease_until = float("inf")
+            if cur != INF:
+                out.kernel.append(Lease(INF))
+            self._lease_until = INF
         elif deadline <= now:
             if cur is None or cur > now:
-                self.agent.set_kernel_lease(0)
-            self._lease_until = float("-inf")
-        elif (
-            cur is None or cur > deadline or deadline - cur >= self._step or cur - now < self._step
-        ):
-            self.agent.set_kernel_lease(int((deadline - now) * 1000))
+                out.kernel.append(Lease(NO_LEASE))
+            self._lease_until = NO_LEASE
+        elif cur is None or cur > deadline or cur - now < max(self._step, (deadline - now) / 2):
+            out.kernel.append(Lease(deadline))
             self._lease_until = deadline
 
-    def _schedule(self) -> None:
-        assert self.loop is not None
-        deadline = self.core.next_deadline()
-        if self._timer is not None:
-            if abs(self._timer.when() - deadline) < 1e-4:
-                return
-            self._timer.cancel()
-        self._timer = self.loop.call_at(deadline, self._on_timer)
-
     # ------------------------------------------------------------------- queries
+    def eligible(self) -> frozenset[str]:
+        """Members that take a share: alive and not draining (as this node sees them)."""
+        members = self.core.members()
+        return frozenset(m for m in self._view if not (m in members and members[m].draining))
+
     def live(self) -> tuple[str, ...]:
         """Members taking a share (alive, not draining), in configuration order."""
         eligible = self.eligible()
-        return tuple(n.name for n in self.agent.cfg.nodes if n.name in eligible)
+        return tuple(n for n in self._names if n in eligible)
 
     def alive(self) -> tuple[str, ...]:
-        return tuple(n.name for n in self.agent.cfg.nodes if n.name in self._view)
+        return tuple(n for n in self._names if n in self._view)
 
     def others_draining(self) -> bool:
         """Whether a live member other than this node advertises (in its heartbeats) that it
         still has flows in buckets it gave away."""
-        me = self.agent.node.name
+        me = self.config.node
         return any(
             name != me and st.state == "alive" and st.handover
             for name, st in self.core.members().items()
         )
 
-    def set_handover(self, draining_flows: bool) -> None:
-        self.core.set_handover(draining_flows)
-
-    def status(self) -> dict[str, Any]:
-        now = self.loop.time() if self.loop is not None else time.monotonic()
+    def status(self, now: float, io_counters: Mapping[str, int]) -> dict[str, Any]:
+        """The membership part of ``status``; ``io_counters``: the agent's socket and timer
+        counters (``send_errors``, ``late_timers``), shown among the counters."""
         members: dict[str, Any] = {}
         for name, m in self.core.members().items():
             members[name] = {
@@ -313,10 +279,10 @@ class MembershipDriver:
                 "heartbeats_received": c.received,
                 "heartbeats_accepted": c.accepted,
                 "rejected": dict(c.rejected),
-                "send_errors": self.send_errors,
+                "send_errors": io_counters.get("send_errors", 0),
                 "fences": self.fences,
                 "view_changes": self.view_changes,
-                "late_timers": self.late_timers,  # membership timers > 100 ms late (stalls)
+                "late_timers": io_counters.get("late_timers", 0),  # timers > 100 ms late
             },
         }
 

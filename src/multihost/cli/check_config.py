@@ -24,11 +24,11 @@ reason, e.g.
 
   /etc/multihost/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'
 
-It also says whether cluster.interface exists on this host (a note, not an error: the file
-may be checked on a workstation).  Valid configurations that work badly get warnings
-naming the key (e.g. a dead_after_ms too close to the heartbeat interval for
-heartbeat_jitter_ms); the agent logs the same ones at start and refuses exactly what this
-command refuses.
+Valid configurations that work badly get warnings naming the key (e.g. a dead_after_ms
+too close to the heartbeat interval for heartbeat_jitter_ms); the agent logs the same
+ones at start and refuses exactly what this command refuses.  It also says whether
+cluster.interface exists on this host (a note, not an error: the file may be checked on a
+workstation).
 
 Exit status: 0 valid (warnings or not), 2 invalid.  With --json, one object:
 {"valid": true, "warnings": [{"key": ..., "reason": ...}], ...} or

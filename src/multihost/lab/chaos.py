@@ -386,6 +386,9 @@ def run(
         ],
         agent_log_events=_log_events(state, logs),
         view_changes={n: s.get("counters", {}).get("view_changes") for n, s in statuses.items()},
+        # membership timers > 100 ms late, per agent since it (last) started; the
+        # agent_log_events' loop-late counts cover agents that were crashed and restarted
+        late_timers={n: s.get("counters", {}).get("late_timers") for n, s in statuses.items()},
     )
     return res
 

@@ -158,6 +158,14 @@ class LogCursor:
 # --- flows ------------------------------------------------------------------------------
 
 
+def port_bucket(topo: Topology, saddr: str, sport: int) -> int:
+    """The bucket of the TCP flow ``saddr:sport`` -> traffic IP, as the kernel hashes it."""
+    flow = Flow(
+        ipaddress.IPv4Address(saddr), sport, ipaddress.IPv4Address(topo.vip), topo.port, "tcp"
+    )
+    return flow_bucket(flow, topo.buckets, topo.seed, HashMode(topo.hash_mode))
+
+
 def plan_ports(
     topo: Topology,
     live: Sequence[str],
@@ -175,14 +183,11 @@ def plan_ports(
     skip = set(exclude)
     candidates = list(range(*PORT_RANGE))
     random.Random(seed).shuffle(candidates)
-    src, dst = ipaddress.IPv4Address(saddr), ipaddress.IPv4Address(topo.vip)
-    mode = HashMode(topo.hash_mode)
     out: list[int] = []
     for port in candidates:
         if port in skip:
             continue
-        bucket = flow_bucket(Flow(src, port, dst, topo.port, "tcp"), topo.buckets, topo.seed, mode)
-        if int(table[bucket]) in slots:
+        if int(table[port_bucket(topo, saddr, port)]) in slots:
             out.append(port)
             if len(out) == count:
                 return out
@@ -229,6 +234,7 @@ def worker_request(
     timeout: float = 0.25,
     max_seconds: float = 10.0,
     linger: float = 0.3,
+    control_every: int = 4,
 ) -> dict[str, Any]:
     return {
         "target": topo.vip,
@@ -236,7 +242,7 @@ def worker_request(
         "saddr": saddr,
         "ports": ports,
         "control": control,
-        "control_every": 4,
+        "control_every": control_every,
         "spacing": spacing,
         "timeout": timeout,
         "failed": sorted(failed),
@@ -309,9 +315,12 @@ class FailoverResult:
     status_ms: dict[str, float | None] = field(default_factory=dict)  # per survivor
     flows: dict[str, Any] = field(default_factory=dict)  # :func:`analyse` of the attempts
     worker_stop: str = ""
+    rows: list[Row] = field(default_factory=list, repr=False)  # every attempt (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["rows"]
+        return out
 
 
 class TakeoverWatch(threading.Thread):
@@ -375,9 +384,12 @@ def measure(
     max_seconds: float = 10.0,
     seed: int | None = None,
     client: str = "c1",
+    control_every: int = 4,
+    linger: float = 0.3,
 ) -> FailoverResult:
-    """Fail ``node`` while the worker opens connections to its buckets (and, 1 in 4, to the
-    survivors' as a control); the lab is left with ``node`` failed."""
+    """Fail ``node`` while the worker opens connections to its buckets (and, one per
+    ``control_every``, to the survivors' as a control); the lab is left with ``node``
+    failed.  ``linger``: how long the worker goes on after every survivor answered one."""
     topo = state.topology
     live = list(state.live)
     if node not in live:
@@ -385,10 +397,15 @@ def measure(
     survivors = [m for m in live if m != node]
     host = topo.host(client)
     rng = random.Random(seed)
-    n = int(max_seconds / spacing) + 50
+    n = int((max_seconds + linger) / spacing) + 50
     ports = plan_ports(topo, live, [node], n, saddr=host.address, seed=rng.randrange(1 << 30))
     control = plan_ports(
-        topo, live, survivors, n // 4 + 1, saddr=host.address, seed=rng.randrange(1 << 30)
+        topo,
+        live,
+        survivors,
+        n // control_every + 1,
+        saddr=host.address,
+        seed=rng.randrange(1 << 30),
     )
     req = worker_request(
         topo,
@@ -400,6 +417,8 @@ def measure(
         spacing=spacing,
         timeout=timeout,
         max_seconds=max_seconds,
+        linger=linger,
+        control_every=control_every,
     )
     watch = TakeoverWatch(state, survivors, limit=max_seconds + 5)
     with Worker(host.netns, req) as w, _stopping(watch):
@@ -419,5 +438,5 @@ def measure(
     known = [v for v in status.values() if v is not None]
     all_ms = max(known) if len(known) == len(status) else None
     return FailoverResult(
-        node, how, t_fail, survivors, flows["first_ms"], all_ms, status, flows, reason
+        node, how, t_fail, survivors, flows["first_ms"], all_ms, status, flows, reason, rows
     )

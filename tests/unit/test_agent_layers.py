@@ -1,0 +1,88 @@
+"""The agent's layers call downwards only (agent -> heartbeats -> glue -> core), and the
+membership glue is pure (multihost.agent_membership)."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import multihost
+from multihost.agent_membership import (
+    INF,
+    Confirm,
+    Lease,
+    MembershipGlue,
+    Retarget,
+)
+from tests.sim.netsim import make_configs
+
+SRC = Path(multihost.__file__).parent
+
+
+def imports(module: str) -> set[str]:
+    tree = ast.parse((SRC / f"{module}.py").read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_layers_never_import_the_agent() -> None:
+    for layer in ("agent_heartbeats", "agent_kernel", "agent_membership", "linkwatch"):
+        assert "multihost.agent" not in imports(layer), layer
+    assert "multihost.agent_heartbeats" not in imports("agent_membership")
+    assert "multihost.agent_heartbeats" not in imports("agent_kernel")
+
+
+def test_the_glue_does_no_io() -> None:
+    found = imports("agent_membership")
+    for mod in ("asyncio", "socket", "time", "os", "threading", "multihost.dataplane.nft"):
+        assert mod not in found, mod
+
+
+def glue(link: list[bool]) -> MembershipGlue:
+    cfg = make_configs(2, interval=0.1, dead_after=0.4, margin=0.05, jitter=0.01)["n0"]
+    return MembershipGlue(cfg, os.urandom(8), 0.0, names=["n0", "n1"], link_up=lambda: link[0])
+
+
+def test_alone_the_glue_sends_and_holds_the_kernel_lease_without_expiry() -> None:
+    g = glue([True])
+    out = g.tick(0.0)
+    assert len(out.sends) == 1
+    assert Lease(INF) in out.kernel  # no alive peer: nobody could take over
+    assert not g.tick(0.01).kernel  # unchanged: nothing to write
+
+
+def test_link_down_fences_once_and_link_up_rejoins_as_a_new_incarnation() -> None:
+    g = glue([True])
+    g.tick(0.0)
+    down = g.link_down()
+    assert g.fenced and g.fences == 1
+    assert [op for op in down.kernel if isinstance(op, Retarget) and op.release_all]
+    assert not g.link_down().kernel and g.fences == 1  # already fenced
+    old = g.core
+    up = g.link_up(os.urandom(8), 1.0)
+    assert not g.fenced and g.core is not old
+    assert up.logs[0].event == "rejoining"
+
+
+def test_claims_arrive_as_retarget_then_confirm_and_a_dead_link_serves_nothing() -> None:
+    link = [True]
+    g = glue(link)
+    ops = []
+    for i in range(30):  # n1 is never heard: after the start-up grace n0 claims its share
+        ops += g.tick(i * 0.1).kernel
+    retargets = [op for op in ops if isinstance(op, Retarget)]
+    confirms = [op for op in ops if isinstance(op, Confirm)]
+    assert retargets and confirms
+    assert ops.index(confirms[0]) > ops.index(retargets[0])
+    assert any(op.claims.get("all") for op in retargets)
+    link[0] = False  # the link went down between the check and the next claims change
+    g2 = glue(link)
+    ops2 = [op for i in range(30) for op in g2.tick(i * 0.1).kernel]
+    assert [op for op in ops2 if isinstance(op, Confirm)]  # the claims did change
+    assert all(not any(op.claims.values()) for op in ops2 if isinstance(op, Retarget))
