@@ -27,6 +27,7 @@ import lzma
 import math
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import numpy as np
@@ -93,9 +94,14 @@ def compress(payload: bytes) -> bytes:
 # Loading
 
 
+def _root() -> Traversable:
+    """The directory holding the data files (the package's ``tables/``)."""
+    return resources.files("multihost").joinpath(TABLES)
+
+
 def manifest() -> dict[str, Any]:
     """The parsed ``tables/manifest.json`` (``families``: one entry per slot count)."""
-    ref = resources.files("multihost").joinpath(TABLES, MANIFEST)
+    ref = _root().joinpath(MANIFEST)
     try:
         data: dict[str, Any] = json.loads(ref.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -144,7 +150,7 @@ def family(n: int) -> Orderings:
         raise MinwiseError(f"no min-wise family for {n} slots is shipped ({TABLES}/{MANIFEST})")
     where = f"{TABLES}/{entry['file']}"
     try:
-        blob = resources.files("multihost").joinpath(TABLES, entry["file"]).read_bytes()
+        blob = _root().joinpath(entry["file"]).read_bytes()
     except OSError as exc:
         raise MinwiseError(f"cannot read {where}: {exc}") from exc
     arr = decode(blob, entry, where)
@@ -274,7 +280,10 @@ def first_of(orderings: Orderings, mask: int, slots: int) -> npt.NDArray[np.int6
     hit = live[arr]  # (rows, width): is the slot at each rank in the set
     if not hit.any(axis=1).all():
         raise MinwiseError(f"set {mask:#x} has no slot in some row")
-    return arr[np.arange(arr.shape[0]), np.argmax(hit, axis=1)].astype(np.int64)
+    first: npt.NDArray[np.int64] = arr[np.arange(arr.shape[0]), np.argmax(hit, axis=1)].astype(
+        np.int64
+    )
+    return first
 
 
 def _sample_masks(n: int, samples: int, seed: int) -> tuple[list[int], list[int]]:
