@@ -158,11 +158,15 @@ def test_adapter_with_assignment_all_sets_of_8() -> None:
     assert isinstance(table, OrderingTable)
     assert minwise.minwise_table(8) is table
     assert (table.name, table.buckets, table.slots) == ("minwise-8", 840, 8)
+    worst = dict.fromkeys(range(1, 9), 0)
     for r in range(1, 9):
         for live in itertools.combinations(range(8), r):
             a = assign(live, table)
             assert {a.count(s) for s in live} == {840 // r}
             assert sum(a.count(s) for s in range(8)) == 840
+            worst[r] = max(worst[r], *(len(a.ranges(s)) for s in live))
+    # docs/tables.md: fragmentation (worst ranges of one member) by number live
+    assert worst == {1: 1, 2: 108, 3: 60, 4: 26, 5: 10, 6: 4, 7: 2, 8: 1}
     assert assign(range(8), table).ranges(3) == ((315, 419),)
     # The default table is untouched.
     assert default_table().buckets == 40320
