@@ -70,8 +70,9 @@ class Model:
         self.queue: list[tuple[float, int, Callable[[], None]]] = []
         self.order = itertools.count()
         self.glues = {
-            name: MembershipGlue(c, self.rng.randbytes(8), 0.0, names=list(c.members),
-                                 link_up=lambda: True)
+            name: MembershipGlue(
+                c, self.rng.randbytes(8), 0.0, names=list(c.members), link_up=lambda: True
+            )
             for name, c in configs(n).items()
         }
         self.timer: dict[str, tuple[float, int] | None] = dict.fromkeys(self.glues)
@@ -142,8 +143,12 @@ class Model:
 
     def run(self, until: float) -> None:
         for name, glue in self.glues.items():
-            self.at(0.0, lambda name=name, glue=glue: self.call(  # type: ignore[misc]
-                name, lambda: glue.tick(self.now), "timer"))
+            self.at(
+                0.0,
+                lambda name=name, glue=glue: self.call(  # type: ignore[misc]
+                    name, lambda: glue.tick(self.now), "timer"
+                ),
+            )
         while self.queue and self.queue[0][0] <= until:
             t, _, fn = heapq.heappop(self.queue)
             self.now = t
@@ -171,8 +176,10 @@ def main() -> int:
         prof.disable()
     agent_s = args.seconds * args.nodes
     pct = 100 * m.cpu / agent_s
-    print(f"{args.nodes} nodes, {args.seconds:g} s simulated: glue+core CPU {pct:.3f} % of one "
-          f"core per agent ({1e6 * m.cpu / max(1, m.counts['received']):.1f} us per received)")
+    print(
+        f"{args.nodes} nodes, {args.seconds:g} s simulated: glue+core CPU {pct:.3f} % of one "
+        f"core per agent ({1e6 * m.cpu / max(1, m.counts['received']):.1f} us per received)"
+    )
     print("per agent-second:", {k: round(v / agent_s, 2) for k, v in sorted(m.counts.items())})
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
