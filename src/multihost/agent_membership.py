@@ -205,8 +205,9 @@ class MembershipGlue:
 
     def _sync_lease(self, now: float, out: Actions) -> None:
         """Keep the kernel's lease no later than the core's: shrink or lapse at once; extend
+        (to a later deadline only: rewriting the same one changes nothing in the kernel)
         once less than half of what the core allows is left (or less than an interval):
-        about half as many kernel writes as extending at every new ack."""
+        about one kernel write per interval instead of one per received heartbeat."""
         deadline = NO_LEASE if self._lease_off else self.core.lease_deadline()
         cur = self._lease_until
         if deadline is None:  # no alive peer that could take over: held, no expiry
@@ -217,7 +218,11 @@ class MembershipGlue:
             if cur is None or cur > now:
                 out.kernel.append(Lease(NO_LEASE))
             self._lease_until = NO_LEASE
-        elif cur is None or cur > deadline or cur - now < max(self._step, (deadline - now) / 2):
+        elif (
+            cur is None
+            or cur > deadline
+            or (deadline > cur and cur - now < max(self._step, (deadline - now) / 2))
+        ):
             out.kernel.append(Lease(deadline))
             self._lease_until = deadline
 

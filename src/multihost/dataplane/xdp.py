@@ -254,6 +254,7 @@ class XdpDataplane:
         self._bases = group_bases([spec.buckets] * len(spec.groups))
         self._lease: int = LEASE_FOREVER
         self._mac = b"\0" * 6
+        self._build: bytes | None = None  # the sources' build id, as written to mh_node
         self.attached: Attached | None = None
         self._ncpu = _possible_cpus()
 
@@ -598,7 +599,9 @@ class XdpDataplane:
         return fd
 
     def _write_node(self) -> None:
-        value = _pack(NODE.fmt, self._lease, self._mac, b"\0\0", bytes.fromhex(build_id()))
+        if self._build is None:  # read once: a lease write (~10/s) must not read files
+            self._build = bytes.fromhex(build_id())
+        value = _pack(NODE.fmt, self._lease, self._mac, b"\0\0", self._build)
         libbpf.map_update(self._fd("mh_node"), _pack("=I", 0), value)
 
     def _write_addrs(self) -> None:

@@ -49,8 +49,12 @@ def mask_of(slots: Iterable[int]) -> int:
     return out
 
 
+_SLOT_SETS: Final = tuple(frozenset(s for s in range(8) if m & (1 << s)) for m in range(256))
+
+
 def slots_in(mask: int) -> frozenset[int]:
-    return frozenset(s for s in range(8) if mask & (1 << s))
+    """The slots (0..7) of a slot mask (a table lookup: heartbeats carry masks, per input)."""
+    return _SLOT_SETS[mask & 0xFF]
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,14 @@ class MembershipCore:
         self._groups = layout_groups(config.groups, config.members)
         self._my_groups = tuple(g for g in self._groups if self._me in g.members)
         self._peers = {n: PeerRecord(n, s) for n, s in config.members.items() if n != self._me}
+        mine = self._my_groups  # per group its other members (sorted), per peer its groups
+        self._group_peers = {
+            g.name: tuple(self._peers[n] for n in sorted(g.members) if n != self._me) for g in mine
+        }
+        self._peer_groups = {n: tuple(g.name for g in mine if n in g.members) for n in self._peers}
+        # Per peer, lease_expiry() of its latest heartbeat: recomputed where that heartbeat or
+        # _sent_at changes (_accept, _send), not at each of its several uses per input.
+        self._expiry: dict[str, float | None] = dict.fromkeys(self._peers)
         self._seq = 0
         self._sent_at: dict[int, float] = {}
         self._next_send = now
@@ -176,25 +184,22 @@ class MembershipCore:
     def next_deadline(self) -> float:
         """The next time at which ``tick`` changes something (absent new input)."""
         now, da, hold, best = self._now, self._da, self._hold, self._next_send
-
-        def consider(t: float | None) -> None:
-            nonlocal best
-            if t is not None and now < t < best:
-                best = t
-
+        later: list[float | None] = [self._grace_until]  # count only if after now
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         for p in self._peers.values():
-            if p.state in (ALIVE, MemberState.MISMATCH) and p.last_heard is not None:
-                best = min(best, p.last_heard + da)
+            state, heard = p.state, p.last_heard
+            if heard is not None and (state is ALIVE or state is MemberState.MISMATCH):
+                best = min(best, heard + da)
             if p.departed_at is not None:
-                consider(p.departed_at + hold)
-            if p.state is ALIVE:
-                consider(self._lease_expiry(p))
-                consider(p.last_heard and p.last_heard + self._timing.suspect_after)
+                later.append(p.departed_at + hold)
+            if state is ALIVE:
+                later.append(self._expiry[p.name])
+                later.append(heard and heard + self._timing.suspect_after)
             elif self.config.quorum:
-                for x in alive:
-                    consider(ack_expiry(x, p, self._timing))
-        consider(self._grace_until)
+                later += (ack_expiry(x, p, self._timing) for x in alive)
+        for t in later:
+            if t is not None and now < t < best:
+                best = t
         return best
 
     # ----------------------------------------------------------- introspection
@@ -234,7 +239,7 @@ class MembershipCore:
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         if self.config.quorum:  # a majority's leases stand in for every peer's
             return quorum_lease(map(self._lease_expiry, alive), len(self.config.members))
-        needed = (p for p in alive if not self._exempt(p, self._need_all(p), self._now))
+        needed = (p for p in alive if not self._exempt_all(p, self._now))
         return kernel_lease(map(self._lease_expiry, needed))
 
     @property
@@ -311,6 +316,7 @@ class MembershipCore:
             if peer.accept(hb, now, self._slot, self._boot, self._sent_at):
                 self._soon(now)  # its eligibility changed: it needs our fresh ack
             event = MemberEvent.RESTARTED if restarted else MemberEvent.HEARD
+        self._refresh_expiry(peer)  # its heartbeat changed (or was dropped: mismatch)
         old, new = self._transition(peer, event, out)
         if restarted:
             peer.min_ack = self._seq + 1
@@ -378,7 +384,7 @@ class MembershipCore:
         for p in alive:
             ok = self._lease_time_ok(p, now)
             lapsed = self._lease_ok.get(p.name) and not ok
-            if lapsed and not self._exempt(p, self._need_all(p), now):
+            if lapsed and not self._exempt_all(p, now):
                 out.append(Log("warning", "lease-lapsed", {"member": p.name}))
             self._lease_ok[p.name] = ok
         for g in self._my_groups:  # suspended: an alive peer of g cannot hear us
@@ -442,7 +448,7 @@ class MembershipCore:
         return group_inputs(
             g,
             self._slot,
-            (self._peers[n] for n in sorted(g.members) if n != self._me),
+            self._group_peers[g.name],
             ineligible=self._draining or self._suspended[g.name],
             quorum_ok=self._quorum_ok,
             in_grace=now < self._grace_until,
@@ -456,16 +462,27 @@ class MembershipCore:
     # ---------------------------------------------------------- leases, holds
 
     def _lease_expiry(self, p: PeerRecord) -> float | None:
-        return lease_expiry(p, self._slot, self._boot, self._sent_at, self._timing)
+        return self._expiry[p.name]
+
+    def _refresh_expiry(self, p: PeerRecord) -> None:
+        self._expiry[p.name] = lease_expiry(p, self._slot, self._boot, self._sent_at, self._timing)
 
     def _exempt(self, p: PeerRecord, need: int, now: float) -> bool:
+        # exempt() requires suspicion; ``_suspects`` is that test at this very ``now``
+        # (every input computes it in ``_update_claims`` before anything asks).
+        if p.name not in self._suspects:
+            return False
         seen = (x for x in self._peers.values() if x is not p and x.state is ALIVE)
         return exempt(p, self._slot, self._boot, need=need, now=now, t=self._timing, witnesses=seen)
 
+    def _exempt_all(self, p: PeerRecord, now: float) -> bool:
+        """``_exempt`` with the fresh seq of every group of ours ``p`` belongs to."""
+        return p.name in self._suspects and self._exempt(p, self._need_all(p), now)
+
     def _need_all(self, p: PeerRecord) -> int:
         """The fresh seq ``p`` must ack in every group of ours it belongs to."""
-        groups = (self._fresh[g.name] for g in self._my_groups if p.name in g.members)
-        return max([p.min_ack, *groups])
+        fresh = self._fresh
+        return max([p.min_ack, *(fresh[g] for g in self._peer_groups[p.name])])
 
     def _lease_time_ok(self, p: PeerRecord, now: float) -> bool:
         expiry = self._lease_expiry(p)
@@ -496,5 +513,7 @@ class MembershipCore:
         horizon = now - (self._da + self._hold + self._timing.ack_age_max)
         for seq in [s for s, t in self._sent_at.items() if t < horizon]:
             del self._sent_at[seq]
+        for p in self._peers.values():  # _sent_at changed
+            self._refresh_expiry(p)
         self._last_send = now
         self._next_send = now + self.config.interval
