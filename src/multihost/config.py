@@ -23,10 +23,13 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multihost.assignment import MAX_SLOTS, default_table
 from multihost.flowhash import HashMode
+
+if TYPE_CHECKING:
+    from multihost.backends import BackendConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -144,6 +147,7 @@ class Config:
     nodes: tuple[NodeConfig, ...]
     groups: tuple[GroupConfig, ...]
     buckets: int = field(default_factory=lambda: default_table().buckets)
+    backends: tuple[BackendConfig, ...] = ()  # [[backend]]: multihost.backends
 
     def node(self, name: str) -> NodeConfig:
         for n in self.nodes:
@@ -355,6 +359,7 @@ def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
             raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
         address = _address(r, r.key("address"), r.get("address", str))
         slot = r.int_in("slot", 0, MAX_SLOTS - 1)
+        r.used.add("backend_gateway")  # parsed with [[backend]] by multihost.backends
         r.finish()
         for prev in out:
             if prev.name == name:
@@ -433,8 +438,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     cluster = _cluster(source, top.get("cluster", dict, None))
     nodes = _nodes(source, top.get("node", list, None))
     groups = _groups(source, top.get("traffic_ip_group", list, None), nodes)
+    from multihost.backends import parse_backends  # it imports this module
+
+    backends = parse_backends(source, top.get("backend", list, None), raw["node"], nodes, groups)
     top.finish()
-    return Config(source, cluster, nodes, groups)
+    return Config(source, cluster, nodes, groups, backends=backends)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
