@@ -204,11 +204,15 @@ def _backend(
             )
         table = table_base + node.slot
         if table in RESERVED_TABLES or table > MAX_TABLE:
-            why = RESERVED_TABLES.get(table, f"above {MAX_TABLE}")
+            why = (
+                f"the kernel's {RESERVED_TABLES[table]!r} table"
+                if table in RESERVED_TABLES
+                else f"above {MAX_TABLE}"
+            )
             raise r.err(
                 "table_base",
                 f"{table_base} puts node {node.name!r} (slot {node.slot}) in table {table} "
-                f"({why}, reserved); node in slot s uses table table_base + s",
+                f"({why}); node in slot s uses table table_base + s",
             )
         priority = prio_base + node.slot
         if priority > MAX_PRIORITY:
