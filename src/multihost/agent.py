@@ -103,7 +103,11 @@ class Agent:
                 "started",
                 boot_id=self.boot_id.hex(),
                 mode=self.mode,
-                vip_mac=format_mac(multicast_mac(self.cfg.cluster.multicast_group)),
+                **{
+                    f"vip_mac{'' if fam == 4 else '6'}": format_mac(multicast_mac(g))
+                    for fam, g in ((4, self.cfg.cluster.arp_group), (6, self.cfg.cluster.ndp_group))
+                    if g is not None
+                },
             )
             sdnotify.notify("READY=1\nSTATUS=serving")
             await self._stop.wait()
@@ -142,7 +146,7 @@ class Agent:
         self._loop = loop = asyncio.get_running_loop()
         self._set_priority()
         addresses = [a for g in cfg.groups for a in g.addresses]
-        self.host = HostSetup(cfg.cluster.interface, addresses, cfg.cluster.multicast_group)
+        self.host = HostSetup(cfg.cluster.interface, addresses, cfg.cluster.groups)
         # pyroute2's synchronous API runs its own event loop: keep it off ours.
         await asyncio.to_thread(self.host.apply)
         host = self.host
@@ -160,8 +164,12 @@ class Agent:
         self.kernel.start(self.dataplane, loop)
         self._undo("dataplane", self._remove_dataplane)
         self.log("dataplane", **self.dataplane.describe(), reason=started.reason)
-        vip_mac = multicast_mac(cfg.cluster.multicast_group)
-        self.responder = Responder(cfg.cluster.interface, addresses, vip_mac)
+        arp_group, ndp_group = cfg.cluster.arp_group, cfg.cluster.ndp_group
+        mac6 = multicast_mac(ndp_group) if ndp_group is not None else None
+        # An IPv6-only cluster answers no ARP: its "ARP MAC" is only a placeholder.
+        mac4 = multicast_mac(arp_group) if arp_group is not None else mac6
+        assert mac4 is not None  # config: a cluster has at least one group
+        self.responder = Responder(cfg.cluster.interface, addresses, mac4, mac6)
         loop.add_reader(self.responder.fileno(), self.responder.on_readable)
         self._undo("responder", self._close_responder)
         self.responder.announce()

@@ -26,7 +26,7 @@ from multihost.agent_membership import Actions, Confirm, Lease, MembershipGlue, 
 from multihost.config import Config, NodeConfig
 from multihost.linkwatch import LinkWatch, link_up
 from multihost.logfmt import EventLog
-from multihost.mcast import open_multicast
+from multihost.mcast import destination, open_multicast
 
 MAX_DATAGRAMS_PER_WAKEUP = 64
 LATE_WARNING = 0.1  # s: a membership timer this late is logged (evidence of stalls)
@@ -55,7 +55,7 @@ class HeartbeatLoop:
         self._sock: socket.socket | None = None
         self._links: LinkWatch | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._dest = (str(cfg.cluster.multicast_group), cfg.cluster.port)
+        self._dest: tuple[str, int] | tuple[str, int, int, int] = ("", 0)
         self.late_timers = 0
         self.send_errors = 0
 
@@ -65,6 +65,7 @@ class HeartbeatLoop:
         c = self.cfg.cluster
         addr = preflight.heartbeat_address(self.cfg, self.node.name)
         self._sock = open_multicast(c.multicast_group, c.port, c.interface, addr)
+        self._dest = destination(c.multicast_group, c.port, c.interface)
         loop.add_reader(self._sock.fileno(), self._on_heartbeats)
         self._links = LinkWatch()
         loop.add_reader(self._links.fileno(), self._on_link_event)

@@ -60,7 +60,7 @@ class ConfigError(ValueError):
 class ClusterConfig:
     name: str
     interface: str
-    multicast_group: ipaddress.IPv4Address
+    multicast_group: IPAddress  # heartbeats; IPv4 (239.192.0.0/14) or IPv6 (ff15::/16)
     port: int
     key_file: Path
     hash_seed: int
@@ -77,6 +77,27 @@ class ClusterConfig:
     dataplane: str = "auto"  # "auto" | "xdp" | "nft" (see multihost.dataplane.backend)
     xdp_mode: str = "auto"  # "auto" (native, else generic) | "native" | "generic"
     bpf_pin_root: Path = Path("/sys/fs/bpf/multihost")  # on a BPF filesystem
+    # The other family's group, for the MAC of that family's traffic IPs (dual stack):
+    multicast_group4: ipaddress.IPv4Address | None = None  # with an IPv6 multicast_group
+    multicast_group6: ipaddress.IPv6Address | None = None  # with an IPv4 multicast_group
+
+    @property
+    def arp_group(self) -> ipaddress.IPv4Address | None:
+        """The IPv4 group whose MAC (``01:00:5e`` + low 23 bits) answers ARP, if any."""
+        g = self.multicast_group
+        return g if isinstance(g, ipaddress.IPv4Address) else self.multicast_group4
+
+    @property
+    def ndp_group(self) -> ipaddress.IPv6Address | None:
+        """The IPv6 group whose MAC (``33:33`` + low 32 bits) answers NDP, if any."""
+        g = self.multicast_group
+        return g if isinstance(g, ipaddress.IPv6Address) else self.multicast_group6
+
+    @property
+    def groups(self) -> tuple[IPAddress, ...]:
+        """Every cluster multicast group the interface joins (heartbeat group first)."""
+        other = self.multicast_group6 or self.multicast_group4
+        return (self.multicast_group,) if other is None else (self.multicast_group, other)
 
 
 @dataclass(frozen=True)
@@ -248,6 +269,58 @@ def _address(r: _Reader, key: str, text: Any) -> IPAddress:
         raise ConfigError(r.source, key, f"{text!r} is not an IP address") from None
 
 
+#: Multicast groups a cluster may use: organisation-local IPv4 (RFC 2365) and transient IPv6
+#: groups of link, admin, site or organisation scope (RFC 4291 2.7: flags 1, scope 2..8).
+_V6_SCOPES = {2: "link", 4: "admin", 5: "site", 8: "organisation"}
+
+
+def _mcast_group(r: _Reader, key: str, text: str) -> IPAddress:
+    try:
+        group = ipaddress.ip_address(text)
+    except ValueError:
+        raise r.err(key, f"{text!r} is not an IP address") from None
+    if isinstance(group, ipaddress.IPv4Address):
+        if not group.is_multicast:
+            raise r.err(key, f"{group} is not a multicast address (224.0.0.0/4)")
+        if group in ipaddress.IPv4Network("224.0.0.0/24"):
+            raise r.err(key, f"{group} is link-local control; use 239.192.0.0/14")
+        return group
+    if not group.is_multicast:
+        raise r.err(key, f"{group} is not a multicast address (ff00::/8)")
+    flags, scope = group.packed[1] >> 4, group.packed[1] & 0xF
+    if flags & 1 == 0:
+        raise r.err(
+            key, f"{group} is a permanent, well-known group; use a transient one (ff15::/16)"
+        )
+    if scope not in _V6_SCOPES:
+        raise r.err(
+            key,
+            f"{group} has scope {scope:x}; use link (2), admin (4), site (5) or organisation (8)"
+            " scope, e.g. ff15::/16",
+        )
+    return group
+
+
+def _dual_stack(source: str, cluster: ClusterConfig, groups: tuple[GroupConfig, ...]) -> None:
+    """Each family of traffic IP needs a group of that family for its multicast MAC."""
+    for g in groups:
+        for a in g.addresses:
+            if a.version == 4 and cluster.arp_group is None:
+                raise ConfigError(
+                    source,
+                    "cluster.multicast_group4",
+                    f"is required for the IPv4 traffic IP {a} (group {g.name!r}): ARP answers"
+                    " carry 01:00:5e + the low 23 bits of an IPv4 group, e.g. 239.192.0.1",
+                )
+            if a.version == 6 and cluster.ndp_group is None:
+                raise ConfigError(
+                    source,
+                    "cluster.multicast_group6",
+                    f"is required for the IPv6 traffic IP {a} (group {g.name!r}): NDP answers"
+                    " carry 33:33 + the low 32 bits of an IPv6 group, e.g. ff15::1",
+                )
+
+
 def _seed(r: _Reader, name: str, cluster_name: str) -> int:
     value = r.get(name, (int, str), None)
     if value is None:
@@ -283,15 +356,23 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
     interface = r.get("interface", str)
     if not 1 <= len(interface) <= 15 or "/" in interface or " " in interface:
         raise r.err("interface", f"{interface!r} is not a valid interface name")
-    group_text = r.get("multicast_group", str)
-    try:
-        group = ipaddress.IPv4Address(group_text)
-    except ValueError:
-        raise r.err("multicast_group", f"{group_text!r} is not an IPv4 address") from None
-    if not group.is_multicast:
-        raise r.err("multicast_group", f"{group} is not a multicast address (224.0.0.0/4)")
-    if group in ipaddress.IPv4Network("224.0.0.0/24"):
-        raise r.err("multicast_group", f"{group} is link-local control; use 239.192.0.0/14")
+    group = _mcast_group(r, "multicast_group", r.get("multicast_group", str))
+    other: dict[int, IPAddress] = {}
+    for family in (4, 6):
+        key = f"multicast_group{family}"
+        text = r.get(key, str, None)
+        if text is None:
+            continue
+        g = _mcast_group(r, key, text)
+        if g.version != family:
+            raise r.err(key, f"{g} is not an IPv{family} multicast group")
+        if group.version == family:
+            raise r.err(
+                key,
+                f"multicast_group {group} is already IPv{family}: {key} names the IPv{family}"
+                f" group only when heartbeats use IPv{10 - family}",
+            )
+        other[family] = g
     port = r.int_in("port", 1, 65535, 7946)
     interval = r.int_in("heartbeat_interval_ms", 5, 10_000, 100)
     # Default: one lost heartbeat plus DEAD_AFTER_SLACK_MS of lateness (VRRP's master-down
@@ -338,6 +419,8 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         dataplane=_choice(r, "dataplane", DATAPLANES, "auto"),
         xdp_mode=_choice(r, "xdp_mode", XDP_MODES, "auto"),
         bpf_pin_root=Path(r.get("bpf_pin_root", str, "/sys/fs/bpf/multihost")),
+        multicast_group4=g4 if isinstance(g4 := other.get(4), ipaddress.IPv4Address) else None,
+        multicast_group6=g6 if isinstance(g6 := other.get(6), ipaddress.IPv6Address) else None,
     )
     if not cfg.bpf_pin_root.is_absolute():
         raise r.err("bpf_pin_root", f"{str(cfg.bpf_pin_root)!r} must be an absolute path")
@@ -442,6 +525,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
     backends = parse_backends(source, top.get("backend", list, None), raw["node"], nodes, groups)
     top.finish()
+    _dual_stack(source, cluster, groups)
     return Config(source, cluster, nodes, groups, backends=backends)
 
 

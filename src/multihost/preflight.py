@@ -18,10 +18,16 @@ and, with ``host=True`` and ``dataplane = "xdp"``, whether this machine can run 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 
-from multihost.config import MIN_KEY_BYTES, Config, ConfigError, load_config, read_key
+from multihost.config import (
+    MIN_KEY_BYTES,
+    Config,
+    ConfigError,
+    IPAddress,
+    load_config,
+    read_key,
+)
 from multihost.dataplane.ruleset import GroupSpec, RulesetError, RulesetSpec
 from multihost.membership.config import MembershipConfig, MembershipConfigError
 
@@ -80,15 +86,18 @@ def membership_config(cfg: Config, node: str, key: bytes) -> MembershipConfig:
     )
 
 
-def heartbeat_address(cfg: Config, node: str) -> ipaddress.IPv4Address:
-    """The source address of ``node``'s heartbeats (IPv4 only, for now)."""
+def heartbeat_address(cfg: Config, node: str) -> IPAddress:
+    """The source address of ``node``'s heartbeats: its node address, which must be of the
+    heartbeat group's family (IPv6: global, or link-local on the cluster interface)."""
     n = cfg.node(node)
-    if not isinstance(n.address, ipaddress.IPv4Address):
+    group = cfg.cluster.multicast_group
+    if n.address.version != group.version:
         i = cfg.nodes.index(n)
         raise ConfigError(
             cfg.source,
             f"node[{i}].address",
-            f"{n.address}: heartbeats need an IPv4 node address (IPv6 is not supported yet)",
+            f"{n.address}: heartbeats go to cluster.multicast_group {group} (IPv{group.version}),"
+            f" so node addresses must be IPv{group.version} too",
         )
     return n.address
 

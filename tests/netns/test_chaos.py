@@ -78,10 +78,16 @@ def test_analyse_classifies_losses_and_duplicates() -> None:
     assert drained["reset_by"] == ["B"] and drained["last_event"] == "drain C"
 
 
-def test_short_chaos_run_loses_nothing_but_crashed_nodes_flows(lab_backend: str) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_short_chaos_run_loses_nothing_but_crashed_nodes_flows(
+    lab_backend: str, family: str
+) -> None:
     prefix = f"mhtCc{secrets.token_hex(2)}-"
-    res = chaos.run_lab(prefix, 4, 30.0, seed=2, streams=12, rate=20.0, backend=lab_backend)
+    res = chaos.run_lab(
+        prefix, 4, 30.0, seed=2, streams=12, rate=20.0, backend=lab_backend, ipv6=family == "ipv6"
+    )
     assert set(res["dataplane"].values()) == {lab_backend}
+    assert res["family"] == family
     assert not state_dir(prefix).exists()  # the run removed the lab it built
     kinds = {e["event"].split()[0] for e in res["events"]}
     assert len(res["events"]) >= 6 and {"crash", "recover"} <= kinds, res["events"]

@@ -109,10 +109,46 @@ CASES: list[tuple[str, Mutation, str, str]] = [
         "not a multicast",
     ),
     (
-        "group-v6",
+        "group-v6-v4-vip",
         setk("cluster", None, "multicast_group", "ff15::1"),
+        "cluster.multicast_group4",
+        "is required for the IPv4 traffic IP 198.18.0.100",
+    ),
+    (
+        "group-v6-v4-nodes",
+        lambda c: c["cluster"].update(multicast_group="ff15::1", multicast_group4="239.192.0.1"),
+        "node[0].address",
+        "heartbeats go to cluster.multicast_group ff15::1 (IPv6)",
+    ),
+    (
+        "group-v6-permanent",
+        setk("cluster", None, "multicast_group", "ff05::2"),
         "cluster.multicast_group",
-        "not an IPv4 address",
+        "permanent, well-known group",
+    ),
+    (
+        "group-v6-scope",
+        setk("cluster", None, "multicast_group", "ff11::1"),
+        "cluster.multicast_group",
+        "has scope 1",
+    ),
+    (
+        "group6-not-v6",
+        setk("cluster", None, "multicast_group6", "239.192.0.2"),
+        "cluster.multicast_group6",
+        "is not an IPv6 multicast group",
+    ),
+    (
+        "group4-with-v4-heartbeats",
+        setk("cluster", None, "multicast_group4", "239.192.0.2"),
+        "cluster.multicast_group4",
+        "is already IPv4",
+    ),
+    (
+        "v6-vip-without-group6",
+        lambda c: c["traffic_ip_group"][0]["addresses"].append("2001:db8::100"),
+        "cluster.multicast_group6",
+        "is required for the IPv6 traffic IP 2001:db8::100",
     ),
     (
         "group-link-local",
@@ -221,7 +257,7 @@ CASES: list[tuple[str, Mutation, str, str]] = [
         "node-address-v6",
         setk("node", 2, "address", "2001:db8::13"),
         "node[2].address",
-        "heartbeats need an IPv4 node address",
+        "so node addresses must be IPv4 too",
     ),
     ("groups-513", many_groups(513), "traffic_ip_group", "513 groups configured, at most 512"),
     (

@@ -63,6 +63,10 @@ def summary(cfg: Config) -> dict[str, object]:
         "interface_present": interface_present(c.interface),
         "multicast_group": str(c.multicast_group),
         "multicast_mac": format_mac(multicast_mac(c.multicast_group)),
+        "multicast_group4": _opt(c.multicast_group4),
+        "multicast_group6": _opt(c.multicast_group6),
+        "arp_mac": None if c.arp_group is None else format_mac(multicast_mac(c.arp_group)),
+        "ndp_mac": None if c.ndp_group is None else format_mac(multicast_mac(c.ndp_group)),
         "heartbeat_interval_ms": c.heartbeat_interval_ms,
         "dead_after_ms": c.dead_after_ms,
         "takeover_hold_ms": c.takeover_hold_ms,
@@ -103,6 +107,15 @@ def _backend(b: BackendConfig) -> dict[str, object]:
     }
 
 
+def _macs(s: dict[str, object]) -> str:
+    macs = [f"{k} MAC {s[f'{k.lower()}_mac']}" for k in ("ARP", "NDP") if s[f"{k.lower()}_mac"]]
+    return ", ".join(macs)
+
+
+def _opt(value: object | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def interface_present(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
@@ -132,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{cfg.source}: valid")
     print(
         f"  cluster {s['cluster']} on {s['interface']}, group {s['multicast_group']}"
-        f" (ARP MAC {s['multicast_mac']}), seed {s['hash_seed']}"
+        f" ({_macs(s)}), seed {s['hash_seed']}"
     )
     c = cfg.cluster
     print(

@@ -220,6 +220,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="auto",
         help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
     )
+    a.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual stack: IPv6 addresses (2001:db8::/64), IPv6 traffic IP, heartbeats on ff15::1",
+    )
     add_json_flag(a)
 
     desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
@@ -260,6 +265,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kind.add_argument("--udp", action="store_true", help="UDP echo instead of TCP/HTTP")
     kind.add_argument("--icmp", action="store_true", help="ICMP echo instead of TCP/HTTP")
     a.add_argument("--target", metavar="ADDR", help="traffic IP (default) or a node's address")
+    a.add_argument("--ipv6", action="store_true", help="the IPv6 traffic IP ('lab up --ipv6')")
     a.add_argument(
         "--client", default="c1", metavar="HOST", help="client to probe from (default c1)"
     )
@@ -293,7 +299,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     topo = describe(
-        args.nodes, args.clients, _prefix(args), seed=args.seed, switch_mode=SwitchMode(args.switch)
+        args.nodes,
+        args.clients,
+        _prefix(args),
+        seed=args.seed,
+        switch_mode=SwitchMode(args.switch),
+        ipv6=args.ipv6,
     )
     started = time.monotonic()
 
@@ -338,16 +349,17 @@ def run_up(args: argparse.Namespace) -> int:
 def _print_overview(state: labbuild.LabState) -> None:
     topo = state.topology
     print(
-        f"  traffic IP {topo.vip} tcp/{topo.port} udp/{topo.echo_port}  "
+        f"  traffic IP {' '.join(topo.vips)} tcp/{topo.port} udp/{topo.echo_port}  "
         f"group {topo.group} (MAC {topo.group_mac})"
+        + (f", heartbeats {topo.group6} (MAC {topo.group6_mac})" if topo.group6 else "")
     )
     print(
         f"  seed {topo.seed_text}, {topo.buckets} buckets, hash {topo.hash_mode}, "
         f"switch {topo.switch.netns} ({topo.switch.mode.value})"
     )
     print(f"  live: {','.join(state.live) or '(none)'}\n")
-    rows = [[h.name, h.role, h.netns, h.address, h.mac] for h in topo.hosts]
-    print(render_table(["HOST", "ROLE", "NETNS", "ADDRESS", "MAC"], rows))
+    rows = [[h.name, h.role, h.netns, h.address, h.address6 or "-", h.mac] for h in topo.hosts]
+    print(render_table(["HOST", "ROLE", "NETNS", "ADDRESS", "ADDRESS6", "MAC"], rows))
 
 
 def run_down(args: argparse.Namespace) -> int:
@@ -460,6 +472,7 @@ def run_probe(args: argparse.Namespace) -> int:
         port_seed=args.port_seed,
         sources=args.sources,
         progress=progress,
+        family=6 if args.ipv6 else 4,
     )
     if args.json:
         print_json(result.to_dict())

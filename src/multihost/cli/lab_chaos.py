@@ -86,6 +86,11 @@ def register_actions(action: Action, state_of: StateOf) -> None:
         default="auto",
         help="when building: cluster.dataplane of the agents (default auto)",
     )
+    a.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="traffic to the IPv6 traffic IP (builds a dual-stack lab, heartbeats over IPv6)",
+    )
     add_json_flag(a)
     a = action("loss", "drop a share of the heartbeats", LOSS, _loss(state_of))
     a.add_argument("percent", type=int, metavar="PERCENT")
@@ -126,6 +131,7 @@ def _chaos(args: argparse.Namespace) -> int:
         agent_nice=args.agent_nice,
         quorum=args.quorum,
         backend=args.backend,
+        ipv6=args.ipv6,
         progress=say,
     )
     if args.json:

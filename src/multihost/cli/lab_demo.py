@@ -43,6 +43,7 @@ reset) or mispredicted connection.
 examples:
   multihost lab demo
   multihost lab demo --how link --connections 5000 --json
+  multihost lab demo --ipv6 --backend xdp
 """
 
 
@@ -63,6 +64,11 @@ def register_actions(action: Action, state_of: Callable[[argparse.Namespace], An
         default="auto",
         help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
     )
+    a.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual-stack lab, heartbeats on ff15::1, every connection to the IPv6 traffic IP",
+    )
     add_json_flag(a)
 
 
@@ -70,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     labbuild.require_root()
     prefix = validate_prefix(args.prefix or demo.DEFAULT_PREFIX)
     cfg = demo.DemoConfig(
-        connections=args.connections, how=args.how, prefix=prefix, backend=args.backend
+        connections=args.connections,
+        how=args.how,
+        prefix=prefix,
+        backend=args.backend,
+        ipv6=args.ipv6,
     )
 
     def progress(msg: str) -> None:

@@ -10,9 +10,10 @@ Owns, for one cluster interface:
 * ``net.ipv6.conf.<if>.drop_unicast_in_l2_multicast = 0`` when there are IPv6 traffic IPs
   (IPv6 checks it *before* the prerouting hook that marks owned packets ``host``; IPv4
   checks its twin after that hook, so it needs no change);
-* membership of the cluster multicast group on the interface (``IP_ADD_MEMBERSHIP`` on a
-  socket held open by this object): this programs the NIC's multicast filter with the MAC
-  ``01:00:5e`` + low 23 bits of the group, so frames to that MAC reach the host.
+* membership of the cluster multicast groups on the interface (``IP_ADD_MEMBERSHIP`` /
+  ``IPV6_JOIN_GROUP`` on sockets held open by this object): this programs the NIC's
+  multicast filter with the MAC ``01:00:5e`` + low 23 bits of an IPv4 group, ``33:33`` + low
+  32 bits of an IPv6 group, so frames to that MAC reach the host.
 
 :meth:`HostSetup.restore` undoes exactly what :meth:`HostSetup.apply` changed: it removes
 only addresses it added and puts back the previous sysctl values (unless someone else
@@ -72,21 +73,24 @@ class HostSetup:
         self,
         interface: str,
         addresses: Iterable[IPAddress],
-        group: ipaddress.IPv4Address,
+        groups: IPAddress | Iterable[IPAddress],
         *,
         netns: str | None = None,
         loopback: str = "lo",
     ) -> None:
         self.interface = interface
         self.addresses = tuple(dict.fromkeys(addresses))
-        self.group = group
+        if isinstance(groups, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            groups = (groups,)
+        self.groups = tuple(groups)
         self.netns = netns
         self.loopback = loopback
-        if not (isinstance(group, ipaddress.IPv4Address) and group.is_multicast):
-            raise HostSetupError(f"cluster group {group} is not an IPv4 multicast address")
+        for g in self.groups:
+            if not g.is_multicast:
+                raise HostSetupError(f"cluster group {g} is not a multicast address")
         self._added: list[IPAddress] = []
         self._sysctls: dict[str, tuple[str, str]] = {}  # path -> (previous, ours)
-        self._mcast: socket.socket | None = None
+        self._mcast: list[socket.socket] = []
         self._applied = False
 
     @property
@@ -145,21 +149,14 @@ class HostSetup:
                 else:
                     ipr.addr("add", index=lo, address=str(addr), prefixlen=128, flags=IFA_F_NODAD)
                 self._added.append(addr)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            mreqn = struct.pack("=4s4si", self.group.packed, bytes(4), iface)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-        except OSError as e:
-            sock.close()
-            raise HostSetupError(f"cannot join {self.group} on {self.interface}: {e}") from e
-        self._mcast = sock
+        for group in self.groups:
+            self._mcast.append(_join(group, iface, self.interface))
 
     def restore(self) -> None:
         """Undo what :meth:`apply` did (leave the group, remove added addresses, put back
         sysctls that still hold our value).  Idempotent; safe after a failed apply."""
-        if self._mcast is not None:
-            self._mcast.close()  # the kernel leaves the group with the last member socket
-            self._mcast = None
+        while self._mcast:
+            self._mcast.pop().close()  # the kernel leaves a group with its last member socket
         with netns_entered(self.netns):
             if self._added:
                 with IPRoute() as ipr:
@@ -197,6 +194,24 @@ class HostSetup:
                 continue
             out.setdefault(int(msg["index"]), set()).add(ipaddress.ip_address(raw))
         return out
+
+
+def _join(group: IPAddress, ifindex: int, interface: str) -> socket.socket:
+    """A socket holding ``group`` joined on ``ifindex`` (IGMP/MLD report, NIC filter)."""
+    if group.version == 4:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        level, opt = socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP
+        mreq = struct.pack("=4s4si", group.packed, bytes(4), ifindex)
+    else:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        level, opt = socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP
+        mreq = struct.pack("=16sI", group.packed, ifindex)
+    try:
+        sock.setsockopt(level, opt, mreq)
+    except OSError as e:
+        sock.close()
+        raise HostSetupError(f"cannot join {group} on {interface}: {e}") from e
+    return sock
 
 
 def multicast_memberships(interface: str, netns: str | None = None) -> set[str]:

@@ -55,7 +55,8 @@ def config_text(
         "[cluster]",
         f'name = "{topo.prefix.rstrip("-") or "lab"}"',
         f'interface = "{topo.nodes[0].interface}"',
-        f'multicast_group = "{topo.group}"',
+        f'multicast_group = "{topo.heartbeat_group}"',
+        *([f'multicast_group4 = "{topo.group}"'] if topo.ipv6 else []),
         f"port = {HEARTBEAT_PORT}",
         f'key_file = "{key_file}"',
         f'hash_seed = "{topo.seed:#010x}"',
@@ -78,7 +79,7 @@ def config_text(
         lines += [
             "[[node]]",
             f'name = "{n.name}"',
-            f'address = "{n.address}"',
+            f'address = "{n.address6 if topo.ipv6 else n.address}"',
             f"slot = {slot}",
             "",
         ]
@@ -86,7 +87,7 @@ def config_text(
     lines += [
         "[[traffic_ip_group]]",
         'name = "web"',
-        f'addresses = ["{topo.vip}"]',
+        "addresses = [" + ", ".join(f'"{v}"' for v in topo.vips) + "]",
         f"members = [{members}]",
         f'hash = "{topo.hash_mode}"',
         "",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import multihost
+from multihost.dataplane.nft import netns_entered
 from multihost.lab import agents
 from multihost.lab.clean import (
     CleanReport,
@@ -37,7 +38,14 @@ from multihost.lab.clean import (
     recorded_processes,
     remove_lab,
 )
-from multihost.lab.topology import NETNS_DIR, Host, Topology, TopologyError, state_dir
+from multihost.lab.topology import (
+    NETNS_DIR,
+    SUBNET6,
+    Host,
+    Topology,
+    TopologyError,
+    state_dir,
+)
 
 STATE_FORMAT = 1
 READY_TIMEOUT = 15.0
@@ -315,8 +323,22 @@ def configure_host(h: Host) -> None:
         dev = _index(ipr, h.interface)
         for address in h.addresses:
             ipr.addr("add", index=dev, address=address, prefixlen=h.prefixlen)
+        if h.addresses6:
+            # 'lab fail --how link' sets the link down, which flushes IPv6 addresses (and
+            # their connected route) unless keep_addr_on_down; a cable pull, which it
+            # models, keeps them.
+            with netns_entered(h.netns):
+                path = f"/proc/sys/net/ipv6/conf/{h.interface}/keep_addr_on_down"
+                with open(path, "w", encoding="ascii") as f:
+                    f.write("1\n")
+        for address in h.addresses6:  # no duplicate address detection: usable at once
+            ipr.addr("add", index=dev, address=address, prefixlen=SUBNET6.prefixlen, flags=NODAD)
         # The connected route of the /16 is the only route a lab host needs.
         ipr.link("set", index=dev, state="up")
+
+
+#: IFA_F_NODAD (<linux/if_addr.h>): the address skips duplicate address detection.
+NODAD = 0x02
 
 
 # --- services ---------------------------------------------------------------------------
@@ -343,7 +365,7 @@ http {{
         # The wildcard address serves the node's own address now and the traffic IP
         # once the agent puts it on the node.
         listen {port} default_server backlog=4096;
-        server_name _;
+{listen6}        server_name _;
         default_type text/plain;
         location / {{
             return 200 "{name}\\nnode={name} server=$server_addr:$server_port {peer}\\n";
@@ -385,12 +407,19 @@ def start_services(state: LabState) -> None:
         (d / "tmp").mkdir(parents=True)
         conf = d / "nginx.conf"
         peer = "client=$remote_addr:$remote_port"
-        conf.write_text(NGINX_CONF.format(name=node.name, dir=d, port=topo.port, peer=peer))
+        listen6 = (
+            f"        listen [::]:{topo.port} default_server ipv6only=on backlog=4096;\n"
+            if topo.ipv6
+            else ""
+        )
+        conf.write_text(
+            NGINX_CONF.format(name=node.name, dir=d, port=topo.port, peer=peer, listen6=listen6)
+        )
         argv = [NGINX, "-p", f"{d}/", "-e", str(d / "error.log"), "-c", str(conf)]
         rec = _spawn(state, node, f"nginx-{node.name}", argv, match=str(conf))
         pending.append((rec, "tcp", topo.port))
         argv = [sys.executable, "-m", "multihost.lab.udpecho", "--name", node.name]
-        argv += ["--port", str(topo.echo_port)]
+        argv += ["--port", str(topo.echo_port), *(["--ipv6"] if topo.ipv6 else [])]
         match = f"multihost.lab.udpecho --name {node.name}"
         rec = _spawn(state, node, f"udpecho-{node.name}", argv, match=match)
         pending.append((rec, "udp", topo.echo_port))

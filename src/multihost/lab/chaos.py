@@ -152,16 +152,19 @@ class Traffic(NetnsWorker):
     what = "chaos worker"
     stderr_tail = 500
 
-    def __init__(self, state: LabState, req: dict[str, Any], client: str = "c1") -> None:
+    def __init__(
+        self, state: LabState, req: dict[str, Any], client: str = "c1", family: int = 4
+    ) -> None:
         topo = state.topology
         host = topo.host(client)
         super().__init__(host.netns)
         self.req = {
-            "target": topo.vip,
+            "target": topo.vip_of(family),
             "port": topo.port,
             "interface": host.interface,
-            "addresses": list(host.addresses),
-            "group": topo.group,
+            "addresses": list(host.sources(family)),
+            "group": topo.heartbeat_group,
+            "hb_local": host.address,
             "hb_port": agents.HEARTBEAT_PORT,
             **req,
         }
@@ -321,11 +324,13 @@ def run(
     agent_nice: int | None = None,
     max_examples: int = 20,
     progress: Progress | None = None,
+    family: int = 4,
 ) -> dict[str, Any]:
     """One chaos run on a lab that is up with every node healthy; returns the report.
 
     ``agent_nice``: run the agents at this nice value (also after every restart), to tell
-    what CPU starvation of the agents does from what the product does.
+    what CPU starvation of the agents does from what the product does; ``family``: the
+    traffic goes to the IPv4 or the IPv6 traffic IP.
     """
     say = progress or (lambda _msg: None)
     topo = state.topology
@@ -340,7 +345,7 @@ def run(
     req = {"seed": seed, "streams": streams, "rate": rate, "timeout": 5.0, "stream_timeout": 3.0}
     events: list[dict[str, Any]] = []
     drained: set[str] = set()
-    with Traffic(state, req) as traffic:
+    with Traffic(state, req, family=family) as traffic:
         t0 = traffic.t_ready
         say(f"traffic started: {streams} streams, {rate:g} new connections/s")
         try:
@@ -417,6 +422,7 @@ def run_lab(
     max_drain_ms: int | None = None,
     quorum: bool = False,
     backend: str = "auto",
+    ipv6: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
     """:func:`run` on the lab with ``prefix``; builds a ``nodes``-node lab if there is none
@@ -426,12 +432,16 @@ def run_lab(
     built = state is None
     if state is None:
         drain = max_drain_ms if max_drain_ms is not None else int((duration + 120) * 1000)
-        topo = describe(nodes or 4, prefix=prefix, seed=seed)
+        topo = describe(nodes or 4, prefix=prefix, seed=seed, ipv6=ipv6)
         state = build.build(topo, max_drain_ms=drain, quorum=quorum, backend=backend)
     elif nodes is not None and len(state.topology.nodes) != nodes:
         raise LabError(f"lab {prefix!r} has {len(state.topology.nodes)} nodes, not {nodes}")
     try:
-        res = run(state, duration, seed, **kw)
+        family = 6 if ipv6 else 4
+        if ipv6 and not state.topology.ipv6:
+            raise LabError(f"lab {prefix!r} is not dual stack (build it with 'lab up --ipv6')")
+        res = run(state, duration, seed, family=family, **kw)
+        res["family"] = f"ipv{family}"
         res["lab_built"] = built
         res["max_drain_ms"] = state.agents.get("max_drain_ms", 60_000)
         res["quorum"] = bool(state.agents.get("quorum", False))

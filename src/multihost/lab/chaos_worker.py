@@ -52,6 +52,7 @@ from multihost.lab.probe_worker import bound_socket, emit, parse_http
 
 Row = dict[str, Any]
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
@@ -65,11 +66,13 @@ class Capture(threading.Thread):
 
     def __init__(self, interface: str, target: str, port: int) -> None:
         super().__init__(name="capture", daemon=True)
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+        self.family = socket.AF_INET6 if ":" in target else socket.AF_INET
+        ethertype = ETH_P_IPV6 if self.family == socket.AF_INET6 else ETH_P_IP
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
-        self.sock.bind((interface, ETH_P_IP))
+        self.sock.bind((interface, ethertype))
         self.sock.settimeout(0.2)
-        self.target = socket.inet_aton(target)
+        self.target = socket.inet_pton(self.family, target)
         self.port = port
         self.flows: dict[tuple[bytes, int], dict[bytes, list[float]]] = {}
         self.packets = 0
@@ -84,16 +87,21 @@ class Capture(threading.Thread):
                 continue
             except OSError:
                 return
-            if addr[2] == PACKET_OUTGOING or len(frame) < 54 or frame[23] != 6:
+            if addr[2] == PACKET_OUTGOING:
                 continue
-            if frame[26:30] != self.target:
+            if self.family == socket.AF_INET6:  # no extension headers in the lab's traffic
+                if len(frame) < 54 + 14 or frame[20] != 6 or frame[22:38] != self.target:
+                    continue
+                l4, client = 54, frame[38:54]
+            else:
+                if len(frame) < 54 or frame[23] != 6 or frame[26:30] != self.target:
+                    continue
+                l4, client = 14 + (frame[14] & 0x0F) * 4, frame[30:34]
+            sport, dport = struct.unpack_from(">HH", frame, l4)
+            if sport != self.port or len(frame) < l4 + 14:
                 continue
-            ihl = (frame[14] & 0x0F) * 4
-            sport, dport = struct.unpack_from(">HH", frame, 14 + ihl)
-            if sport != self.port or len(frame) < 14 + ihl + 14:
-                continue
-            rst = bool(frame[14 + ihl + 13] & TCP_RST)
-            key = (frame[30:34], dport)
+            rst = bool(frame[l4 + 13] & TCP_RST)
+            key = (client, dport)
             with self.lock:
                 self.packets += 1
                 per = self.flows.setdefault(key, {})
@@ -109,7 +117,7 @@ class Capture(threading.Thread):
 
     def macs(self, saddr: str, sport: int) -> dict[str, list[float]]:
         with self.lock:
-            per = self.flows.get((socket.inet_aton(saddr), sport), {})
+            per = self.flows.get((socket.inet_pton(self.family, saddr), sport), {})
             return {":".join(f"{b:02x}" for b in m): list(v) for m, v in per.items()}
 
     def drops(self) -> int:
@@ -127,12 +135,20 @@ class Capture(threading.Thread):
 class Heartbeats:
     """Inter-arrival gaps of the cluster's heartbeats, per sender address (listen only)."""
 
-    def __init__(self, group: str, port: int, local: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((group, port))
-        mreq = struct.pack("4s4s", socket.inet_aton(group), socket.inet_aton(local))
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    def __init__(self, group: str, port: int, local: str, interface: str) -> None:
+        if ":" in group:
+            ifindex = socket.if_nametoindex(interface)
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((group, port, 0, ifindex))
+            mreq = struct.pack("16sI", socket.inet_pton(socket.AF_INET6, group), ifindex)
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((group, port))
+            mreq = struct.pack("4s4s", socket.inet_aton(group), socket.inet_aton(local))
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         self.sock.setblocking(False)
         self.last: dict[str, float] = {}
         self.stats: dict[str, list[float]] = {}  # addr -> [n, max gap, gaps > 300 ms]
@@ -141,7 +157,8 @@ class Heartbeats:
     def on_readable(self) -> None:
         for _ in range(64):
             try:
-                _, (addr, _port) = self.sock.recvfrom(2048)
+                _, sender = self.sock.recvfrom(2048)
+                addr = str(sender[0])
             except (BlockingIOError, InterruptedError):
                 return
             now = time.time()
@@ -230,7 +247,12 @@ class Worker:
         self.capture = Capture(str(req["interface"]), self.target[0], self.target[1])
         self.hb: Heartbeats | None = None
         if req.get("group"):
-            self.hb = Heartbeats(str(req["group"]), int(req["hb_port"]), self.flows.addresses[0])
+            self.hb = Heartbeats(
+                str(req["group"]),
+                int(req["hb_port"]),
+                str(req.get("hb_local", self.flows.addresses[0])),
+                str(req["interface"]),
+            )
         self.rows: list[Row] = []
         self.drops = -1
         self.stopping = asyncio.Event()

@@ -50,6 +50,11 @@ class DemoConfig:
     seed: int | None = None
     converge_timeout: float = 30.0
     backend: str = "auto"  # cluster.dataplane of the lab's agents
+    ipv6: bool = False  # a dual-stack lab, heartbeats and every probe over IPv6
+
+    @property
+    def family(self) -> int:
+        return 6 if self.ipv6 else 4
 
 
 def shares(members: Sequence[str], live: Sequence[str]) -> dict[str, Fraction]:
@@ -123,7 +128,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
         raise LabError(f"connections: at least {MIN_CONNECTIONS}")
     if cfg.how not in faults.HOWS:
         raise LabError(f"--how must be one of {', '.join(faults.HOWS)}")
-    topo = describe(cfg.nodes, 1, cfg.prefix)
+    topo = describe(cfg.nodes, 1, cfg.prefix, ipv6=cfg.ipv6)
     for ev in cfg.events:
         _parse(ev, topo.members)
     rng = random.Random(cfg.seed)
@@ -141,6 +146,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
                 "seed": topo.seed_text,
                 "how": cfg.how,
                 "backend": cfg.backend,
+                "family": f"ipv{cfg.family}",
+                "target": topo.vip_of(cfg.family),
                 "dataplane": state.agents.get("dataplane", {}),
                 "seconds": round(time.monotonic() - started, 1),
             }
@@ -160,7 +167,9 @@ def _step(
         verb, node = _parse(event, members)
         if verb == "fail":
             say(f"{event}: {cfg.how}, opening a connection to its buckets every 5 ms")
-            fo = failover.measure(state, node, cfg.how, seed=rng.randrange(1 << 30))
+            fo = failover.measure(
+                state, node, cfg.how, seed=rng.randrange(1 << 30), family=cfg.family
+            )
             say(
                 f"{event}: first new connection to its buckets answered after "
                 f"{fo.first_ms} ms; survivors own all buckets after {fo.all_served_ms} ms"
@@ -176,7 +185,7 @@ def _step(
     say(f"{event}: probing with {cfg.connections} TCP connections")
     port_seed = rng.randrange(1 << 30)
     logs = failover.LogCursor(state)
-    r = run_probe(state, "tcp", cfg.connections, port_seed=port_seed)
+    r = run_probe(state, "tcp", cfg.connections, port_seed=port_seed, family=cfg.family)
     # A view change while probing a converged lab is a false failover: evidence for errors.
     unexpected = logs.events("view-changed", live) + logs.events("lease-lapsed", live)
     expected = shares(members, live)

@@ -158,11 +158,15 @@ class LogCursor:
 # --- flows ------------------------------------------------------------------------------
 
 
+def target_of(topo: Topology, saddr: str) -> str:
+    """The traffic IP a client source address talks to: the one of its family."""
+    return topo.vip_of(ipaddress.ip_address(saddr).version)
+
+
 def port_bucket(topo: Topology, saddr: str, sport: int) -> int:
     """The bucket of the TCP flow ``saddr:sport`` -> traffic IP, as the kernel hashes it."""
-    flow = Flow(
-        ipaddress.IPv4Address(saddr), sport, ipaddress.IPv4Address(topo.vip), topo.port, "tcp"
-    )
+    daddr = ipaddress.ip_address(target_of(topo, saddr))
+    flow = Flow(ipaddress.ip_address(saddr), sport, daddr, topo.port, "tcp")
     return flow_bucket(flow, topo.buckets, topo.seed, HashMode(topo.hash_mode))
 
 
@@ -237,7 +241,7 @@ def worker_request(
     control_every: int = 4,
 ) -> dict[str, Any]:
     return {
-        "target": topo.vip,
+        "target": target_of(topo, saddr),
         "port": topo.port,
         "saddr": saddr,
         "ports": ports,
@@ -386,10 +390,12 @@ def measure(
     client: str = "c1",
     control_every: int = 4,
     linger: float = 0.3,
+    family: int = 4,
 ) -> FailoverResult:
     """Fail ``node`` while the worker opens connections to its buckets (and, one per
     ``control_every``, to the survivors' as a control); the lab is left with ``node``
-    failed.  ``linger``: how long the worker goes on after every survivor answered one."""
+    failed.  ``linger``: how long the worker goes on after every survivor answered one;
+    ``family``: over the IPv4 or the IPv6 traffic IP."""
     topo = state.topology
     live = list(state.live)
     if node not in live:
@@ -398,18 +404,21 @@ def measure(
     host = topo.host(client)
     rng = random.Random(seed)
     n = int((max_seconds + linger) / spacing) + 50
-    ports = plan_ports(topo, live, [node], n, saddr=host.address, seed=rng.randrange(1 << 30))
+    if not host.sources(family):
+        raise LabError(f"client {client} has no IPv{family} address (use 'lab up --ipv6')")
+    saddr = host.sources(family)[0]
+    ports = plan_ports(topo, live, [node], n, saddr=saddr, seed=rng.randrange(1 << 30))
     control = plan_ports(
         topo,
         live,
         survivors,
         n // control_every + 1,
-        saddr=host.address,
+        saddr=saddr,
         seed=rng.randrange(1 << 30),
     )
     req = worker_request(
         topo,
-        saddr=host.address,
+        saddr=saddr,
         ports=ports,
         control=control,
         failed=[node],

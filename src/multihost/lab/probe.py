@@ -30,7 +30,7 @@ import multihost
 from multihost.assignment import assign, default_table, slots_of
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab.build import LabError, LabState
-from multihost.lab.topology import Host, Topology
+from multihost.lab.topology import Host, Topology, TopologyError
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 PORT_RANGE = (10000, 61000)
@@ -88,16 +88,22 @@ class ProbeResult:
 
 
 def plan_flows(
-    client: Host, proto: str, count: int, port_seed: int, sources: int | None = None
+    client: Host,
+    proto: str,
+    count: int,
+    port_seed: int,
+    sources: int | None = None,
+    *,
+    family: int = 4,
 ) -> list[tuple[str, int]]:
     """``count`` distinct (source address, source port | ICMP id) pairs, reproducibly.
 
-    Addresses rotate over the client's first ``sources`` addresses (default: 1 for TCP and
-    UDP, all for ICMP, whose hash ignores ids).
+    Addresses rotate over the client's first ``sources`` addresses of ``family`` (default:
+    1 for TCP and UDP, all for ICMP, whose hash ignores ids).
     """
     if not 1 <= count <= MAX_CONNECTIONS:
         raise LabError(f"connections: {count} is outside 1..{MAX_CONNECTIONS}")
-    addrs = client.addresses
+    addrs = client.sources(family)
     n = (len(addrs) if proto == "icmp" else 1) if sources is None else sources
     if not 1 <= n <= len(addrs):
         raise LabError(f"sources: {n} is outside 1..{len(addrs)} for client {client.name}")
@@ -123,20 +129,20 @@ def expected_nodes(
     node = topo.node_by_address(target)
     if node is not None:
         return [node.name] * len(flows)
-    if target != topo.vip:
-        raise LabError(f"target {target} is neither the traffic IP nor a node's address")
+    if target not in topo.vips:
+        raise LabError(f"target {target} is neither a traffic IP nor a node's address")
     table = default_table()
     if table.buckets != topo.buckets:
         raise LabError(f"lab has {topo.buckets} buckets, the model {table.buckets}")
     owners = assign(slots_of(live, topo.members), table)
     mode = HashMode(topo.hash_mode)
-    daddr = ipaddress.IPv4Address(target)
+    daddr = ipaddress.ip_address(target)
     out: list[str | None] = []
     for saddr, sport in flows:
         if proto == "icmp":
-            flow = Flow(ipaddress.IPv4Address(saddr), 0, daddr, 0, "icmp")
+            flow = Flow(ipaddress.ip_address(saddr), 0, daddr, 0, "icmp")
         else:
-            flow = Flow(ipaddress.IPv4Address(saddr), sport, daddr, port, proto)
+            flow = Flow(ipaddress.ip_address(saddr), sport, daddr, port, proto)
         slot = owners.owner(flow_bucket(flow, topo.buckets, topo.seed, mode))
         out.append(None if slot is None else topo.members[slot])
     return out
@@ -154,8 +160,10 @@ def run_probe(
     port_seed: int | None = None,
     sources: int | None = None,
     progress: Progress | None = None,
+    family: int = 4,
 ) -> ProbeResult:
-    """Probe ``target`` (default: the traffic IP) with ``connections`` flows from ``client``."""
+    """Probe ``target`` (default: the traffic IP of ``family``) with ``connections`` flows
+    from ``client``; the target's family decides the client's source addresses."""
     topo = state.topology
     if proto not in PROTOCOLS:
         raise LabError(f"protocol {proto!r} is not one of {', '.join(PROTOCOLS)}")
@@ -166,10 +174,18 @@ def run_probe(
     src = topo.host(client)
     if src.role != "client":
         raise LabError(f"{client} is a node, not a client")
-    target = target or topo.vip
+    try:
+        target = target or topo.vip_of(family)
+    except TopologyError as e:
+        raise LabError(str(e)) from None
+    family = ipaddress.ip_address(target).version
+    if family == 6 and proto == "icmp":
+        raise LabError("icmp probes are IPv4 only (ICMPv6 echo is not implemented); use tcp or udp")
+    if family == 6 and not src.addresses6:
+        raise LabError(f"client {src.name} has no IPv6 address (use 'lab up --ipv6')")
     port = {"tcp": topo.port, "udp": topo.echo_port, "icmp": 0}[proto]
     seed = random.randrange(1 << 32) if port_seed is None else port_seed
-    flows = plan_flows(src, proto, connections, seed, sources)
+    flows = plan_flows(src, proto, connections, seed, sources, family=family)
     expected = expected_nodes(
         topo, live=state.live, target=target, proto=proto, port=port, flows=flows
     )

@@ -66,9 +66,9 @@ def _classify(i: int, flow: list[Any], e: BaseException) -> Result:
 
 
 def bound_socket(kind: int, saddr: str, sport: int) -> socket.socket:
-    """A non-blocking IPv4 socket bound to ``(saddr, sport)`` (closed again if that fails);
-    shared by the lab's client-side workers."""
-    sock = socket.socket(socket.AF_INET, kind)
+    """A non-blocking socket bound to ``(saddr, sport)`` (IPv4 or IPv6, by ``saddr``; closed
+    again if that fails); shared by the lab's client-side workers."""
+    sock = socket.socket(socket.AF_INET6 if ":" in saddr else socket.AF_INET, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setblocking(False)
@@ -106,7 +106,8 @@ async def tcp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:
     try:
         async with asyncio.timeout(float(req["timeout"])):
             await loop.sock_connect(sock, (req["target"], int(req["port"])))
-            host = f"{req['target']}:{req['port']}".encode()
+            target = f"[{req['target']}]" if ":" in req["target"] else req["target"]
+            host = f"{target}:{req['port']}".encode()
             await loop.sock_sendall(sock, b"GET / HTTP/1.0\r\nHost: " + host + b"\r\n\r\n")
             data = b""
             while chunk := await loop.sock_recv(sock, 4096):

@@ -15,6 +15,16 @@ Addressing plan (one /16 broadcast domain, every host on-link)::
     198.18.0.11 ...      nodes A, B, ... (A = .11)
     198.18.0.201 ...     clients c1, c2, ... (primary address)
     198.18.K.1 ...       client cK's extra source addresses (ICMP hashes on addresses only)
+
+With ``ipv6`` (``lab up --ipv6``) the lab is dual stack and its heartbeats go over IPv6: every
+host also gets an address in one on-link /64 of the documentation range, the traffic IP group
+gets an IPv6 traffic IP, and the cluster group is ``ff15::1`` (site-local, transient; MAC
+``33:33:00:00:00:01``), with 239.192.0.1 kept for the IPv4 traffic IP's ARP MAC::
+
+    2001:db8::100        the IPv6 traffic IP (VIP6)
+    2001:db8::11 ...     nodes A, B, ... (node addresses: heartbeats are IPv6)
+    2001:db8::201 ...    clients c1, c2, ...
+    2001:db8::K:1 ...    client cK's extra IPv6 source addresses
 """
 
 from __future__ import annotations
@@ -43,6 +53,12 @@ GROUP_RANGE = ipaddress.IPv4Network("239.192.0.0/14")
 SUBNET = ipaddress.IPv4Network("198.18.0.0/16")
 DEFAULT_VIP = "198.18.0.100"
 DEFAULT_GROUP = "239.192.0.1"
+#: Documentation range (RFC 3849) and transient site-local groups: the lab's IPv6 plan.
+LAB_RANGE6 = ipaddress.IPv6Network("2001:db8::/32")
+GROUP_RANGE6 = ipaddress.IPv6Network("ff15::/16")
+SUBNET6 = ipaddress.IPv6Network("2001:db8::/64")
+DEFAULT_VIP6 = "2001:db8::100"
+DEFAULT_GROUP6 = "ff15::1"
 #: ``multihost.assignment.default_table().buckets`` (8! orderings); a unit test checks it.
 BUCKETS = 40320
 HTTP_PORT = 80
@@ -144,10 +160,21 @@ class Host:
     address: str
     prefixlen: int
     extra_addresses: tuple[str, ...] = ()
+    #: IPv6 addresses (dual-stack labs), primary first; prefix length ``SUBNET6``'s.
+    addresses6: tuple[str, ...] = ()
 
     @property
     def addresses(self) -> tuple[str, ...]:
+        """The IPv4 addresses, primary first."""
         return (self.address, *self.extra_addresses)
+
+    @property
+    def address6(self) -> str | None:
+        return self.addresses6[0] if self.addresses6 else None
+
+    def sources(self, family: int) -> tuple[str, ...]:
+        """The addresses of one family (4 or 6), primary first."""
+        return self.addresses if family == 4 else self.addresses6
 
 
 @dataclass(frozen=True)
@@ -164,6 +191,30 @@ class Topology:
     echo_port: int = ECHO_PORT
     hash_mode: str = HASH_MODE
     subnet: str = field(default=str(SUBNET))
+    #: Dual stack with IPv6 heartbeats (``vip6`` and ``group6`` set, hosts have addresses6).
+    vip6: str | None = None
+    group6: str | None = None
+
+    @property
+    def ipv6(self) -> bool:
+        return self.vip6 is not None
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        """The traffic IPs: the IPv4 one, and the IPv6 one in a dual-stack lab."""
+        return (self.vip,) if self.vip6 is None else (self.vip, self.vip6)
+
+    def vip_of(self, family: int) -> str:
+        if family == 6:
+            if self.vip6 is None:
+                raise TopologyError("this lab has no IPv6 traffic IP (use 'lab up --ipv6')")
+            return self.vip6
+        return self.vip
+
+    @property
+    def heartbeat_group(self) -> str:
+        """Where the agents' heartbeats go: ``group6`` in a dual-stack lab, else ``group``."""
+        return self.group6 or self.group
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -177,6 +228,10 @@ class Topology:
     @property
     def group_mac(self) -> str:
         return format_mac(multicast_mac(self.group))
+
+    @property
+    def group6_mac(self) -> str | None:
+        return None if self.group6 is None else format_mac(multicast_mac(self.group6))
 
     @property
     def seed_text(self) -> str:
@@ -197,7 +252,9 @@ class Topology:
         raise TopologyError(f"no host {name!r} in this lab (hosts: {known}, client)")
 
     def node_by_address(self, address: str) -> Host | None:
-        return next((n for n in self.nodes if address in n.addresses), None)
+        return next(
+            (n for n in self.nodes if address in n.addresses or address in n.addresses6), None
+        )
 
     def summary(self) -> dict[str, Any]:
         """The ``lab up --json`` object."""
@@ -206,8 +263,18 @@ class Topology:
             "port": self.port,
             "client_netns": self.clients[0].netns,
             "nodes": {
-                n.name: {"netns": n.netns, "address": n.address, "mac": n.mac} for n in self.nodes
+                n.name: {
+                    "netns": n.netns,
+                    "address": n.address,
+                    "address6": n.address6,
+                    "mac": n.mac,
+                }
+                for n in self.nodes
             },
+            "vip6": self.vip6,
+            "group6": self.group6,
+            "group6_mac": self.group6_mac,
+            "ipv6": self.ipv6,
             "members": list(self.members),
             "seed": self.seed_text,
             "buckets": self.buckets,
@@ -218,7 +285,12 @@ class Topology:
             "hash": self.hash_mode,
             "switch": {"netns": self.switch.netns, "mode": self.switch.mode.value},
             "clients": {
-                c.name: {"netns": c.netns, "address": c.address, "sources": len(c.addresses)}
+                c.name: {
+                    "netns": c.netns,
+                    "address": c.address,
+                    "address6": c.address6,
+                    "sources": len(c.addresses),
+                }
                 for c in self.clients
             },
         }
@@ -241,6 +313,8 @@ class Topology:
             "echo_port": self.echo_port,
             "hash_mode": self.hash_mode,
             "subnet": self.subnet,
+            "vip6": self.vip6,
+            "group6": self.group6,
         }
 
     @classmethod
@@ -260,6 +334,8 @@ class Topology:
                 echo_port=int(d["echo_port"]),
                 hash_mode=str(d["hash_mode"]),
                 subnet=str(d["subnet"]),
+                vip6=None if d.get("vip6") is None else str(d["vip6"]),
+                group6=None if d.get("group6") is None else str(d["group6"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TopologyError(f"malformed topology record: {e!r}") from None
@@ -278,6 +354,7 @@ def _host_dict(h: Host) -> dict[str, Any]:
         "address": h.address,
         "prefixlen": h.prefixlen,
         "extra_addresses": list(h.extra_addresses),
+        "addresses6": list(h.addresses6),
     }
 
 
@@ -292,6 +369,7 @@ def _host_from(d: dict[str, Any]) -> Host:
         address=str(d["address"]),
         prefixlen=int(d["prefixlen"]),
         extra_addresses=tuple(str(a) for a in d["extra_addresses"]),
+        addresses6=tuple(str(a) for a in d.get("addresses6", ())),
     )
 
 
@@ -309,10 +387,12 @@ def describe(
     vip: str = DEFAULT_VIP,
     group: str = DEFAULT_GROUP,
     switch_mode: SwitchMode = SwitchMode.SNOOPING,
+    ipv6: bool = False,
 ) -> Topology:
     """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
 
-    ``prefix`` defaults to :func:`default_prefix`; ``seed`` to a random 32-bit value.
+    ``prefix`` defaults to :func:`default_prefix`; ``seed`` to a random 32-bit value;
+    ``ipv6``: dual stack with IPv6 heartbeats (the module's addressing plan).
     """
     prefix = validate_prefix(default_prefix() if prefix is None else prefix)
     if not 1 <= nodes <= MAX_NODES:
@@ -332,6 +412,7 @@ def describe(
             mac=_mac(0x0A, i + 1),
             address=str(net.network_address + 11 + i),
             prefixlen=net.prefixlen,
+            addresses6=(str(SUBNET6.network_address + 0x11 + i),) if ipv6 else (),
         )
         for i, name in enumerate(NODE_NAMES[:nodes])
     )
@@ -348,6 +429,17 @@ def describe(
             extra_addresses=tuple(
                 str(net.network_address + 256 * k + j) for j in range(1, EXTRA_SOURCES + 1)
             ),
+            addresses6=(
+                (
+                    str(SUBNET6.network_address + 0x200 + k),
+                    *(
+                        str(SUBNET6.network_address + (k << 16) + j)
+                        for j in range(1, EXTRA_SOURCES + 1)
+                    ),
+                )
+                if ipv6
+                else ()
+            ),
         )
         for k in range(1, clients + 1)
     )
@@ -359,6 +451,8 @@ def describe(
         vip=vip,
         group=group,
         seed=seed,
+        vip6=DEFAULT_VIP6 if ipv6 else None,
+        group6=DEFAULT_GROUP6 if ipv6 else None,
     )
     check(topo)
     return topo
@@ -379,8 +473,20 @@ def check(topo: Topology) -> None:
     subnet = ipaddress.IPv4Network(topo.subnet)
     if not subnet.subnet_of(LAB_RANGE) or vip not in subnet:
         raise TopologyError(f"traffic IP {vip} must be in the lab subnet {subnet}")
+    if (topo.vip6 is None) != (topo.group6 is None):
+        raise TopologyError("a dual-stack lab needs both vip6 and group6")
+    if topo.vip6 is not None and topo.group6 is not None:
+        try:
+            vip6 = ipaddress.IPv6Address(topo.vip6)
+            group6 = ipaddress.IPv6Address(topo.group6)
+        except ValueError as e:
+            raise TopologyError(str(e)) from None
+        if group6 not in GROUP_RANGE6:
+            raise TopologyError(f"group {group6} is outside {GROUP_RANGE6}")
+        if vip6 not in SUBNET6:
+            raise TopologyError(f"traffic IP {vip6} must be in the lab subnet {SUBNET6}")
     pattern = netns_pattern(topo.prefix)
-    seen: set[str] = {topo.vip}
+    seen: set[str] = {topo.vip, *([topo.vip6] if topo.vip6 else [])}
     macs: set[str] = set()
     for name in topo.netns_names():
         if not pattern.match(name):
@@ -392,6 +498,14 @@ def check(topo: Topology) -> None:
             if a in seen:
                 raise TopologyError(f"{h.name}: address {a} is used twice")
             seen.add(a)
+        for a in h.addresses6:
+            if ipaddress.IPv6Address(a) not in SUBNET6 or not SUBNET6.subnet_of(LAB_RANGE6):
+                raise TopologyError(f"{h.name}: address {a} is outside {SUBNET6}")
+            if a in seen:
+                raise TopologyError(f"{h.name}: address {a} is used twice")
+            seen.add(a)
+        if bool(h.addresses6) != topo.ipv6:
+            raise TopologyError(f"{h.name}: IPv6 addresses exactly in a dual-stack lab")
         if h.mac in macs:
             raise TopologyError(f"{h.name}: MAC {h.mac} is used twice")
         macs.add(h.mac)

@@ -3,7 +3,8 @@
 Run as ``python -m multihost.lab.udpecho --name A --port 7`` inside the node's namespace
 (``multihost lab up`` does).  It binds the wildcard address, so it serves the node's own
 address and the traffic IP alike, and replies *from the address the datagram was sent to*
-(``IP_PKTINFO``), so a client connected to the traffic IP accepts the reply.
+(``IP_PKTINFO``), so a client connected to the traffic IP accepts the reply.  With ``--ipv6``
+a second, IPv6-only socket on ``[::]`` does the same with ``IPV6_PKTINFO``.
 
 Must not: reply to anything but the datagram's sender, or open any other socket.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import selectors
 import signal
 import socket
 import struct
@@ -29,26 +31,49 @@ def reply_for(name: str, payload: bytes) -> bytes:
     return (name.encode() + b"\n" + payload)[:MAX_REPLY]
 
 
-def serve(name: str, port: int, bind: str = "0.0.0.0") -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+_PKTINFO6 = struct.Struct("@16sI")  # struct in6_pktinfo: addr, ifindex
+
+
+def _socket(family: int, bind: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
     sock.bind((bind, port))
-    cmsg_space = socket.CMSG_SPACE(_PKTINFO.size)
-    while True:
-        payload, ancdata, _flags, sender = sock.recvmsg(65535, cmsg_space)
-        local = b""
-        for level, kind, data in ancdata:
-            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
-                _ifindex, _spec_dst, local = _PKTINFO.unpack_from(data)
-        anc = []
-        if local:
-            # Reply with the datagram's destination as source, on any interface.
+    return sock
+
+
+def _answer(name: str, sock: socket.socket) -> None:
+    size = _PKTINFO.size if sock.family == socket.AF_INET else _PKTINFO6.size
+    payload, ancdata, _flags, sender = sock.recvmsg(65535, socket.CMSG_SPACE(size))
+    anc = []
+    for level, kind, data in ancdata:
+        # Reply with the datagram's destination as source, on any interface.
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= size:
+            _ifindex, _spec_dst, local = _PKTINFO.unpack_from(data)
             anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, local, bytes(4)))]
-        try:
-            sock.sendmsg([reply_for(name, payload)], anc, 0, sender)
-        except OSError as e:  # e.g. the sender's address became unreachable
-            print(f"udpecho {name}: reply to {sender} failed: {e}", file=sys.stderr, flush=True)
+        elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= size:
+            local6, _ifindex6 = _PKTINFO6.unpack_from(data)
+            anc = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _PKTINFO6.pack(local6, 0))]
+    try:
+        sock.sendmsg([reply_for(name, payload)], anc, 0, sender)
+    except OSError as e:  # e.g. the sender's address became unreachable
+        print(f"udpecho {name}: reply to {sender} failed: {e}", file=sys.stderr, flush=True)
+
+
+def serve(name: str, port: int, bind: str = "0.0.0.0", ipv6: bool = False) -> None:
+    socks = [_socket(socket.AF_INET, bind, port)]
+    if ipv6:
+        socks.append(_socket(socket.AF_INET6, "::", port))
+    with selectors.DefaultSelector() as sel:
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+        while True:
+            for key, _events in sel.select():
+                _answer(name, key.fileobj)  # type: ignore[arg-type]
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -60,11 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="node name sent back as the first line")
     p.add_argument("--port", type=int, default=7, help="UDP port (default 7)")
     p.add_argument("--bind", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument("--ipv6", action="store_true", help="also serve IPv6 (on [::])")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     print(f"udpecho {args.name}: serving udp/{args.port}", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(args.name, args.port, args.bind)
+        serve(args.name, args.port, args.bind, args.ipv6)
     return 0
 
 

@@ -1,0 +1,121 @@
+"""IPv6 end to end (root): a dual-stack 4-node lab whose agents heartbeat over IPv6.
+
+With real packets, on both data planes: the agents join ``ff15::1`` and converge; TCP and UDP
+to the IPv6 traffic IP are each answered by exactly the predicted node (and IPv4 still is:
+one group, both families, one bucket space); the client's kernel resolves the IPv6 traffic
+IP by NS/NA to the group's ``33:33`` MAC, never a node's; a crashed or unplugged node's
+share moves to the survivors and comes back on recovery; and the brief's worked example
+runs over IPv6.  Every lab is removed even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from multihost.lab import build, demo, failover, faults
+from multihost.lab.build import LabState
+from multihost.lab.clean import clean
+from multihost.lab.probe import ProbeResult, run_probe
+from multihost.lab.topology import NETNS_DIR, describe, state_dir
+
+
+@pytest.fixture(scope="module")
+def lab(lab_backend: str) -> Iterator[LabState]:
+    prefix = f"mht6{secrets.token_hex(2)}-"
+    try:
+        state = build.build(describe(4, prefix=prefix, ipv6=True), backend=lab_backend)
+        assert set(state.agents["dataplane"].values()) == {lab_backend}
+        failover.wait_converged(state, ["A", "B", "C", "D"], timeout=30)
+        yield state
+    finally:
+        clean(prefix)
+        assert not state_dir(prefix).exists()
+        assert not list(NETNS_DIR.glob(f"{prefix}*"))
+
+
+def assert_clean(r: ProbeResult, n: int, nodes: set[str]) -> None:
+    assert r.connections == n
+    assert (r.failed, r.reset, r.timeout, r.duplicated) == (0, 0, 0, 0), r.to_dict()
+    assert r.mispredicted == 0, r.to_dict()
+    assert set(r.answered) == nodes, r.to_dict()
+
+
+def _ns(lab: LabState, host: str, *cmd: str) -> str:
+    netns = lab.topology.host(host).netns
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_heartbeats_go_over_ipv6(lab: LabState) -> None:
+    config = Path(lab.agents["config"]).read_text(encoding="utf-8")
+    assert 'multicast_group = "ff15::1"' in config
+    assert 'address = "2001:db8::11"' in config
+    for node in lab.topology.members:
+        sockets = _ns(lab, node, "ss", "-u", "-a", "-n", "-H")
+        assert "[ff15::1]%eth0:7946" in sockets, (node, sockets)
+
+
+def test_tcp_and_udp_over_ipv6_each_answered_by_the_predicted_node(lab: LabState) -> None:
+    r = run_probe(lab, "tcp", 2000, port_seed=61, family=6)
+    assert r.target == "2001:db8::100"
+    assert_clean(r, 2000, {"A", "B", "C", "D"})
+    assert_clean(run_probe(lab, "udp", 1000, port_seed=62, family=6), 1000, {"A", "B", "C", "D"})
+
+
+def test_ipv4_still_served_by_the_same_group(lab: LabState) -> None:
+    assert_clean(run_probe(lab, "tcp", 1000, port_seed=63), 1000, {"A", "B", "C", "D"})
+
+
+def test_ns_is_answered_with_the_ipv6_multicast_mac_never_a_node_mac(lab: LabState) -> None:
+    topo = lab.topology
+    c = topo.clients[0]
+    _ns(lab, c.name, "ip", "-6", "neigh", "flush", "dev", c.interface)
+    r = run_probe(lab, "tcp", 50, port_seed=64, family=6)  # the kernel sends the NS
+    assert r.failed + r.timeout == 0, r.to_dict()
+    assert topo.vip6 is not None
+    neigh: list[dict[str, Any]] = json.loads(
+        _ns(lab, c.name, "ip", "-j", "-6", "neigh", "show", topo.vip6)
+    )
+    macs = {e.get("lladdr") for e in neigh}
+    assert macs == {"33:33:00:00:00:01"} == {topo.group6_mac}, neigh
+    assert not macs & {n.mac for n in topo.nodes}
+
+
+@pytest.mark.parametrize("how", ["crash", "link"])
+def test_a_failed_nodes_share_moves_and_comes_back(lab: LabState, how: str) -> None:
+    faults.fail(lab, "D", how)
+    try:
+        failover.wait_converged(lab, ["A", "B", "C"], timeout=20)
+        r = run_probe(lab, "tcp", 1000, port_seed=65, family=6)
+        assert_clean(r, 1000, {"A", "B", "C"})
+    finally:
+        faults.recover(lab, "D")
+    failover.wait_converged(lab, ["A", "B", "C", "D"], timeout=20)
+    assert_clean(run_probe(lab, "tcp", 1000, port_seed=66, family=6), 1000, {"A", "B", "C", "D"})
+
+
+def test_worked_example_over_ipv6(lab_backend: str) -> None:
+    prefix = f"mht6d{secrets.token_hex(2)}-"
+    cfg = demo.DemoConfig(connections=1200, prefix=prefix, backend=lab_backend, ipv6=True)
+    try:
+        result = demo.run_demo(cfg)
+    finally:
+        clean(prefix)
+    assert result["family"] == "ipv6" and result["target"] == "2001:db8::100"
+    assert [s["live"] for s in result["steps"]] == [
+        ["A", "B", "C", "D"],
+        ["A", "B", "C"],
+        ["A", "B"],
+        ["A", "B", "D"],
+    ]
+    for s in result["steps"]:
+        assert (s["failed"], s["duplicates"], s["mispredicted"]) == (0, 0, 0), s
+        assert set(s["observed"]) == set(s["live"]), s
