@@ -521,3 +521,10 @@ def test_cli_missing_interface_is_an_operation_error(
         "multihost: error: backend 'db1': no interface 'mhb-none0' on this host (backend "
         "'db1' interface); run --apply on the back end itself\n"
     )
+
+
+def test_config_reference_documents_the_backend_keys() -> None:
+    page = (Path(__file__).parents[2] / "docs" / "man" / "multihost.toml.5").read_text()
+    for key in ("backend_gateway", "[[backend]]", "table_base", "rule_priority_base"):
+        assert key in page, key
+    assert "backend\\-routes" in page
