@@ -441,6 +441,12 @@ def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
         if not NAME_RE.match(name):
             raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
         address = _address(r, r.key("address"), r.get("address", str))
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise r.err(
+                "address",
+                f"{address}: write a link-local address without %zone (it is scoped to"
+                " cluster.interface)",
+            )
         slot = r.int_in("slot", 0, MAX_SLOTS - 1)
         r.used.add("backend_gateway")  # parsed with [[backend]] by multihost.backends
         r.finish()

@@ -97,7 +97,9 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(params=["nft", "xdp"])
-def make_dp(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Callable[[RulesetSpec], Backend]]:
+def make_dp(
+    request: pytest.FixtureRequest, lab: Lab, bpf_root: Path
+) -> Iterator[Callable[[RulesetSpec], Backend]]:
     """A data plane of either backend on the node (tests that hold for both)."""
     made: list[Backend] = []
 
@@ -106,7 +108,7 @@ def make_dp(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Callable[[Rule
         if request.param == "nft":
             dp = Dataplane(spec, lab.nft)
         else:
-            dp = XdpDataplane(spec, "n0", Path(f"/sys/fs/bpf/{lab.node}-pins"), netns=lab.node)
+            dp = XdpDataplane(spec, "n0", bpf_root / f"{lab.node}-pins", netns=lab.node)
         made.append(dp)
         return dp
 

@@ -70,6 +70,14 @@ def test_tcp_and_udp_over_ipv6_each_answered_by_the_predicted_node(lab: LabState
     assert_clean(run_probe(lab, "udp", 1000, port_seed=62, family=6), 1000, {"A", "B", "C", "D"})
 
 
+def test_curl_and_wrk_reach_nginx_on_the_ipv6_traffic_ip(lab: LabState) -> None:
+    url = f"http://[{lab.topology.vip6}]/"
+    body = _ns(lab, "c1", "curl", "-sS", "-g", "--max-time", "5", url)
+    assert body.split("\n", 1)[0] in lab.topology.members, body
+    out = _ns(lab, "c1", "wrk", "-t1", "-c8", "-d1s", url)
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+
+
 def test_ipv4_still_served_by_the_same_group(lab: LabState) -> None:
     assert_clean(run_probe(lab, "tcp", 1000, port_seed=63), 1000, {"A", "B", "C", "D"})
 

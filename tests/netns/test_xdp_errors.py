@@ -34,8 +34,8 @@ def ns() -> Iterator[str]:
 
 
 @pytest.fixture
-def pins(ns: str) -> Iterator[Path]:
-    d = Path("/sys/fs/bpf") / f"{ns}-pins"
+def pins(ns: str, bpf_root: Path) -> Iterator[Path]:
+    d = bpf_root / f"{ns}-pins"
     yield d
     xdp.unpin(d)
 

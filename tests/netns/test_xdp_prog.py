@@ -1,8 +1,8 @@
 """The loaded XDP program against the Python model, flow by flow (``BPF_PROG_RUN``).
 
 Every test loads the real object (``make setup`` builds it), attaches it to a veth inside a
-namespace of its own and pins it under a fresh directory of /sys/fs/bpf; the fixture
-detaches and unpins whatever happens.
+namespace of its own and pins it under a fresh directory of the session's BPF filesystem;
+the fixture detaches and unpins whatever happens.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ VIP4 = ipaddress.ip_address("198.18.0.100")
 VIP6 = ipaddress.ip_address("2001:db8::100")
 BUCKETS = 40320
 FLOWS_PER_MODE = 10_000
-BPF_ROOT = Path("/sys/fs/bpf")
 
 
 @pytest.fixture
@@ -35,8 +34,6 @@ def netns() -> Iterator[str]:
     reason = unavailable_reason()
     if reason is not None:
         pytest.fail(f"the XDP backend must be available for these tests: {reason}")
-    if not is_bpffs(BPF_ROOT):
-        pytest.skip(f"{BPF_ROOT} is not a BPF filesystem")
     with netns_group("x") as names:
         ns = names["x"]
         ns_run(ns, "ip", "link", "add", "x0", "type", "veth", "peer", "name", "x1")
@@ -46,8 +43,9 @@ def netns() -> Iterator[str]:
 
 
 @pytest.fixture
-def pin_dir(netns: str) -> Iterator[Path]:
-    d = BPF_ROOT / f"{netns}-pins"
+def pin_dir(netns: str, bpf_root: Path) -> Iterator[Path]:
+    assert is_bpffs(bpf_root)
+    d = bpf_root / f"{netns}-pins"
     yield d
     for p in sorted(d.glob("*")) if d.exists() else []:
         p.unlink()
@@ -263,6 +261,42 @@ def test_restart_adopts_the_pinned_program(netns: str, pin_dir: Path) -> None:
         out = ns_run(netns, "ip", "-j", "link", "show", "x0").stdout
         assert '"xdp"' not in out
         assert not pin_dir.exists()
+    finally:
+        from multihost.dataplane.xdp import cleanup
+
+        cleanup("x0", pin_dir, netns)
+
+
+def test_restart_never_serves_the_dead_agents_table(
+    netns: str, pin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crashed agent's pinned table (its buckets, since taken over by peers) is replaced
+    before the new agent's lease makes the node serve anything (regression: chaos saw a
+    recovering node reset two of a survivor's streams in the old table's window)."""
+    spec = _spec(HashMode.FOUR_TUPLE, 9)
+    first = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    first.install({"web": GroupBuckets(owned=frozenset(range(100)))})
+    first.set_lease(0)  # the agent died and its lease lapsed
+    first.close()
+    flow = next(
+        f
+        for p in range(1024, 65536)
+        if 50 <= flow_bucket(f := Flow(xf.addr("198.18.4.1"), p, VIP4, 80, "tcp"), BUCKETS, 9) < 100
+    )
+    try:
+        second = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+        verdicts: list[int] = []
+        write_node = second._write_node
+
+        def spy() -> None:
+            write_node()
+            verdicts.append(second.test_run(xf.frame(flow, flags=xf.ACK))[0])
+
+        monkeypatch.setattr(second, "_write_node", spy)
+        second.install({"web": GroupBuckets(owned=frozenset(range(50)))})
+        assert second.describe()["adopted"] is True
+        assert verdicts and set(verdicts) == {xf.XDP_DROP}, verdicts
+        second.remove()
     finally:
         from multihost.dataplane.xdp import cleanup
 

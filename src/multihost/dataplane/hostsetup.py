@@ -9,7 +9,8 @@ Owns, for one cluster interface:
   multicast MAC) and ``arp_announce = 2`` (never use a traffic IP as ARP source);
 * ``net.ipv6.conf.<if>.drop_unicast_in_l2_multicast = 0`` when there are IPv6 traffic IPs
   (IPv6 checks it *before* the prerouting hook that marks owned packets ``host``; IPv4
-  checks its twin after that hook, so it needs no change);
+  checks its twin after that hook, so it needs no change), and ``ndisc_notify = 0`` on the
+  interface and ``lo`` (the kernel never announces a traffic IP with the node's MAC);
 * membership of the cluster multicast groups on the interface (``IP_ADD_MEMBERSHIP`` /
   ``IPV6_JOIN_GROUP`` on sockets held open by this object): this programs the NIC's
   multicast filter with the MAC ``01:00:5e`` + low 23 bits of an IPv4 group, ``33:33`` + low
@@ -110,6 +111,10 @@ class HostSetup:
         if any(a.version == 6 for a in self.addresses):
             path = _sysctl_path("ipv6", self.interface, "drop_unicast_in_l2_multicast")
             out.append(_Sysctl(path, "0"))
+            # Only the responder announces traffic IPs (with the cluster MAC): never the
+            # kernel, with the node's own MAC, when an address or the link changes.
+            out.append(_Sysctl(_sysctl_path("ipv6", self.interface, "ndisc_notify"), "0"))
+            out.append(_Sysctl(_sysctl_path("ipv6", self.loopback, "ndisc_notify"), "0"))
         return out
 
     def apply(self) -> None:

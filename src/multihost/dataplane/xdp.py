@@ -285,11 +285,13 @@ class XdpDataplane:
         with netns_entered(self.netns):
             if self.attached is None:
                 self._open()
-            self._write_node()
             self._write_addrs()
             for i, g in enumerate(self.spec.groups):
                 self._tables[g.name] = _table(full[g.name], self.spec.buckets)
                 self._publish(i, g.name)
+            # The lease last: an adopted program still holds the dead agent's tables, which
+            # must never be served with a fresh lease (its buckets may be another node's).
+            self._write_node()
         self._state = full
         return time.perf_counter() - t0
 
