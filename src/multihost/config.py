@@ -23,10 +23,13 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multihost.assignment import MAX_SLOTS, default_table
 from multihost.flowhash import HashMode
+
+if TYPE_CHECKING:
+    from multihost.backends import BackendConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -165,6 +168,7 @@ class Config:
     nodes: tuple[NodeConfig, ...]
     groups: tuple[GroupConfig, ...]
     buckets: int = field(default_factory=lambda: default_table().buckets)
+    backends: tuple[BackendConfig, ...] = ()  # [[backend]]: multihost.backends
 
     def node(self, name: str) -> NodeConfig:
         for n in self.nodes:
@@ -444,6 +448,7 @@ def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
                 " cluster.interface)",
             )
         slot = r.int_in("slot", 0, MAX_SLOTS - 1)
+        r.used.add("backend_gateway")  # parsed with [[backend]] by multihost.backends
         r.finish()
         for prev in out:
             if prev.name == name:
@@ -522,9 +527,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     cluster = _cluster(source, top.get("cluster", dict, None))
     nodes = _nodes(source, top.get("node", list, None))
     groups = _groups(source, top.get("traffic_ip_group", list, None), nodes)
+    from multihost.backends import parse_backends  # it imports this module
+
+    backends = parse_backends(source, top.get("backend", list, None), raw["node"], nodes, groups)
     top.finish()
     _dual_stack(source, cluster, groups)
-    return Config(source, cluster, nodes, groups)
+    return Config(source, cluster, nodes, groups, backends=backends)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

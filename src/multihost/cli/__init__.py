@@ -34,6 +34,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "status",
     "drain",
     "cleanup",
+    "backend-routes",
     "lab",
     "completion",
 )

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from multihost import preflight
+from multihost.backends import BackendConfig
 from multihost.cli.common import EXIT_USAGE, Formatter, add_json_flag, print_json
 from multihost.config import Config, ConfigError, timing_warnings
 from multihost.macaddr import format_mac, multicast_mac
@@ -19,8 +20,8 @@ Validate a multihost configuration file (TOML) and its key file.  Nothing on the
 changed.  It runs the very function the agent runs to load its configuration, so a file
 check-config accepts is one the agent accepts (names the nft data plane can use, IPv4 node
 addresses for the heartbeats, at most 512 groups, membership timing, control socket path
-length, ...) and the other way round.  Every error names the file, the key path and the
-reason, e.g.
+length, the [[backend]] tables of backend-routes, ...) and the other way round.  Every
+error names the file, the key path and the reason, e.g.
 
   /etc/multihost/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'
 
@@ -85,6 +86,24 @@ def summary(cfg: Config) -> dict[str, object]:
             }
             for g in cfg.groups
         },
+        "backends": {b.name: _backend(b) for b in cfg.backends},
+    }
+
+
+def _backend(b: BackendConfig) -> dict[str, object]:
+    return {
+        "interface": b.interface,
+        "table_base": b.table_base,
+        "rule_priority_base": b.rule_priority_base,
+        "nodes": {
+            p.node: {
+                "address": p.address.with_prefixlen,
+                "gateway": str(p.gateway),
+                "table": p.table,
+                "priority": p.priority,
+            }
+            for p in b.paths
+        },
     }
 
 
@@ -139,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
     for g in cfg.groups:
         addrs = ", ".join(str(a) for a in g.addresses)
         print(f"  group {g.name}: {addrs} members {','.join(g.members)} hash {g.hash.value}")
+    for b in cfg.backends:
+        print(f"  backend {b.name} on {b.interface}: replies from")
+        for p in b.paths:
+            how = f"table {p.table}, rule priority {p.priority}"
+            print(f"    {p.address} via {p.node}'s {p.gateway} ({how})")
     if not s["interface_present"]:
         print(f"  note: interface {cfg.cluster.interface!r} does not exist on this host")
     return 0
