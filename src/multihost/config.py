@@ -21,12 +21,13 @@ import stat
 import tomllib
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multihost.assignment import MAX_SLOTS, default_table
+from multihost.assignment import OrderingTable
 from multihost.flowhash import HashMode
+from multihost.tablechoice import identity, table_for
 
 if TYPE_CHECKING:
     from multihost.backends import BackendConfig
@@ -44,6 +45,9 @@ DEAD_AFTER_SLACK_MS = 30
 def default_dead_after_ms(interval_ms: int) -> int:
     return 2 * interval_ms + max(DEAD_AFTER_SLACK_MS, interval_ms // 4)
 
+
+# Node slots (heartbeat mask bits, table slots): the wire format carries 8.
+MAX_SLOTS = 8
 
 METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
 
@@ -167,8 +171,21 @@ class Config:
     cluster: ClusterConfig
     nodes: tuple[NodeConfig, ...]
     groups: tuple[GroupConfig, ...]
-    buckets: int = field(default_factory=lambda: default_table().buckets)
     backends: tuple[BackendConfig, ...] = ()  # [[backend]]: multihost.backends
+
+    @property
+    def table_slots(self) -> int:
+        """Slots the cluster's table must have: the highest configured slot + 1."""
+        return max(n.slot for n in self.nodes) + 1
+
+    @property
+    def table(self) -> OrderingTable:
+        """The preference table of every group (:mod:`multihost.tablechoice`)."""
+        return table_for(self.table_slots)
+
+    @property
+    def buckets(self) -> int:
+        return self.table.buckets
 
     def node(self, name: str) -> NodeConfig:
         for n in self.nodes:
@@ -183,7 +200,7 @@ class Config:
     def digest(self) -> bytes:
         """16-byte digest of everything that decides bucket ownership."""
         canon = {
-            "buckets": self.buckets,
+            "table": identity(self.table_slots).as_dict(),
             "seed": self.cluster.hash_seed,
             "nodes": sorted((n.name, n.slot) for n in self.nodes),
             "groups": sorted(

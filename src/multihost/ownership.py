@@ -59,7 +59,7 @@ def bucket_owner(
 def ownership(cfg: Config, live: Iterable[str]) -> dict[str, GroupOwnership]:
     """Per group: the assignment for the live members of that group."""
     live_set = frozenset(live)
-    table = default_table()
+    table = cfg.table
     out: dict[str, GroupOwnership] = {}
     for g in cfg.groups:
         members = tuple(m for m in g.members if m in live_set)

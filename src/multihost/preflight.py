@@ -30,6 +30,7 @@ from multihost.config import (
 )
 from multihost.dataplane.ruleset import GroupSpec, RulesetError, RulesetSpec
 from multihost.membership.config import MembershipConfig, MembershipConfigError
+from multihost.tablechoice import backend_problem
 
 #: ``sun_path`` of ``struct sockaddr_un`` holds 108 bytes, one of them the NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -154,8 +155,29 @@ def _host_limits(cfg: Config) -> None:
             )
 
 
+def _table(cfg: Config) -> None:
+    """The cluster table must fit the data plane (``dataplane = "auto"`` may fall back to
+    nft, so it is held to nft's limit: set ``"xdp"`` explicitly for bigger tables)."""
+    backend = "xdp" if cfg.cluster.dataplane == "xdp" else "nft"
+    problem = backend_problem(cfg.table_slots, backend)
+    if problem is not None:
+        top = max(cfg.nodes, key=lambda n: n.slot)
+        index = cfg.nodes.index(top)
+        raise ConfigError(
+            cfg.source,
+            f"node[{index}].slot",
+            f"slot {top.slot} (node {top.name!r}): {problem}"
+            + (
+                ""
+                if cfg.cluster.dataplane == "nft"
+                else f' (cluster.dataplane = "{cfg.cluster.dataplane}")'
+            ),
+        )
+
+
 def check(cfg: Config, key: bytes | None = None) -> None:
     """Everything the agent refuses before it touches the host; raises ConfigError."""
+    _table(cfg)
     _ruleset(cfg)
     _membership(cfg, key)
     _host_limits(cfg)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from multihost.assignment import assign, default_table, slots_of
+from multihost.assignment import assign, slots_of
 from multihost.cli.common import (
     Formatter,
     OperationError,
@@ -39,6 +39,7 @@ from multihost.lab.topology import (
     describe,
     validate_prefix,
 )
+from multihost.tablechoice import table_for
 
 FILES = f"""\
 files:
@@ -439,7 +440,7 @@ def run_set_live(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown node {unknown[0]!r} (nodes: {','.join(state.topology.members)})")
     labbuild.set_live(state, live)
-    a = assign(slots_of(state.live, state.topology.members), default_table())
+    a = assign(slots_of(state.live, state.topology.members), table_for(len(state.topology.members)))
     members = state.topology.members
     shares = {members[s]: str(a.share(s)) for s in sorted(a.live)}
     if args.json:

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         live, source = agent_live(group, args.socket)
     else:
         live, source = group.members, {"live_source": "all"}
-    table = default_table()
+    table = group.config.table if group.config is not None else default_table()
     bucket, owner = lookup(group, live, flow, table)
     live_members = [m for m in group.members if m in set(live)]
     if args.json:

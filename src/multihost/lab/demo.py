@@ -27,12 +27,13 @@ from fractions import Fraction
 from types import FrameType
 from typing import Any
 
-from multihost.assignment import assign, default_table, slots_of
+from multihost.assignment import assign, slots_of
 from multihost.lab import build, failover, faults
 from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean
 from multihost.lab.probe import run_probe
 from multihost.lab.topology import describe
+from multihost.tablechoice import table_for
 
 DEFAULT_PREFIX = "mhdemo-"
 EVENTS = ("fail D", "fail C", "recover D")
@@ -59,7 +60,7 @@ class DemoConfig:
 
 def shares(members: Sequence[str], live: Sequence[str]) -> dict[str, Fraction]:
     """Exact share of the hash space of every live member."""
-    a = assign(slots_of(list(live), list(members)), default_table())
+    a = assign(slots_of(list(live), list(members)), table_for(len(members)))
     return {members[s]: a.share(s) for s in sorted(a.live)}
 
 

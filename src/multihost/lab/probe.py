@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import multihost
-from multihost.assignment import assign, default_table, slots_of
+from multihost.assignment import assign, slots_of
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab.build import LabError, LabState
 from multihost.lab.topology import Host, Topology, TopologyError
+from multihost.tablechoice import table_for
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 PORT_RANGE = (10000, 61000)
@@ -131,7 +132,7 @@ def expected_nodes(
         return [node.name] * len(flows)
     if target not in topo.vips:
         raise LabError(f"target {target} is neither a traffic IP nor a node's address")
-    table = default_table()
+    table = table_for(len(topo.members))
     if table.buckets != topo.buckets:
         raise LabError(f"lab has {topo.buckets} buckets, the model {table.buckets}")
     owners = assign(slots_of(live, topo.members), table)

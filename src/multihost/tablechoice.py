@@ -1,0 +1,102 @@
+"""Which preference table a cluster uses, and what each data plane can hold.
+
+Owns: the table of a configuration, chosen by its slot count ``n = max([[node]].slot) + 1``
+(:func:`table_for`), the table's identity (name, slots, buckets, sha256 of its orderings:
+it goes into the configuration digest, so nodes with different tables refuse each other),
+and the per-backend limits (:func:`backend_problem`).
+
+Every group of a cluster is assigned over the slots of its members in the one cluster
+table; the other slots are permanently dead.  That is exact for every group: an exactly
+min-wise table is balanced for *every* live subset of its slots, a group's included.  So
+node ``slot`` *is* the table slot (and the heartbeat mask bit): no remapping.
+
+The choice: ``n <= 8`` keeps the factorial table (all ``8!`` orderings, 40,320 buckets: the
+data planes, goldens and benchmarks are unchanged); ``n = 9..16`` uses the shipped exactly
+min-wise family of ``lcm(1..n)`` orderings (:mod:`multihost.minwise`), one bucket per
+ordering (no replication: shares are exact fractions of the hash space whatever the bucket
+count, so copies would only add elements).
+
+Limits: nft keeps owned buckets in a bitmap set with a 16-bit key, so at most 65,536
+buckets, i.e. ``n <= 12`` (27,720).  XDP arrays take up to ``MAX_BUCKETS`` (2**20), so
+``n <= 16`` (720,720).
+
+Must not: parse configuration, touch the kernel or the network.  Pure apart from loading
+the checksum-verified package data of :mod:`multihost.minwise`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from multihost import minwise
+from multihost.assignment import MAX_SLOTS as FACTORIAL_SLOTS
+from multihost.assignment import OrderingTable, factorial_table
+
+MAX_TABLE_SLOTS = 16  # the largest shipped min-wise family
+NFT_MAX_BUCKETS = 1 << 16  # nft bitmap set: 16-bit key
+NFT_MAX_SLOTS = 12  # lcm(1..12) = 27,720 <= 65,536 < lcm(1..13) = 360,360
+XDP_MAX_SLOTS = 16  # lcm(1..16) = 720,720 <= xdplayout.MAX_BUCKETS
+BACKEND_MAX_SLOTS = {"nft": NFT_MAX_SLOTS, "xdp": XDP_MAX_SLOTS}
+
+
+class TableChoiceError(ValueError):
+    """No table for this slot count (names the count and the limit)."""
+
+
+@dataclass(frozen=True)
+class TableIdentity:
+    """What two nodes must agree on: the same orderings, bucket for bucket."""
+
+    name: str
+    slots: int
+    buckets: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {
+            "name": self.name,
+            "slots": self.slots,
+            "buckets": self.buckets,
+            "sha256": self.sha256,
+        }
+
+
+def table_slots(slots: int) -> int:
+    """The slot count of the table for a cluster whose highest slot is ``slots - 1``."""
+    if not 1 <= slots <= MAX_TABLE_SLOTS:
+        raise TableChoiceError(f"{slots} slots: tables exist for 1..{MAX_TABLE_SLOTS}")
+    return FACTORIAL_SLOTS if slots <= FACTORIAL_SLOTS else slots
+
+
+@functools.cache
+def table_for(slots: int) -> OrderingTable:
+    """The cluster table for ``slots`` slots (see the module doc for the choice)."""
+    n = table_slots(slots)
+    return factorial_table(n) if n <= FACTORIAL_SLOTS else minwise.minwise_table(n)
+
+
+@functools.cache
+def identity(slots: int) -> TableIdentity:
+    """Name, slot count, bucket count and sha256 of the orderings of :func:`table_for`."""
+    t = table_for(slots)
+    digest = hashlib.sha256(np.ascontiguousarray(t.orderings, dtype=np.int8).tobytes())
+    return TableIdentity(t.name, t.slots, t.buckets, digest.hexdigest())
+
+
+def backend_problem(slots: int, backend: str) -> str | None:
+    """Why ``backend`` cannot hold the table for ``slots`` slots (None: it can)."""
+    limit = BACKEND_MAX_SLOTS.get(backend, MAX_TABLE_SLOTS)
+    if slots <= limit:
+        return None
+    buckets = minwise.lcm_upto(slots)
+    if backend == "nft":
+        return (
+            f"{slots} slots need a table of lcm(1..{slots}) = {buckets:,} buckets; the nft "
+            f"bitmap set holds at most {NFT_MAX_BUCKETS:,}, so at most {NFT_MAX_SLOTS} slots "
+            f'(use dataplane = "xdp" for up to {XDP_MAX_SLOTS})'
+        )
+    return f"{slots} slots: the {backend} data plane takes at most {limit} slots"

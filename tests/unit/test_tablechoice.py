@@ -1,0 +1,93 @@
+"""The cluster table: chosen by slot count, identified in the digest, held to backend limits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from multihost import config as config_mod
+from multihost import minwise, preflight
+from multihost.assignment import assign, factorial_table
+from multihost.config import ConfigError, parse_config
+from multihost.tablechoice import (
+    NFT_MAX_BUCKETS,
+    NFT_MAX_SLOTS,
+    XDP_MAX_SLOTS,
+    TableChoiceError,
+    TableIdentity,
+    backend_problem,
+    identity,
+    table_for,
+)
+from tests.unit.test_config import MINIMAL
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_up_to_eight_slots_keep_the_factorial_table(n: int) -> None:
+    assert table_for(n) is factorial_table(8)
+    assert table_for(n).buckets == 40320
+
+
+@pytest.mark.parametrize("n", range(9, 17))
+def test_nine_to_sixteen_slots_use_the_minwise_family(n: int) -> None:
+    t = table_for(n)
+    assert t.slots == n
+    assert t.buckets == minwise.lcm_upto(n)
+    assert t is table_for(n)  # one shared instance
+    live = frozenset(range(0, n, 2))
+    a = assign(live, t)
+    assert all(a.count(s) * len(live) == t.buckets for s in live)
+
+
+@pytest.mark.parametrize("n", [0, 17])
+def test_no_table_outside_one_to_sixteen(n: int) -> None:
+    with pytest.raises(TableChoiceError, match=r"1\.\.16"):
+        table_for(n)
+
+
+def test_identity_names_the_orderings() -> None:
+    a, b = identity(8), identity(12)
+    assert (a.name, a.slots, a.buckets) == ("factorial-8", 8, 40320)
+    assert (b.name, b.slots, b.buckets) == ("minwise-12", 12, 27720)
+    assert identity(3) == a  # same table, same identity
+    assert len({a.sha256, b.sha256, identity(16).sha256}) == 3
+
+
+def test_backend_limits() -> None:
+    assert minwise.lcm_upto(NFT_MAX_SLOTS) <= NFT_MAX_BUCKETS < minwise.lcm_upto(NFT_MAX_SLOTS + 1)
+    assert backend_problem(NFT_MAX_SLOTS, "nft") is None
+    assert backend_problem(XDP_MAX_SLOTS, "xdp") is None
+    problem = backend_problem(13, "nft")
+    assert problem is not None
+    assert "360,360" in problem and "65,536" in problem and "at most 12" in problem
+    assert backend_problem(17, "xdp") is not None
+
+
+def test_digest_carries_the_table_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config(MINIMAL, "m.toml")
+    before = cfg.digest()
+    other = TableIdentity("minwise-8", 8, 840, "0" * 64)
+    monkeypatch.setattr(config_mod, "identity", lambda slots: other)
+    assert cfg.digest() != before
+
+
+def _with_top_slot(slot: int, dataplane: str) -> config_mod.Config:
+    cfg = parse_config(MINIMAL, "m.toml")
+    nodes = (cfg.nodes[0], dataclasses.replace(cfg.nodes[1], slot=slot))
+    cluster = dataclasses.replace(cfg.cluster, dataplane=dataplane)
+    return dataclasses.replace(cfg, nodes=nodes, cluster=cluster)
+
+
+@pytest.mark.parametrize("dataplane", ["nft", "auto"])
+def test_preflight_explains_the_nft_limit(dataplane: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        preflight.check(_with_top_slot(12, dataplane))
+    assert exc.value.key == "node[1].slot"
+    assert "at most 12 slots" in exc.value.reason and "65,536" in exc.value.reason
+
+
+def test_preflight_takes_thirteen_slots_with_xdp() -> None:
+    cfg = _with_top_slot(12, "xdp")
+    preflight._table(cfg)  # within XDP's 16
+    assert cfg.buckets == 360360
