@@ -31,12 +31,22 @@ def reply_for(name: str, payload: bytes) -> bytes:
     return (name.encode() + b"\n" + payload)[:MAX_REPLY]
 
 
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by the socket module
 _PKTINFO6 = struct.Struct("@16sI")  # struct in6_pktinfo: addr, ifindex
 
 
 def _socket(family: int, bind: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # A probe keeps up to 200 datagrams in flight; with XDP on veth each one is charged a
+    # full page, so the default receive buffer (~208 KiB) overflows while this
+    # single-threaded server is descheduled on a loaded machine: room for a whole burst.
+    # SO_RCVBUFFORCE (root, which the lab is) passes net.core.rmem_max without raising it.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     if family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     else:
