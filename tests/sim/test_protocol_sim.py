@@ -550,7 +550,7 @@ def _overlap_while_heard(sim: NetSim, a: str, b: str) -> list[float]:
 
 @pytest.mark.parametrize(
     ("witnesses", "seed", "phase"),
-    [(True, 46, 0.3), (True, 47, 0.55), (True, 48, 0.8), (True, 49, 0.05), (False, 46, 0.3)],
+    [(True, 46, 0.3), (True, 47, 0.55), (True, 48, 0.8), (True, 49, 0.05), (False, 47, 0.3)],
 )
 def test_witnesses_end_the_exemption_of_a_peer_that_is_alive(
     witnesses: bool, seed: int, phase: float, monkeypatch: pytest.MonkeyPatch

@@ -58,14 +58,25 @@ def lease_expiry(
     peer: PeerRecord, slot: int, boot: bytes, sent_at: Mapping[int, float], t: Timing
 ) -> float | None:
     """Until when ``peer`` cannot have declared us (``slot``, ``boot``) dead, minus the
-    apply margin: it acked our seq ``n``, so it heard us no earlier than we sent ``n``."""
+    apply margin: it acked our seq ``n``, so it heard us no earlier than we sent ``n``;
+    or, if later, its newcomer lease (:func:`newcomer_until`)."""
     ack = peer.heartbeat.acks.get(slot) if peer.heartbeat is not None else None
-    if ack is None or ack.boot != boot:
-        return None
-    sent = sent_at.get(ack.seq)
-    if sent is None:
-        return None
-    return sent + t.dead_after + t.hold - t.margin
+    sent = sent_at.get(ack.seq) if ack is not None and ack.boot == boot else None
+    acked = None if sent is None else sent + t.dead_after + t.hold - t.margin
+    young = peer.newcomer_until
+    if young is None:
+        return acked
+    return young if acked is None else max(acked, young)
+
+
+def newcomer_until(received: float, t: Timing) -> float:
+    """The newcomer lease of a peer whose first heartbeat (seq 1 of an incarnation) arrived
+    at ``received``.  A core sends seq 1 at its first input and starts its start-up grace
+    then; it can hear us no earlier, so it declares us dead no earlier than that plus
+    ``dead_after``, and takes an unheard member's buckets no earlier than the grace's end.
+    Its seq 1 left at most ``jitter`` (the delay bound, A4) before ``received``: until this
+    return value the newcomer can take nothing of ours, whether or not it has heard us."""
+    return received - t.jitter + t.dead_after + t.hold - t.margin
 
 
 def suspect(peer: PeerRecord, now: float, t: Timing) -> bool:
@@ -89,7 +100,8 @@ def exempt(
     ``ack_age_max`` before that heartbeat arrived.  Then it cannot declare us dead before
     ``last_heard - ack_age_max + dead_after``, and a take by it needs our silence towards
     it *and* its silence towards us (bidirectional loss, docs/membership.md).  A peer we
-    hear but that stopped acking us is never exempt: its stale acks stop us at once.
+    hear but that stopped acking us is never exempt: its stale acks stop us at once.  A
+    suspect newcomer that never acked us is exempt too (its grace, :func:`newcomer_until`).
 
     ``witnesses`` (the other alive peers) end the exemption: a heartbeat of theirs acking
     ``peer``'s incarnation two or more seqs beyond the last we heard shows it alive (its
@@ -102,6 +114,11 @@ def exempt(
         if seen is not None and seen.boot == peer.boot and seen.seq >= peer.seq + 2:
             return False
     ack = peer.heartbeat.acks.get(slot)
+    if (ack is None or ack.boot != boot) and not peer.acked_us:
+        # A newcomer that never heard us (heard from its seq 1): within its start-up grace
+        # it takes nothing of ours; after it, only if it never heard us for the whole
+        # grace -- our silence towards it and its silence towards us, as above.
+        return peer.newcomer_until is not None
     if ack is None or ack.boot != boot or ack.seq < need:
         return False
     sent = peer.acked_sent

@@ -47,6 +47,7 @@ from multihost.membership.leases import (
     exempt,
     kernel_lease,
     lease_expiry,
+    newcomer_until,
     quorum_lease,
     suspect,
     takeover_safe,
@@ -301,6 +302,8 @@ class MembershipCore:
         restarted = verdict.new_boot and peer.boot is not None
         if verdict.new_boot:
             peer.new_incarnation(hb.boot)
+            if hb.seq == 1 and hb.digest == self._digest:
+                peer.newcomer_until = newcomer_until(now, self._timing)
         peer.record_receipt(hb, now)
         peer.latest = hb
         change = peer.note_digest(hb.digest, self._digest)
@@ -387,8 +390,12 @@ class MembershipCore:
             if lapsed and not self._exempt_all(p, now):
                 out.append(Log("warning", "lease-lapsed", {"member": p.name}))
             self._lease_ok[p.name] = ok
-        for g in self._my_groups:  # suspended: an alive peer of g cannot hear us
-            hb_views = (p.heartbeat.view for p in alive if p.heartbeat and p.name in g.members)
+        # Suspended: an alive peer of g cannot hear us -- except a newcomer that has not
+        # heard us yet: it takes nothing of ours within its newcomer lease, nor (suspect,
+        # never acked us) as long as the exemption from its lease holds.
+        heard_by = [p for p in alive if p.heartbeat and not self._unheard_ok(p, now)]
+        for g in self._my_groups:
+            hb_views = (p.heartbeat.view for p in heard_by if p.name in g.members)
             suspended = any(not view >> self._slot & 1 for view in hb_views)
             if self._suspended[g.name] != suspended:
                 self._suspended[g.name] = suspended
@@ -443,7 +450,7 @@ class MembershipCore:
             fresh = ack is not None and ack.boot == self._boot and ack.seq >= need
             if fresh and (self._lease_ok[p.name] or self.config.quorum):
                 return True  # quorum: a majority's time-valid leases stand in for p's
-            return self._exempt(p, need, now)
+            return self._newcomer(p, now) or self._exempt(p, need, now)
 
         return group_inputs(
             g,
@@ -484,6 +491,15 @@ class MembershipCore:
         fresh = self._fresh
         return max([p.min_ack, *(fresh[g] for g in self._peer_groups[p.name])])
 
+    @staticmethod
+    def _newcomer(p: PeerRecord, now: float) -> bool:
+        """Within ``p``'s newcomer lease (heard from its seq 1): no lease or view of it needed."""
+        return p.newcomer_until is not None and now < p.newcomer_until
+
+    def _unheard_ok(self, p: PeerRecord, now: float) -> bool:
+        """May ``p``'s view lack us without suspending us (a newcomer, see above)?"""
+        return self._newcomer(p, now) or (not p.acked_us and self._exempt_all(p, now))
+
     def _lease_time_ok(self, p: PeerRecord, now: float) -> bool:
         expiry = self._lease_expiry(p)
         return expiry is not None and now < expiry
@@ -510,6 +526,8 @@ class MembershipCore:
         out.append(Send(encode(hb, self.config.key)))
         self._sent += 1
         self._sent_at[self._seq] = now
+        if self._seq == 1:  # the grace runs from seq 1 on: what a newcomer lease counts on
+            self._grace_until = max(self._grace_until, now + self._da + self._hold)
         horizon = now - (self._da + self._hold + self._timing.ack_age_max)
         for seq in [s for s, t in self._sent_at.items() if t < horizon]:
             del self._sent_at[seq]

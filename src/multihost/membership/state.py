@@ -94,6 +94,11 @@ class PeerRecord:
     departed_at: float | None = None  # when it last stopped being alive
     min_ack: int = 0  # our seq its acks must reach before its lease counts (after restart)
     acked_sent: float | None = None  # when we sent the heartbeat its latest one acked
+    # Newcomer lease (docs/membership.md, "Newcomers"): we heard seq 1 of its current
+    # incarnation, so it can neither declare us dead nor end its start-up grace before
+    # this (our clock, apply margin deducted).  None: not heard from its first heartbeat.
+    newcomer_until: float | None = None
+    acked_us: bool = False  # some heartbeat of this incarnation acked our current boot
     # slot -> receipt time of its first heartbeat (since its last ack of that slot) without
     # an ack for that slot.
     noack_since: dict[int, float] = field(default_factory=dict)
@@ -109,6 +114,8 @@ class PeerRecord:
             self.old_boots.append(self.boot)
         self.boot = boot
         self.seq = 0
+        self.newcomer_until = None
+        self.acked_us = False
 
     def record_receipt(self, hb: Heartbeat, now: float) -> None:
         self.seq = hb.seq
@@ -135,7 +142,9 @@ class PeerRecord:
         previous, self.heartbeat = self.heartbeat, hb
         self.record_acks(hb, now)
         ack = hb.acks.get(slot)
-        self.acked_sent = sent_at.get(ack.seq) if ack is not None and ack.boot == boot else None
+        ours = ack is not None and ack.boot == boot
+        self.acked_sent = sent_at.get(ack.seq) if ack is not None and ours else None
+        self.acked_us = self.acked_us or ours
         return previous is not None and (
             previous.draining != hb.draining or previous.suspended_groups != hb.suspended_groups
         )
