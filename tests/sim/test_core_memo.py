@@ -21,14 +21,14 @@ def _check(core: MembershipCore) -> None:
     alive = [p for p in peers if p.state is MemberState.ALIVE]
     for p in peers:
         want = lease_expiry(p, core._slot, core._boot, core._sent_at, t)
-        assert core._lease_expiry(p) == want, (core.config.node, p.name)
+        assert core._leases.expiry(p) == want, (core.config.node, p.name)
     needed = []
     for p in alive:
         need = core._need_all(p)
         seen = [x for x in alive if x is not p]
         ref = exempt(p, core._slot, core._boot, need=need, now=now, t=t, witnesses=seen)
-        assert core._exempt(p, need, now) == ref
-        assert core._exempt_all(p, now) == ref
+        assert core._leases.exempt(p, need, now) == ref
+        assert core._leases.exempt_all(p, now, need) == ref
         if not ref:
             needed.append(p)
     exp = [lease_expiry(p, core._slot, core._boot, core._sent_at, t) for p in alive]

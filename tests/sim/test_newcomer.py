@@ -12,9 +12,12 @@ Every test also runs the simulator's strict safety check after every step.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
+from multihost.membership.config import MembershipConfig
 from multihost.membership.ownership import BUCKETS, EMPTY, BoolArray, share_mask
 from tests.sim.netsim import (
     DEAD_AFTER,
@@ -28,7 +31,13 @@ from tests.sim.netsim import (
 )
 
 # Agent-like timing (seconds): 100 ms heartbeats, the default dead_after, a LAN's delays.
-FAST = {"interval": 0.1, "dead_after": 0.23, "margin": 0.01, "jitter": 0.005}
+DEAD = 0.23
+
+
+def fast(n: int) -> dict[str, MembershipConfig]:
+    return make_configs(n, interval=0.1, dead_after=DEAD, margin=0.01, jitter=0.005)
+
+
 LAN = NetParams(delay_min=0.0002, delay_max=0.002, apply_lag_max=0.005)
 
 
@@ -55,10 +64,10 @@ class Watch:
 @pytest.mark.parametrize("stagger", [0.0, 0.005, 0.03])
 def test_nodes_starting_together_never_claim_beyond_their_share(seed: int, stagger: float) -> None:
     n = 4
-    sim = NetSim(make_configs(n, **FAST), seed=seed, params=LAN, start=False)
+    sim = NetSim(fast(n), seed=seed, params=LAN, start=False)
     watch = Watch(sim)
     for i in range(n):
-        sim.at(i * stagger, lambda i=i: sim.start(f"n{i}"))
+        sim.at(i * stagger, functools.partial(sim.start, f"n{i}"))
     sim.run_for(0.001 + n * stagger)
     settle(sim, bound=1.0)
     assert max(watch.most.values()) == BUCKETS // n, watch.most
@@ -68,7 +77,7 @@ def test_nodes_starting_together_never_claim_beyond_their_share(seed: int, stagg
 @pytest.mark.parametrize("how", ["restart", "join"])
 def test_a_join_or_restart_moves_only_the_newcomers_share(seed: int, how: str) -> None:
     n = 4
-    sim = NetSim(make_configs(n, **FAST), seed=seed, params=LAN)
+    sim = NetSim(fast(n), seed=seed, params=LAN)
     settle(sim, bound=1.0)
     if how == "join":  # down for long enough to be declared dead: a join of a new member
         sim.crash("n3")
@@ -88,16 +97,16 @@ def test_a_newcomer_that_cannot_hear_us_stops_us_by_the_end_of_its_grace() -> No
     """n3 restarts but never hears n0 (one-way loss n0 -> n3): once its grace ends it
     serves without n0, so n0 must have stopped by then -- the strict safety check after
     every step is the assertion; n0 stops, and n3 never counts n0 as alive."""
-    sim = NetSim(make_configs(4, **FAST), seed=3, params=LAN)
+    sim = NetSim(fast(4), seed=3, params=LAN)
     settle(sim, bound=1.0)
     sim.link("n0", "n3", up=False)
     sim.restart("n3")
     restarted = sim.now
-    sim.run_for(2 * FAST["dead_after"])
+    sim.run_for(2 * DEAD)
     assert "n0" not in sim.core("n3").view
     assert not sim.nodes["n0"].kernel.masks.get("all", EMPTY).any()  # suspended by n3
     assert sim.nodes["n3"].kernel.masks["all"].any()  # n3 serves after its grace
-    grace_end = restarted + FAST["dead_after"]
+    grace_end = restarted + DEAD
     assert sim.now > grace_end
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from multihost.membership import leases, protocol
+from multihost.membership import leasebook, leases
 from multihost.membership.effects import ClaimsChanged, Rejected, ViewChanged
 from multihost.membership.ownership import EMPTY
 from multihost.membership.state import (
@@ -333,7 +333,7 @@ def test_crash_stops_no_survivor(quorum: bool, n: int, phase: float) -> None:
 def test_without_suspicion_a_crash_stops_survivors(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control (a mutation the test above catches): without the suspect exemption, the
     old rule, survivors stop for up to one interval plus two delays plus the margin."""
-    monkeypatch.setattr(protocol, "exempt", lambda *a, **k: False)
+    monkeypatch.setattr(leasebook, "exempt", lambda *a, **k: False)
     sim = NetSim(make_configs(5), seed=41)
     settle(sim)
     watch = OutageWatch(sim)
@@ -347,7 +347,7 @@ def test_takeover_hold_removes_the_crash_release_window(monkeypatch: pytest.Monk
     """Even without the suspect exemption, a hold above one interval plus two delays
     plus the margin leaves the crashed member's lease valid until it is declared dead."""
     hold = INTERVAL + 2 * DELAY_MAX + 0.3
-    monkeypatch.setattr(protocol, "exempt", lambda *a, **k: False)
+    monkeypatch.setattr(leasebook, "exempt", lambda *a, **k: False)
     sim = NetSim(make_configs(5, hold=hold), seed=41)
     settle(sim, bound=SETTLE + hold)
     watch = OutageWatch(sim)
@@ -561,7 +561,7 @@ def test_witnesses_end_the_exemption_of_a_peer_that_is_alive(
     if not witnesses:
         original = leases.exempt
         monkeypatch.setattr(
-            protocol, "exempt", lambda *a, **k: original(*a, **{**k, "witnesses": ()})
+            leasebook, "exempt", lambda *a, **k: original(*a, **{**k, "witnesses": ()})
         )
     sim = NetSim(make_configs(3), seed=seed, allow_mutual_suspicion=True)
     settle(sim)

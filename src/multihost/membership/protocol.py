@@ -39,17 +39,13 @@ from multihost.membership.effects import (
     Send,
     ViewChanged,
 )
+from multihost.membership.leasebook import LeaseBook
 from multihost.membership.leases import (
     KernelState,
     Timing,
     ack_expiry,
     advertised,
-    exempt,
-    kernel_lease,
-    lease_expiry,
     newcomer_until,
-    quorum_lease,
-    suspect,
     takeover_safe,
 )
 from multihost.membership.outgoing import outgoing
@@ -104,9 +100,7 @@ class MembershipCore:
             g.name: tuple(self._peers[n] for n in sorted(g.members) if n != self._me) for g in mine
         }
         self._peer_groups = {n: tuple(g.name for g in mine if n in g.members) for n in self._peers}
-        # Per peer, lease_expiry() of its latest heartbeat: recomputed where that heartbeat or
-        # _sent_at changes (_accept, _send), not at each of its several uses per input.
-        self._expiry: dict[str, float | None] = dict.fromkeys(self._peers)
+        self._leases = LeaseBook(self._peers, self._slot, self._boot, self._timing)
         self._seq = 0
         self._sent_at: dict[int, float] = {}
         self._next_send = now
@@ -125,8 +119,6 @@ class MembershipCore:
         self._states: list[KernelState] = [KernelState(0, 0, 0)]  # [0] is confirmed
         self._quorum_ok = not config.quorum or len(config.members) == 1
         self._grace_until = now + self._da + self._hold
-        self._lease_ok: dict[str, bool] = {}  # time-valid lease per alive peer
-        self._suspects: frozenset[str] = frozenset()  # alive peers silent > interval + jitter
         self._impostors: set[bytes] = set()
         self._sent = 0
         self._received = 0
@@ -194,7 +186,7 @@ class MembershipCore:
             if p.departed_at is not None:
                 later.append(p.departed_at + hold)
             if state is ALIVE:
-                later.append(self._expiry[p.name])
+                later.append(self._leases.expiry(p))
                 later.append(heard and heard + self._timing.suspect_after)
             elif self.config.quorum:
                 later += (ack_expiry(x, p, self._timing) for x in alive)
@@ -238,15 +230,13 @@ class MembershipCore:
         """The kernel's dead-man switch: the kernel may take new flows until then (None:
         no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
         alive = [p for p in self._peers.values() if p.state is ALIVE]
-        if self.config.quorum:  # a majority's leases stand in for every peer's
-            return quorum_lease(map(self._lease_expiry, alive), len(self.config.members))
-        needed = (p for p in alive if not self._exempt_all(p, self._now))
-        return kernel_lease(map(self._lease_expiry, needed))
+        quorum_of = len(self.config.members) if self.config.quorum else None
+        return self._leases.kernel_deadline(alive, self._now, self._need_all, quorum_of)
 
     @property
     def suspects(self) -> frozenset[str]:
         """Alive peers not heard for longer than ``interval + jitter`` (crashed or cut off)."""
-        return self._suspects
+        return self._leases.suspects
 
     def blocked(self) -> frozenset[str]:
         """Why this node's groups claim nothing (e.g. ``lease``), one reason per group."""
@@ -274,8 +264,9 @@ class MembershipCore:
         )
         out = {self._me: me}
         for p in self._peers.values():
-            expiry = self._lease_expiry(p) if p.state is ALIVE else None
-            out[p.name] = peer_status(p, self.config.members, expiry, p.name in self._suspects)
+            expiry = self._leases.expiry(p) if p.state is ALIVE else None
+            suspect = p.name in self._leases.suspects
+            out[p.name] = peer_status(p, self.config.members, expiry, suspect)
         return out
 
     # ------------------------------------------------------------- receiving
@@ -319,7 +310,7 @@ class MembershipCore:
             if peer.accept(hb, now, self._slot, self._boot, self._sent_at):
                 self._soon(now)  # its eligibility changed: it needs our fresh ack
             event = MemberEvent.RESTARTED if restarted else MemberEvent.HEARD
-        self._refresh_expiry(peer)  # its heartbeat changed (or was dropped: mismatch)
+        self._leases.refresh(peer, self._sent_at)  # its heartbeat changed (or was dropped)
         old, new = self._transition(peer, event, out)
         if restarted:
             peer.min_ack = self._seq + 1
@@ -370,7 +361,7 @@ class MembershipCore:
         if not self.config.quorum:
             return
         peers = self._peers.values()
-        reach = 1 + sum(p.state is ALIVE and self._lease_time_ok(p, now) for p in peers)
+        reach = 1 + sum(p.state is ALIVE and self._leases.time_ok(p, now) for p in peers)
         ok = 2 * reach > len(self.config.members)
         if ok != self._quorum_ok:
             self._quorum_ok = ok
@@ -380,22 +371,16 @@ class MembershipCore:
 
     def _update_claims(self, now: float, out: list[Effect]) -> None:
         alive = [p for p in self._peers.values() if p.state is ALIVE]
-        suspects = frozenset(p.name for p in alive if suspect(p, now, self._timing))
-        for name in sorted(suspects - self._suspects):
-            out.append(Log("debug", "peer-suspect", {"member": name}))
-        self._suspects = suspects
-        for p in alive:
-            ok = self._lease_time_ok(p, now)
-            lapsed = self._lease_ok.get(p.name) and not ok
-            if lapsed and not self._exempt_all(p, now):
-                out.append(Log("warning", "lease-lapsed", {"member": p.name}))
-            self._lease_ok[p.name] = ok
-        # Suspended: an alive peer of g cannot hear us -- except a newcomer that has not
-        # heard us yet: it takes nothing of ours within its newcomer lease, nor (suspect,
-        # never acked us) as long as the exemption from its lease holds.
-        heard_by = [p for p in alive if p.heartbeat and not self._unheard_ok(p, now)]
+        leases = self._leases
+        out += leases.update(alive, now, self._need_all)
+        # Suspended: an alive peer of g cannot hear us (a newcomer's view may lack us).
+        views = [
+            (p.name, p.heartbeat.view)
+            for p in alive
+            if p.heartbeat and not leases.unheard_ok(p, now, self._need_all(p))
+        ]
         for g in self._my_groups:
-            hb_views = (p.heartbeat.view for p in heard_by if p.name in g.members)
+            hb_views = (view for name, view in views if name in g.members)
             suspended = any(not view >> self._slot & 1 for view in hb_views)
             if self._suspended[g.name] != suspended:
                 self._suspended[g.name] = suspended
@@ -448,9 +433,9 @@ class MembershipCore:
             assert hb is not None
             ack = hb.acks.get(self._slot)
             fresh = ack is not None and ack.boot == self._boot and ack.seq >= need
-            if fresh and (self._lease_ok[p.name] or self.config.quorum):
+            if fresh and (self._leases.was_ok(p) or self.config.quorum):
                 return True  # quorum: a majority's time-valid leases stand in for p's
-            return self._newcomer(p, now) or self._exempt(p, need, now)
+            return self._leases.newcomer(p, now) or self._leases.exempt(p, need, now)
 
         return group_inputs(
             g,
@@ -468,41 +453,10 @@ class MembershipCore:
 
     # ---------------------------------------------------------- leases, holds
 
-    def _lease_expiry(self, p: PeerRecord) -> float | None:
-        return self._expiry[p.name]
-
-    def _refresh_expiry(self, p: PeerRecord) -> None:
-        self._expiry[p.name] = lease_expiry(p, self._slot, self._boot, self._sent_at, self._timing)
-
-    def _exempt(self, p: PeerRecord, need: int, now: float) -> bool:
-        # exempt() requires suspicion; ``_suspects`` is that test at this very ``now``
-        # (every input computes it in ``_update_claims`` before anything asks).
-        if p.name not in self._suspects:
-            return False
-        seen = (x for x in self._peers.values() if x is not p and x.state is ALIVE)
-        return exempt(p, self._slot, self._boot, need=need, now=now, t=self._timing, witnesses=seen)
-
-    def _exempt_all(self, p: PeerRecord, now: float) -> bool:
-        """``_exempt`` with the fresh seq of every group of ours ``p`` belongs to."""
-        return p.name in self._suspects and self._exempt(p, self._need_all(p), now)
-
     def _need_all(self, p: PeerRecord) -> int:
         """The fresh seq ``p`` must ack in every group of ours it belongs to."""
         fresh = self._fresh
         return max([p.min_ack, *(fresh[g] for g in self._peer_groups[p.name])])
-
-    @staticmethod
-    def _newcomer(p: PeerRecord, now: float) -> bool:
-        """Within ``p``'s newcomer lease (heard from its seq 1): no lease or view of it needed."""
-        return p.newcomer_until is not None and now < p.newcomer_until
-
-    def _unheard_ok(self, p: PeerRecord, now: float) -> bool:
-        """May ``p``'s view lack us without suspending us (a newcomer, see above)?"""
-        return self._newcomer(p, now) or (not p.acked_us and self._exempt_all(p, now))
-
-    def _lease_time_ok(self, p: PeerRecord, now: float) -> bool:
-        expiry = self._lease_expiry(p)
-        return expiry is not None and now < expiry
 
     # ----------------------------------------------------------------- sending
 
@@ -532,6 +486,6 @@ class MembershipCore:
         for seq in [s for s, t in self._sent_at.items() if t < horizon]:
             del self._sent_at[seq]
         for p in self._peers.values():  # _sent_at changed
-            self._refresh_expiry(p)
+            self._leases.refresh(p, self._sent_at)
         self._last_send = now
         self._next_send = now + self.config.interval
