@@ -414,6 +414,16 @@ class Agent:
                 "incoming": len(snap.incoming),
                 "packets": self._packets.get(g.name, {}),
             }
+        returns = {  # IP transparency: replies decided by their front group's buckets
+            r.name: {
+                "return_for": r.front,
+                "addresses": [str(a) for a in r.addresses],
+                "interface": r.interface,
+                "hash": r.hash.value,
+                "packets": self._packets.get(r.name, {}),
+            }
+            for r in self.cfg.returns
+        }
         out: dict[str, Any] = {
             "node": self.node.name,
             "slot": slot,
@@ -424,6 +434,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "live": list(live),
             "groups": groups,
+            "return_groups": returns,
             "dataplane": self.dataplane.describe()
             if self.dataplane is not None
             else {"backend": None, "mode": None, "program_id": None},
