@@ -18,7 +18,7 @@ import ipaddress
 import random
 import resource
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,16 +63,21 @@ def owner(mode: HashMode, client: ipaddress.IPv4Address, cport: int, live: tuple
 
 
 def _snapshot(ns: str) -> dict[str, list[str]]:
-    """What the transparency plumbing may touch, as sorted lines of text."""
+    return _snapshot_on(ns, "b0")
+
+
+def _snapshot_on(ns: str, iface: str) -> dict[str, list[str]]:
+    """What the host setup with transparency may touch, as sorted lines of text."""
     text = {
         "rules4": nsutil.ns_run(ns, "ip", "-4", "rule").stdout,
         "rules6": nsutil.ns_run(ns, "ip", "-6", "rule").stdout,
         "routes4": nsutil.ns_run(ns, "ip", "-4", "route", "show", "table", "all").stdout,
         "routes6": nsutil.ns_run(ns, "ip", "-6", "route", "show", "table", "all").stdout,
         "nft": nsutil.ns_run(ns, "nft", "list", "ruleset").stdout,
-        "maddr_b0": nsutil.ns_run(ns, "ip", "maddr", "show", "dev", "b0").stdout,
+        "addr_lo": nsutil.ns_run(ns, "ip", "addr", "show", "dev", "lo").stdout,
+        "maddr_b0": nsutil.ns_run(ns, "ip", "maddr", "show", "dev", iface).stdout,
         "sysctl_b0": nsutil.ns_run(
-            ns, "sysctl", "net.ipv4.conf.b0.arp_ignore", "net.ipv4.conf.b0.arp_announce"
+            ns, "sysctl", f"net.ipv4.conf.{iface}.arp_ignore", f"net.ipv4.conf.{iface}.arp_announce"
         ).stdout,
     }
     return {k: sorted(v.splitlines()) for k, v in text.items()}
@@ -189,10 +194,17 @@ def _transparent_socket(ns: str, client: str, cport: int) -> socket.socket:
     return s
 
 
+Counters = Callable[[str], dict[str, int]]  # node -> the return group's counters
+
+
+def _plane_counters(planes: dict[str, Backend]) -> Counters:
+    return lambda role: planes[role].counters()["web_ret"]
+
+
 def _replies_round(
     be: str,
     ns: dict[str, str],
-    planes: dict[str, Backend],
+    counters: Counters,
     flows: list[tuple[ipaddress.IPv4Address, int]],
     live: tuple[str, ...],
 ) -> dict[tuple[ipaddress.IPv4Address, int], list[str]]:
@@ -200,7 +212,7 @@ def _replies_round(
     socks = {
         (role, f): _transparent_socket(ns[role], str(f[0]), f[1]) for role in live for f in flows
     }
-    before = {r: planes[r].counters()["web_ret"] for r in live}
+    before = {r: counters(r) for r in live}
     try:
         with netns_entered(be):
             tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -210,7 +222,7 @@ def _replies_round(
                 tx.sendto(f"reply {c}:{p}".encode(), (str(c), p))
 
         def seen(r: str) -> int:
-            now = planes[r].counters()["web_ret"]
+            now = counters(r)
             return sum(now[k] - before[r][k] for k in ("accepted_packets", "dropped_packets"))
 
         nsutil.wait_until(
@@ -218,8 +230,7 @@ def _replies_round(
             what="every node's return filter to see every reply",
         )
         accepted = sum(
-            planes[r].counters()["web_ret"]["accepted_packets"] - before[r]["accepted_packets"]
-            for r in live
+            counters(r)["accepted_packets"] - before[r]["accepted_packets"] for r in live
         )
         got: dict[tuple[ipaddress.IPv4Address, int], list[str]] = {f: [] for f in flows}
 
@@ -250,7 +261,7 @@ def test_each_reply_reaches_exactly_the_owner_of_its_request(
     clients = [ipaddress.IPv4Address(f"198.18.5.{i}") for i in range(1, 6)]
     flows = [(rng.choice(clients), p) for p in rng.sample(range(20000, 60000), FLOWS)]
     with _network(lab_backend, bpf_root, mode) as (be, ns, planes):
-        got = _replies_round(be, ns, planes, flows, NODES)
+        got = _replies_round(be, ns, _plane_counters(planes), flows, NODES)
         want = {f: [owner(mode, f[0], f[1], NODES)] for f in flows}
         wrong = {f: (got[f], want[f]) for f in flows if got[f] != want[f]}
         assert not wrong, f"{len(wrong)} of {len(flows)} replies wrong: {list(wrong.items())[:3]}"
@@ -261,7 +272,152 @@ def test_each_reply_reaches_exactly_the_owner_of_its_request(
         survivors = ("n1", "n2")
         for role in survivors:
             planes[role].update(state(role, survivors))
-        got = _replies_round(be, ns, planes, flows, survivors)
+        got = _replies_round(be, ns, _plane_counters(planes), flows, survivors)
         want = {f: [owner(mode, f[0], f[1], survivors)] for f in flows}
         wrong = {f: (got[f], want[f]) for f in flows if got[f] != want[f]}
         assert not wrong, f"after the failure, {len(wrong)} wrong: {list(wrong.items())[:3]}"
+
+
+# ------------------------------------------------------------------ the agents
+AGENT_CONFIG = """
+[cluster]
+name = "tgw"
+interface = "eth0"
+multicast_group = "239.192.0.1"
+key_file = "{key}"
+dataplane = "{backend}"
+bpf_pin_root = "{pins}"
+realtime_priority = 0
+
+[[node]]
+name = "A"
+address = "198.18.0.11"
+slot = 0
+[[node]]
+name = "B"
+address = "198.18.0.12"
+slot = 1
+
+[[traffic_ip_group]]
+name = "web"
+addresses = ["{vip}"]
+members = ["A", "B"]
+hash = "source-ip-port"
+transparent = true
+return = "gateway"
+
+[[traffic_ip_group]]
+name = "web_ret"
+return_for = "web"
+addresses = ["{gw}"]
+interface = "eth1"
+"""
+
+
+def test_agents_answer_the_gateway_and_deliver_each_reply_to_the_owner(
+    lab_backend: str, bpf_root: Path, tmp_path: Path
+) -> None:
+    """Two real agents (membership, heartbeats): the back end resolves its gateway by ARP
+    to the cluster MAC on the back-end network, each reply reaches exactly the node that
+    owns its request, and a clean stop leaves the node as it was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from multihost.config import parse_config
+    from multihost.control import ControlError, request
+    from multihost.ownership import targets
+
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    key.chmod(0o600)
+    text = AGENT_CONFIG.format(
+        key=key, backend=lab_backend, pins=bpf_root / "agents", vip=VIP, gw=GW
+    )
+    (tmp_path / "cluster.toml").write_text(text)
+    cfg = parse_config(text)
+    nsutil.cleanup_stale()
+    with nsutil.netns_group("sw", "be", "A", "B") as ns:
+        sw = ns["sw"]
+        for role in ("A", "B"):
+            nsutil.sysctl(ns[role], "net.ipv6.conf.default.accept_dad", "0")
+        nsutil.ip_batch(
+            sw,
+            [
+                "link add br0 type bridge mcast_snooping 0",
+                "link add br1 type bridge mcast_snooping 0",
+                "link set br0 up",
+                "link set br1 up",
+            ],
+        )
+        for i, role in enumerate(("A", "B")):
+            nsutil.veth(ns[role], "eth0", sw, f"f{i}")
+            nsutil.run("ip", "-n", sw, "link", "set", f"f{i}", "master", "br0")
+            nsutil.ip_batch(ns[role], [f"addr add 198.18.0.1{i + 1}/24 dev eth0"])
+        for i, role in enumerate(("be", "A", "B")):
+            nsutil.veth(ns[role], "eth1", sw, f"b{i}")
+            nsutil.run("ip", "-n", sw, "link", "set", f"b{i}", "master", "br1")
+        nsutil.ip_batch(ns["A"], ["addr add 198.19.0.11/24 dev eth1"])
+        nsutil.ip_batch(ns["B"], ["addr add 198.19.0.12/24 dev eth1"])
+        nsutil.ip_batch(
+            ns["be"], [f"addr add {BACKEND}/24 dev eth1", f"route add default via {GW}"]
+        )
+        for iface in ("eth0", "eth1"):  # IPv6 link-local routes and groups settled
+            nsutil.link_local(ns["A"], iface)
+        before = _snapshot_on(ns["A"], "eth1")
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        socks = {r: tmp_path / f"{r}.sock" for r in ("A", "B")}
+        try:
+            for role in ("A", "B"):
+                cmd = ["ip", "netns", "exec", ns[role], sys.executable, "-m", "multihost"]
+                cmd += ["agent", "--config", str(tmp_path / "cluster.toml"), "--node", role]
+                procs[role] = subprocess.Popen(
+                    [*cmd, "--control-socket", str(socks[role])],
+                    stdout=subprocess.DEVNULL,
+                    stderr=(tmp_path / f"{role}.log").open("wb"),
+                )
+
+            def serving() -> bool:
+                try:
+                    st = [request(socks[r], "status", timeout=1.0) for r in ("A", "B")]
+                except (ControlError, OSError):
+                    return False
+                owned = [s["groups"]["web"]["owned"]["buckets"] for s in st]
+                return all(s["live"] == ["A", "B"] for s in st) and sum(owned) == cfg.buckets
+
+            nsutil.wait_until(serving, timeout=20.0, interval=0.05, what="both agents serving")
+            mine = {r: targets(cfg, r, ("A", "B"))["web"] for r in ("A", "B")}
+            rng = random.Random(f"agents-{lab_backend}")
+            client = ipaddress.IPv4Address("198.18.5.7")
+            flows = [(client, p) for p in rng.sample(range(20000, 60000), 40)]
+
+            def status_counters(role: str) -> dict[str, int]:
+                packets = request(socks[role], "status")["return_groups"]["web_ret"]["packets"]
+                return dict(packets)
+
+            got = _replies_round(ns["be"], ns, status_counters, flows, ("A", "B"))
+            for f in flows:
+                request_flow = Flow(f[0], f[1], VIP, 80, "udp")
+                bucket = flow_bucket(
+                    request_flow, cfg.buckets, cfg.cluster.hash_seed, HashMode.SOURCE_IP_PORT
+                )
+                want = [r for r in ("A", "B") if bucket in mine[r]]
+                assert got[f] == want, (f, got[f], want)
+            neigh = nsutil.ns_run(ns["be"], "ip", "neigh", "show", str(GW)).stdout
+            assert GROUP_MAC in neigh  # the agents answered ARP for the gateway on eth1
+            st = request(socks["A"], "status")
+            assert st["return_groups"]["web_ret"]["interface"] == "eth1"
+        finally:
+            for p in procs.values():
+                p.send_signal(signal.SIGTERM)
+            for p in procs.values():
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        assert all(p.returncode == 0 for p in procs.values()), [
+            (tmp_path / f"{r}.log").read_text()[-2000:] for r in procs
+        ]
+        assert _snapshot_on(ns["A"], "eth1") == before
