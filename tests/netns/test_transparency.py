@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from multihost.config import Config
 from multihost.dataplane.backend import Backend
 from multihost.dataplane.hostsetup import HostSetup
 from multihost.dataplane.nft import Dataplane, Nft, netns_entered
@@ -404,6 +405,7 @@ def test_agents_answer_the_gateway_and_deliver_each_reply_to_the_owner(
                 )
                 want = [r for r in ("A", "B") if bucket in mine[r]]
                 assert got[f] == want, (f, got[f], want)
+            _tcp_through_the_gateway(ns, cfg, mine)
             neigh = nsutil.ns_run(ns["be"], "ip", "neigh", "show", str(GW)).stdout
             assert GROUP_MAC in neigh  # the agents answered ARP for the gateway on eth1
             st = request(socks["A"], "status")
@@ -421,3 +423,68 @@ def test_agents_answer_the_gateway_and_deliver_each_reply_to_the_owner(
             (tmp_path / f"{r}.log").read_text()[-2000:] for r in procs
         ]
         assert _snapshot_on(ns["A"], "eth1") == before
+
+
+def _tcp_through_the_gateway(
+    ns: dict[str, str], cfg: Config, mine: dict[str, frozenset[int]]
+) -> None:
+    """What a proxy does: connect to the back end from the client's address and port
+    (``IP_TRANSPARENT``).  The handshake completes, and data comes back, exactly when the
+    node owns the client's bucket: the SYN-ACK and the replies come through the gateway."""
+    import threading
+
+    with netns_entered(ns["be"]):
+        server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((BACKEND, 8080))
+    server.listen(64)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(f"hello {peer[0]}:{peer[1]}".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = "198.18.6.9"
+    ports = iter(range(30000, 60000))
+    try:
+        for role in ("A", "B"):
+            for owned in (True, False):
+                cport = next(
+                    p
+                    for p in ports
+                    if (
+                        flow_bucket(
+                            Flow(ipaddress.IPv4Address(client), p, VIP, 80, "tcp"),
+                            cfg.buckets,
+                            cfg.cluster.hash_seed,
+                            HashMode.SOURCE_IP_PORT,
+                        )
+                        in mine[role]
+                    )
+                    == owned
+                )
+                with netns_entered(ns[role]):
+                    s = socket.socket()
+                with s:
+                    s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                    s.bind((client, cport))
+                    s.settimeout(1.5 if owned else 0.5)
+                    if owned:
+                        s.connect((BACKEND, 8080))
+                        # the back end saw the client's real address and port
+                        assert s.recv(100) == f"hello {client}:{cport}".encode(), role
+                    else:
+                        with pytest.raises(OSError):  # its SYN-ACK went to the owner
+                            s.connect((BACKEND, 8080))
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
