@@ -19,6 +19,7 @@ import random
 import resource
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import RETURN_MODES, Flow, HashMode, flow_bucket
 from tests.netns import nsutil
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 B, SEED = 40320, 0x7EED1234
 VIP = ipaddress.IPv4Address("198.18.0.100")
 GW = ipaddress.IPv4Address("198.19.0.1")
@@ -47,9 +49,44 @@ IP_TRANSPARENT = 19
 FRONT_LINK = ("link add f0 type veth peer name f1", "link set f0 up", "link set f1 up")
 
 
-def spec(mode: HashMode) -> RulesetSpec:
-    ret = ReturnSpec("web_ret", "web", (GW,), "b0", RETURN_MODES[mode], ((4, GROUP_MAC),))
-    return RulesetSpec(B, SEED, (GroupSpec("web", (VIP,), mode),), returns=(ret,))
+IPV6_TRANSPARENT = 75
+
+
+@dataclass(frozen=True)
+class Net:
+    """The addresses of one family's test network."""
+
+    family: int
+    vip: IPAddress
+    gw: IPAddress
+    backend: str
+    group: IPAddress
+    mac: str
+    plen: int
+
+    def node_addr(self, i: int) -> str:
+        return f"198.19.0.1{i}" if self.family == 4 else f"2001:db8:1::1{i}"
+
+    def client(self, i: int) -> IPAddress:
+        return ipaddress.ip_address(f"198.18.5.{i}" if self.family == 4 else f"2001:db8:5::{i}")
+
+
+NET4 = Net(4, VIP, GW, BACKEND, GROUP, GROUP_MAC, 24)
+NET6 = Net(
+    6,
+    ipaddress.ip_address("2001:db8::100"),
+    ipaddress.ip_address("2001:db8:1::1"),
+    "2001:db8:1::9",
+    ipaddress.ip_address("ff15::1"),
+    "33:33:00:00:00:01",
+    64,
+)
+
+
+def spec(mode: HashMode, net: Net = NET4) -> RulesetSpec:
+    macs = ((net.family, net.mac),)
+    ret = ReturnSpec("web_ret", "web", (net.gw,), "b0", RETURN_MODES[mode], macs)
+    return RulesetSpec(B, SEED, (GroupSpec("web", (net.vip,), mode),), returns=(ret,))
 
 
 def state(node: str, live: tuple[str, ...]) -> dict[str, GroupBuckets]:
@@ -58,8 +95,10 @@ def state(node: str, live: tuple[str, ...]) -> dict[str, GroupBuckets]:
     return {"web": GroupBuckets(owned=mine)}
 
 
-def owner(mode: HashMode, client: ipaddress.IPv4Address, cport: int, live: tuple[str, ...]) -> str:
-    bucket = flow_bucket(Flow(client, cport, VIP, 80, "udp"), B, SEED, mode)
+def owner(
+    mode: HashMode, client: IPAddress, cport: int, live: tuple[str, ...], net: Net = NET4
+) -> str:
+    bucket = flow_bucket(Flow(client, cport, net.vip, 80, "udp"), B, SEED, mode)
     return live[bucket % len(live)]
 
 
@@ -131,11 +170,13 @@ def test_host_setup_with_transparency_restores_the_host_exactly() -> None:
 
 @contextlib.contextmanager
 def _network(
-    backend: str, bpf_root: Path, mode: HashMode
+    backend: str, bpf_root: Path, mode: HashMode, net: Net = NET4
 ) -> Iterator[tuple[str, dict[str, str], dict[str, Backend]]]:
     nsutil.cleanup_stale()
     with nsutil.netns_group("sw", "be", *NODES) as ns:
         sw = ns["sw"]
+        for role in ("be", *NODES):
+            nsutil.sysctl(ns[role], "net.ipv6.conf.default.accept_dad", "0")
         nsutil.ip_batch(sw, ["link add br0 type bridge mcast_snooping 0", "link set br0 up"])
         for i, role in enumerate(("be", *NODES)):
             nsutil.veth(ns[role], "b0", sw, f"p{i}")
@@ -143,9 +184,9 @@ def _network(
         nsutil.ip_batch(
             ns["be"],
             [
-                f"addr add {BACKEND}/24 dev b0",
-                f"route add default via {GW}",
-                f"neigh replace {GW} lladdr {GROUP_MAC} dev b0 nud permanent",
+                f"addr add {net.backend}/{net.plen} dev b0",
+                f"route add default via {net.gw}",
+                f"neigh replace {net.gw} lladdr {net.mac} dev b0 nud permanent",
             ],
         )
         hosts: list[HostSetup] = []
@@ -156,11 +197,16 @@ def _network(
                 node = ns[role]
                 nsutil.ip_batch(
                     node,
-                    [*FRONT_LINK, f"addr add 198.19.0.1{i}/24 dev b0"],
+                    [*FRONT_LINK, f"addr add {net.node_addr(i)}/{net.plen} dev b0"],
                 )
-                t = TransparentSetup(MARK, TABLE, PRIO, [4], netns=node)
+                t = TransparentSetup(MARK, TABLE, PRIO, [net.family], netns=node)
                 host = HostSetup(
-                    "f0", [VIP, GW], GROUP, netns=node, extra_interfaces=["b0"], transparent=t
+                    "f0",
+                    [net.vip, net.gw],
+                    net.group,
+                    netns=node,
+                    extra_interfaces=["b0"],
+                    transparent=t,
                 )
                 host.apply()
                 hosts.append(host)
@@ -168,9 +214,10 @@ def _network(
                 if backend == "nft":
                     nft = Nft(netns=node)
                     nfts.append(nft)
-                    dp = Dataplane(spec(mode), nft)
+                    dp = Dataplane(spec(mode, net), nft)
                 else:
-                    dp = XdpDataplane(spec(mode), "f0", bpf_root / f"{node}-pins", netns=node)
+                    pins = bpf_root / f"{node}-pins"
+                    dp = XdpDataplane(spec(mode, net), "f0", pins, netns=node)
                 dp.install(state(role, NODES))
                 planes[role] = dp
             yield ns["be"], ns, planes
@@ -185,13 +232,17 @@ def _network(
                 host.restore()
 
 
-def _transparent_socket(ns: str, client: str, cport: int) -> socket.socket:
+def _transparent_socket(ns: str, client: str, cport: int, backend: str) -> socket.socket:
+    v6 = ":" in client
     with netns_entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    if v6:
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
         s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        s.setblocking(False)
-        s.bind((client, cport))
-        s.connect((BACKEND, 53))
+    s.setblocking(False)
+    s.bind((client, cport))
+    s.connect((backend, 53))
     return s
 
 
@@ -206,18 +257,24 @@ def _replies_round(
     be: str,
     ns: dict[str, str],
     counters: Counters,
-    flows: list[tuple[ipaddress.IPv4Address, int]],
+    flows: list[tuple[IPAddress, int]],
     live: tuple[str, ...],
-) -> dict[tuple[ipaddress.IPv4Address, int], list[str]]:
+    *,
+    backend: str = BACKEND,
+) -> dict[tuple[IPAddress, int], list[str]]:
     """Send one reply per flow from the back end; who received each (by node)."""
     socks = {
-        (role, f): _transparent_socket(ns[role], str(f[0]), f[1]) for role in live for f in flows
+        (role, f): _transparent_socket(ns[role], str(f[0]), f[1], backend)
+        for role in live
+        for f in flows
     }
     before = {r: counters(r) for r in live}
     try:
         with netns_entered(be):
-            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tx.bind((BACKEND, 53))
+            tx = socket.socket(
+                socket.AF_INET6 if ":" in backend else socket.AF_INET, socket.SOCK_DGRAM
+            )
+        tx.bind((backend, 53))
         with tx:
             for c, p in flows:
                 tx.sendto(f"reply {c}:{p}".encode(), (str(c), p))
@@ -233,7 +290,7 @@ def _replies_round(
         accepted = sum(
             counters(r)["accepted_packets"] - before[r]["accepted_packets"] for r in live
         )
-        got: dict[tuple[ipaddress.IPv4Address, int], list[str]] = {f: [] for f in flows}
+        got: dict[tuple[IPAddress, int], list[str]] = {f: [] for f in flows}
 
         def drain() -> int:
             for (role, f), s in socks.items():
@@ -252,18 +309,20 @@ def _replies_round(
             s.close()
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("mode", list(RETURN_MODES))
 def test_each_reply_reaches_exactly_the_owner_of_its_request(
-    lab_backend: str, bpf_root: Path, mode: HashMode
+    lab_backend: str, bpf_root: Path, mode: HashMode, family: int
 ) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
-    rng = random.Random(f"transparent-{mode.value}")
-    clients = [ipaddress.IPv4Address(f"198.18.5.{i}") for i in range(1, 6)]
+    net = NET4 if family == 4 else NET6
+    rng = random.Random(f"transparent-{mode.value}-{family}")
+    clients = [net.client(i) for i in range(1, 6)]
     flows = [(rng.choice(clients), p) for p in rng.sample(range(20000, 60000), FLOWS)]
-    with _network(lab_backend, bpf_root, mode) as (be, ns, planes):
-        got = _replies_round(be, ns, _plane_counters(planes), flows, NODES)
-        want = {f: [owner(mode, f[0], f[1], NODES)] for f in flows}
+    with _network(lab_backend, bpf_root, mode, net) as (be, ns, planes):
+        got = _replies_round(be, ns, _plane_counters(planes), flows, NODES, backend=net.backend)
+        want = {f: [owner(mode, f[0], f[1], NODES, net)] for f in flows}
         wrong = {f: (got[f], want[f]) for f in flows if got[f] != want[f]}
         assert not wrong, f"{len(wrong)} of {len(flows)} replies wrong: {list(wrong.items())[:3]}"
         assert {owners[0] for owners in got.values()} == set(NODES)  # all three served
@@ -273,8 +332,8 @@ def test_each_reply_reaches_exactly_the_owner_of_its_request(
         survivors = ("n1", "n2")
         for role in survivors:
             planes[role].update(state(role, survivors))
-        got = _replies_round(be, ns, _plane_counters(planes), flows, survivors)
-        want = {f: [owner(mode, f[0], f[1], survivors)] for f in flows}
+        got = _replies_round(be, ns, _plane_counters(planes), flows, survivors, backend=net.backend)
+        want = {f: [owner(mode, f[0], f[1], survivors, net)] for f in flows}
         wrong = {f: (got[f], want[f]) for f in flows if got[f] != want[f]}
         assert not wrong, f"after the failure, {len(wrong)} wrong: {list(wrong.items())[:3]}"
 
@@ -391,7 +450,9 @@ def test_agents_answer_the_gateway_and_deliver_each_reply_to_the_owner(
             mine = {r: targets(cfg, r, ("A", "B"))["web"] for r in ("A", "B")}
             rng = random.Random(f"agents-{lab_backend}")
             client = ipaddress.IPv4Address("198.18.5.7")
-            flows = [(client, p) for p in rng.sample(range(20000, 60000), 40)]
+            flows: list[tuple[IPAddress, int]] = [
+                (client, p) for p in rng.sample(range(20000, 60000), 40)
+            ]
 
             def status_counters(role: str) -> dict[str, int]:
                 packets = request(socks[role], "status")["return_groups"]["web_ret"]["packets"]
