@@ -32,7 +32,7 @@ def lab(lab_backend: str) -> Iterator[LabState]:
     try:
         state = build.build(describe(4, prefix=prefix, ipv6=True), backend=lab_backend)
         assert set(state.agents["dataplane"].values()) == {lab_backend}
-        failover.wait_converged(state, ["A", "B", "C", "D"], timeout=30)
+        failover.wait_converged(state, ["A", "B", "C", "D"], timeout=30, quiet=True)
         yield state
     finally:
         clean(prefix)
