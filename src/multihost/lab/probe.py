@@ -201,6 +201,11 @@ def run_probe(
     family = ipaddress.ip_address(target).version
     if family == 6 and proto == "icmp":
         raise LabError("icmp probes are IPv4 only (ICMPv6 echo is not implemented); use tcp or udp")
+    if proto == "icmp" and topo.router is not None:
+        raise LabError(
+            "icmp probes find the node from the reply's source MAC, which a client behind "
+            "the router never sees ('lab up --routed'); use tcp or udp"
+        )
     if family == 6 and not src.addresses6:
         raise LabError(f"client {src.name} has no IPv6 address (use 'lab up --ipv6')")
     port = {"tcp": topo.port, "udp": topo.echo_port, "icmp": 0}[proto]
