@@ -3,13 +3,15 @@
 Owns: creating the lab's namespaces, the switch bridge (IGMP snooping per
 :class:`topology.SwitchMode`), one veth pair per host (created inside the switch namespace
 with its peer placed directly into the host's namespace, so nothing ever appears in the root
-namespace), addresses and links, all through pyroute2 netlink; starting nginx and the UDP
-echo service on every node (``ip netns exec``, recorded by PID and start time); calling
-:func:`multihost.lab.agents.start_agents`; and the state file
+namespace), addresses and links, all through pyroute2 netlink; running the steps in order
+(the nodes' services: :mod:`multihost.lab.services`; a router or back-end network:
+:mod:`multihost.lab.backbuild`); spawning lab processes (``ip netns exec``, recorded by PID
+and start time); calling :func:`multihost.lab.agents.start_agents`; and the state file
 ``/run/multihost-lab/<prefix>/state.json``, rewritten after every step so that
 :func:`multihost.lab.clean.clean` can remove a half-built lab even after a crash.
 
-Must not: put the traffic IP on a node, install nft rules or answer ARP (the agent does),
+Must not: put the traffic IP on a node, install the data plane's nft rules or answer ARP
+(the agent does),
 touch the root namespace's links, routes or firewall, or leave anything behind when a build
 fails: :func:`build` tears down what it made and raises :class:`LabError` naming the step.
 """
