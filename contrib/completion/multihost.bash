@@ -122,7 +122,7 @@ declare -A _multihost_files=(
 )
 declare -A _multihost_choices=(
   ['multihost whohas --proto']='tcp udp sctp icmp icmpv6'
-  ['multihost whohas --hash']='4-tuple 3-tuple source-ip'
+  ['multihost whohas --hash']='4-tuple 3-tuple source-ip source-ip-port destination-ip destination-ip-port'
   ['multihost lab up --switch']='snooping flood strict'
   ['multihost lab up --backend']='auto xdp nft'
   ['multihost lab up --return']='routes gateway'

@@ -31,6 +31,7 @@ from multihost.tablechoice import identity, table_for
 
 if TYPE_CHECKING:
     from multihost.backends import BackendConfig
+    from multihost.transparency import ReturnGroupConfig, TransparencyConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -163,6 +164,8 @@ class GroupConfig:
     addresses: tuple[IPAddress, ...]
     members: tuple[str, ...]
     hash: HashMode = HashMode.FOUR_TUPLE
+    transparent: bool = False  # the nodes proxy with the client's address (transparency)
+    return_way: str = ""  # transparent: "routes" ([[backend]]) or "gateway" (a return group)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,13 @@ class Config:
     nodes: tuple[NodeConfig, ...]
     groups: tuple[GroupConfig, ...]
     backends: tuple[BackendConfig, ...] = ()  # [[backend]]: multihost.backends
+    # return groups ([[traffic_ip_group]] with return_for) and [transparency]: not in
+    # ``groups`` -- they own no buckets, they share their front group's (transparency.py)
+    returns: tuple[ReturnGroupConfig, ...] = ()
+    transparency: TransparencyConfig | None = None
+
+    def front_of(self, ret: ReturnGroupConfig) -> GroupConfig:
+        return next(g for g in self.groups if g.name == ret.front)
 
     @property
     def table_slots(self) -> int:
@@ -208,6 +218,11 @@ class Config:
                 for g in self.groups
             ),
         }
+        if self.returns:  # replies follow these: every node must hash them alike
+            canon["returns"] = sorted(
+                (r.name, r.front, sorted(str(a) for a in r.addresses), r.hash.value)
+                for r in self.returns
+            )
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).digest()[:16]
 
@@ -356,6 +371,12 @@ DATAPLANES = ("auto", "xdp", "nft")
 XDP_MODES = ("auto", "native", "generic")
 
 
+def interface_name_problem(name: str) -> str | None:
+    if not 1 <= len(name) <= 15 or "/" in name or " " in name:
+        return f"{name!r} is not a valid interface name"
+    return None
+
+
 def _choice(r: _Reader, name: str, choices: tuple[str, ...], default: str) -> str:
     value = r.get(name, str, default)
     if value not in choices:
@@ -371,8 +392,8 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
     if not NAME_RE.match(name):
         raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
     interface = r.get("interface", str)
-    if not 1 <= len(interface) <= 15 or "/" in interface or " " in interface:
-        raise r.err("interface", f"{interface!r} is not a valid interface name")
+    if problem := interface_name_problem(interface):
+        raise r.err("interface", problem)
     group = _mcast_group(r, "multicast_group", r.get("multicast_group", str))
     other: dict[int, IPAddress] = {}
     for family in (4, 6):
@@ -487,10 +508,14 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
     node_addrs = {n.address: n.name for n in nodes}
     seen_addr: dict[IPAddress, str] = {}
     out: list[GroupConfig] = []
+    from multihost.transparency import front_keys, is_return_item
+
     for i, item in enumerate(raw):
         path = f"traffic_ip_group[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(source, path, "expected a table")
+        if is_return_item(item):
+            continue  # a return group: multihost.transparency.parse_returns
         r = _Reader(source, item, path)
         name = r.get("name", str)
         if not GROUP_RE.match(name):
@@ -529,8 +554,13 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
         except ValueError:
             choices = ", ".join(f'"{m.value}"' for m in HashMode)
             raise r.err("hash", f"{mode_text!r} is not one of {choices}") from None
+        transparent, way = front_keys(r, mode)
         r.finish()
-        out.append(GroupConfig(name, tuple(addrs), tuple(members), mode))
+        out.append(GroupConfig(name, tuple(addrs), tuple(members), mode, transparent, way))
+    if not out:
+        raise ConfigError(
+            source, "traffic_ip_group", "at least one [[traffic_ip_group]] without return_for"
+        )
     return tuple(out)
 
 
@@ -543,13 +573,27 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     top = _Reader(source, raw, "")
     cluster = _cluster(source, top.get("cluster", dict, None))
     nodes = _nodes(source, top.get("node", list, None))
-    groups = _groups(source, top.get("traffic_ip_group", list, None), nodes)
-    from multihost.backends import parse_backends  # it imports this module
+    raw_groups = top.get("traffic_ip_group", list, None)
+    groups = _groups(source, raw_groups, nodes)
+    from multihost import transparency as tp  # these import this module
+    from multihost.backends import parse_backends
 
-    backends = parse_backends(source, top.get("backend", list, None), raw["node"], nodes, groups)
+    returns = tp.parse_returns(source, raw_groups, cluster.interface, nodes, groups)
+    all_ips = [*groups, *(GroupConfig(g.name, g.addresses, g.members, g.hash) for g in returns)]
+    backends = parse_backends(source, top.get("backend", list, None), raw["node"], nodes, all_ips)
+    tp.routes_need_backends(source, raw_groups, groups, len(backends))
+    transparency = tp.parse_transparency(source, top.get("transparency", dict, None))
     top.finish()
-    _dual_stack(source, cluster, groups)
-    return Config(source, cluster, nodes, groups, backends=backends)
+    _dual_stack(source, cluster, tuple(all_ips))
+    return Config(
+        source,
+        cluster,
+        nodes,
+        groups,
+        backends=backends,
+        returns=returns,
+        transparency=transparency,
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -43,16 +43,38 @@ class HashMode(StrEnum):
     FOUR_TUPLE = "4-tuple"
     THREE_TUPLE = "3-tuple"  # no source port: a client's connections stick to one node
     SOURCE_IP = "source-ip"
+    # Keyed on the client side only, so that a return group (IP transparency, a back end's
+    # reply addressed to the client) hashing the *destination* lands in the same bucket:
+    SOURCE_IP_PORT = "source-ip-port"  # client address + port (front group)
+    DESTINATION_IP = "destination-ip"  # return group of a source-ip front group
+    DESTINATION_IP_PORT = "destination-ip-port"  # return group of a source-ip-port one
+
+
+#: Front group mode -> the return group mode that hashes a reply to the same bucket: the
+#: reply's destination is the client, so its (daddr, dport) words are the request's
+#: (saddr, sport) words, in the same order, padding and length.  Modes not listed here
+#: hash the traffic IP or its port, which a back end's reply does not carry.
+RETURN_MODES = {
+    HashMode.SOURCE_IP: HashMode.DESTINATION_IP,
+    HashMode.SOURCE_IP_PORT: HashMode.DESTINATION_IP_PORT,
+}
 
 
 def hash_fields(mode: HashMode, has_ports: bool) -> tuple[str, ...]:
     """Ordered key fields (``saddr``, ``sport``, ``daddr``, ``dport``) for a packet.
 
     Packets without ports (ICMP echo, GRE, ...) hash on the addresses only, so an ICMP echo
-    exchange is answered by exactly one node.
+    exchange is answered by exactly one node (the client-side modes: on the client's address
+    only, as their return modes on the reply's destination address).
     """
     if mode is HashMode.SOURCE_IP:
         return ("saddr",)
+    if mode is HashMode.DESTINATION_IP:
+        return ("daddr",)
+    if mode is HashMode.SOURCE_IP_PORT:
+        return ("saddr", "sport") if has_ports else ("saddr",)
+    if mode is HashMode.DESTINATION_IP_PORT:
+        return ("daddr", "dport") if has_ports else ("daddr",)
     if not has_ports:
         return ("saddr", "daddr")
     if mode is HashMode.THREE_TUPLE:

@@ -28,7 +28,8 @@ from multihost.config import (
     load_config,
     read_key,
 )
-from multihost.dataplane.ruleset import GroupSpec, RulesetError, RulesetSpec
+from multihost.dataplane.ruleset import GroupSpec, ReturnSpec, RulesetError, RulesetSpec
+from multihost.macaddr import format_mac, multicast_mac
 from multihost.membership.config import MembershipConfig, MembershipConfigError
 from multihost.tablechoice import backend_problem
 
@@ -58,12 +59,27 @@ def group_spec(cfg: Config, index: int) -> GroupSpec:
     return GroupSpec(g.name, g.addresses, g.hash)
 
 
+def cluster_macs(cfg: Config) -> tuple[tuple[int, str], ...]:
+    """Family -> the cluster MAC its traffic IPs (and return gateways) are answered with."""
+    c = cfg.cluster
+    return tuple(
+        (fam, format_mac(multicast_mac(g)))
+        for fam, g in ((4, c.arp_group), (6, c.ndp_group))
+        if g is not None
+    )
+
+
 def ruleset_spec(cfg: Config) -> RulesetSpec:
-    """The agent's nft ruleset spec (without the buckets it serves)."""
+    """The agent's data plane spec (without the buckets it serves); return groups select
+    replies by interface and cluster MAC and decide them by their front group's buckets."""
+    macs = cluster_macs(cfg)
     return RulesetSpec(
         buckets=cfg.buckets,
         seed=cfg.cluster.hash_seed,
         groups=tuple(group_spec(cfg, i) for i in range(len(cfg.groups))),
+        returns=tuple(
+            ReturnSpec(r.name, r.front, r.addresses, r.interface, r.hash, macs) for r in cfg.returns
+        ),
     )
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, RulesetSpec
+from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, ReturnSpec, RulesetSpec
 from multihost.dataplane.xdp import XdpDataplane, is_bpffs, unavailable_reason
 from multihost.dataplane.xdplayout import BucketState
-from multihost.flowhash import Flow, HashMode, flow_bucket
+from multihost.flowhash import RETURN_MODES, Flow, HashMode, flow_bucket
 from tests.netns import xdpframes as xf
 from tests.netns.nsutil import netns_group, ns_run
 
@@ -349,3 +349,131 @@ def test_traffic_ips_sharing_a_fast_path_slot(netns: str, pin_dir: Path) -> None
         assert dp.counters()["api"]["dropped_packets"] == 1
     finally:
         dp.remove()
+
+
+# ------------------------------------------------------------------ return groups
+GW4 = ipaddress.ip_address("198.19.0.1")
+GW6 = ipaddress.ip_address("2001:db8:1::1")
+MAC6 = bytes.fromhex("333300000001")
+
+
+def _return_spec(front: HashMode, seed: int, interface: str = "x1") -> RulesetSpec:
+    ret = ReturnSpec(
+        "web_ret",
+        "web",
+        (GW4, GW6),
+        interface,
+        RETURN_MODES[front],
+        ((4, "01:00:5e:40:00:01"), (6, "33:33:00:00:00:01")),
+    )
+    return RulesetSpec(BUCKETS, seed, (GroupSpec("web", (VIP4, VIP6), front),), returns=(ret,))
+
+
+def _reply_frame(reply: Flow, flags: int) -> bytes:
+    out = xf.frame(reply, flags=flags)
+    return (MAC6 if reply.daddr.version == 6 else xf.VIP_MAC) + out[6:]
+
+
+@pytest.mark.parametrize("front", list(RETURN_MODES))
+def test_replies_get_the_request_bucket_and_verdict(
+    netns: str, pin_dir: Path, front: HashMode
+) -> None:
+    """Random requests client -> traffic IP, each answered by a back end from a random
+    address and port to the client: on the return interface, the reply is hashed with the
+    return mode, lands in the request's bucket (of the front group's table) and gets the
+    same verdict; passed, it carries that interface's own MAC."""
+    rng = random.Random(f"xdp-return-{front.value}")
+    seed = rng.getrandbits(32)
+    gb, states = _random_state(rng)
+    dp = XdpDataplane(_return_spec(front, seed), "x0", pin_dir, netns=netns)
+    os.sched_setaffinity(0, {0})
+    try:
+        dp.install({"web": gb})
+        assert dp.describe()["return_interfaces"] == ["x1"]
+        out = ns_run(netns, "ip", "-j", "link", "show", "x1").stdout
+        assert '"xdp"' in out  # the program runs on the return interface too
+        mac1 = bytes.fromhex(
+            ns_run(netns, "cat", "/sys/class/net/x1/address").stdout.strip().replace(":", "")
+        )
+        mismatches: list[str] = []
+        for _ in range(FLOWS_PER_MODE):
+            request = _random_flow(rng)
+            v6 = request.saddr.version == 6
+            backend = xf.addr(f"2001:db8:1::{rng.randrange(2, 9999):x}" if v6 else "198.19.0.9")
+            bport = rng.choice([80, 8080, rng.randrange(1, 65536)])
+            reply = Flow(backend, bport, request.saddr, request.sport, request.proto)
+            if request.proto in ("icmp", "icmpv6"):
+                reply = Flow(backend, 0, request.saddr, 0, request.proto)
+            flags = rng.choice([xf.SYN | xf.ACK, xf.ACK, xf.SYN])
+            want_bucket = flow_bucket(request, BUCKETS, seed, front)
+            assert flow_bucket(reply, BUCKETS, seed, RETURN_MODES[front]) == want_bucket
+            retval, frame_out, _ = dp.test_run(_reply_frame(reply, flags), interface="x1")
+            bucket, state = dp.last_hashed(1, 0)  # the return group's counters
+            want = xf.expected(reply, states[want_bucket], flags=flags)
+            want_ret = xf.XDP_PASS if xf.passes(want) else xf.XDP_DROP
+            if (bucket, state, retval) != (want_bucket, states[want_bucket], want_ret):
+                mismatches.append(
+                    f"{reply}: bucket {bucket} want {want_bucket}, ret {retval} want {want_ret}"
+                )
+            elif retval == xf.XDP_PASS and frame_out[:6] != mac1:
+                mismatches.append(f"{reply}: passed without x1's MAC ({frame_out[:6].hex()})")
+        assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:3]}"
+        c = dp.counters()
+        assert c["web_ret"]["accepted_packets"] + c["web_ret"]["dropped_packets"] == FLOWS_PER_MODE
+        assert c["web"]["accepted_packets"] + c["web"]["dropped_packets"] == 0
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        dp.remove()
+    assert not pin_dir.exists()
+    assert '"xdp"' not in ns_run(netns, "ip", "-j", "link", "show", "x1").stdout
+
+
+def test_what_is_not_a_reply_passes_untouched(netns: str, pin_dir: Path) -> None:
+    dp = XdpDataplane(_return_spec(HashMode.SOURCE_IP_PORT, 5), "x0", pin_dir, netns=netns)
+    try:
+        dp.install({})  # owns nothing: every reply would be dropped
+        client, backend = xf.addr("198.18.7.7"), xf.addr("198.19.0.9")
+        reply = Flow(backend, 80, client, 40000, "tcp")
+        frame = _reply_frame(reply, xf.SYN | xf.ACK)
+        assert dp.test_run(frame, interface="x1")[0] == xf.XDP_DROP  # a reply, not ours
+        for what, f, iface in (
+            ("arrived on an interface without a return group", frame, "x0"),
+            ("to a unicast MAC", xf.CLIENT_MAC + frame[6:], "x1"),
+            ("to the IPv6 cluster MAC", MAC6 + frame[6:], "x1"),
+            (
+                "to a multicast IP (a heartbeat)",
+                xf.frame(Flow(backend, 7946, xf.addr("239.192.0.1"), 7946, "udp")),
+                "x1",
+            ),
+        ):
+            retval, out, _ = dp.test_run(f, interface=iface)
+            assert (retval, out[:6]) == (xf.XDP_PASS, f[:6]), what
+        # to the gateway address itself: the return group decides (not ours: dropped)
+        to_gw = xf.frame(Flow(backend, 5000, GW4, 80, "tcp"))
+        assert dp.test_run(to_gw, interface="x1")[0] == xf.XDP_DROP
+        # ICMP errors to a client go to every node (PMTU discovery for the owner)
+        err = xf.frame(Flow(backend, 0, client, 0, "icmp"), icmp_type=3)
+        assert dp.test_run(err, interface="x1")[0] == xf.XDP_PASS
+        c = dp.counters()["web_ret"]
+        assert c["xdp_to_all_packets"] == 1 and c["dropped_packets"] == 2
+        dp.update({"web": GroupBuckets(owned=frozenset(range(BUCKETS)))})
+        assert dp.test_run(frame, interface="x1")[0] == xf.XDP_PASS  # one flip: both ways
+    finally:
+        dp.remove()
+
+
+def test_return_interface_cleanup(netns: str, pin_dir: Path) -> None:
+    """A killed agent's program on the return interface is detached by ``cleanup``."""
+    from multihost.dataplane.xdp import cleanup
+
+    dp = XdpDataplane(_return_spec(HashMode.SOURCE_IP, 5), "x0", pin_dir, netns=netns)
+    dp.install({})
+    dp.close()  # killed: stays attached and pinned
+    again = XdpDataplane(_return_spec(HashMode.SOURCE_IP, 5), "x0", pin_dir, netns=netns)
+    again.install({})  # adopts, finds itself on x1 too
+    assert again.extra_attached["x1"].adopted
+    again.close()
+    done = cleanup("x0", pin_dir, netns, extra_interfaces=("x1",))
+    assert done["detached"] and done["return_interfaces"]["x1"]
+    for iface in ("x0", "x1"):
+        assert '"xdp"' not in ns_run(netns, "ip", "-j", "link", "show", iface).stdout

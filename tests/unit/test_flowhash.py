@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from multihost.flowhash import (
+    RETURN_MODES,
     Flow,
     FlowError,
     HashMode,
@@ -52,6 +53,14 @@ def test_jhash_golden(key_hex: str, seed: int, expected: int) -> None:
         ("198.18.1.7:5353-198.18.0.100:53", "udp", "4-tuple", 0x945B1E58, 23366),
         ("[2001:db8::1]:40000-[2001:db8::100]:80", "tcp", "4-tuple", 0xD66796C3, 33768),
         ("198.18.0.2:0-198.18.0.100:0", "icmp", "4-tuple", 0xBE95A63D, 30017),
+        # client-side modes (IP transparency): a request and the back end's reply to it
+        ("198.18.0.2:40000-198.18.0.100:80", "tcp", "source-ip-port", 0x2076CFA7, 5113),
+        ("198.19.0.101:8080-198.18.0.2:40000", "tcp", "destination-ip-port", 0x2076CFA7, 5113),
+        ("198.19.0.101:8080-198.18.0.2:40000", "tcp", "destination-ip", 0xD8680074, 34083),
+        ("198.18.0.2:0-198.18.0.100:0", "icmp", "source-ip-port", 0xD8680074, 34083),
+        ("[2001:db8::1]:40000-[2001:db8::100]:80", "tcp", "source-ip-port", 0xFD1402EB, 39859),
+        ("[2001:db8:1::5]:80-[2001:db8::1]:40000", "udp", "destination-ip-port", 0xFD1402EB, 39859),
+        ("[2001:db8:1::5]:80-[2001:db8::1]:40000", "tcp", "destination-ip", 0x4B508E75, 11862),
     ],
 )
 def test_flow_golden(flow: str, proto: str, mode: str, hashed: int, bucket: int) -> None:
@@ -78,6 +87,52 @@ def test_fields_per_mode() -> None:
     assert hash_fields(HashMode.THREE_TUPLE, True) == ("saddr", "daddr", "dport")
     assert hash_fields(HashMode.SOURCE_IP, True) == ("saddr",)
     assert hash_fields(HashMode.FOUR_TUPLE, False) == ("saddr", "daddr")
+    assert hash_fields(HashMode.SOURCE_IP_PORT, True) == ("saddr", "sport")
+    assert hash_fields(HashMode.SOURCE_IP_PORT, False) == ("saddr",)
+    assert hash_fields(HashMode.DESTINATION_IP_PORT, True) == ("daddr", "dport")
+    assert hash_fields(HashMode.DESTINATION_IP_PORT, False) == ("daddr",)
+    assert hash_fields(HashMode.DESTINATION_IP, True) == ("daddr",)
+
+
+def test_return_modes_mirror_the_fields() -> None:
+    """A return mode hashes the destination words where its front mode hashes the source
+    words, in the same order: the same key bytes, so the same bucket."""
+    swap = {"saddr": "daddr", "sport": "dport"}
+    for front, ret in RETURN_MODES.items():
+        for ports in (True, False):
+            assert hash_fields(ret, ports) == tuple(swap[f] for f in hash_fields(front, ports))
+    for mode in (HashMode.FOUR_TUPLE, HashMode.THREE_TUPLE):
+        assert mode not in RETURN_MODES  # they hash the traffic IP: no reply carries it
+
+
+_V4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+_V6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address)
+_PORT = st.integers(0, 65535)
+
+
+@given(
+    st.sampled_from([_V4, _V6]).flatmap(lambda a: st.tuples(a, a, a, a)),
+    st.tuples(_PORT, _PORT, _PORT, _PORT),
+    st.sampled_from(["tcp", "udp", "sctp", "icmp", "icmpv6", "other"]),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([40320, 720720, 7]),
+)
+def test_reply_lands_in_the_request_bucket(
+    addrs: tuple[ipaddress.IPv4Address, ...],
+    ports: tuple[int, int, int, int],
+    proto: str,
+    seed: int,
+    buckets: int,
+) -> None:
+    """Request client -> traffic IP, reply back end -> client (any back end, any port):
+    the front mode's bucket of the request is the return mode's bucket of the reply."""
+    client, vip, backend, _ = addrs
+    cport, vport, bport, _ = ports
+    request = Flow(client, cport, vip, vport, proto)
+    reply = Flow(backend, bport, client, cport, proto)
+    for front, ret in RETURN_MODES.items():
+        assert flow_key(request, front) == flow_key(reply, ret)
+        assert flow_bucket(request, buckets, seed, front) == flow_bucket(reply, buckets, seed, ret)
 
 
 def test_reciprocal_scale_is_not_modulo() -> None:

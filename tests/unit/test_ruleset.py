@@ -7,6 +7,7 @@ Regenerate the golden files after an intended change with
 from __future__ import annotations
 
 import ast
+import dataclasses
 import ipaddress
 import json
 import os
@@ -23,6 +24,7 @@ from multihost.dataplane.netlink import encode_element_batch
 from multihost.dataplane.ruleset import (
     GroupBuckets,
     GroupSpec,
+    ReturnSpec,
     RulesetError,
     RulesetSpec,
     bucket_delta,
@@ -497,3 +499,85 @@ def test_render_lease() -> None:
         "add element inet multihost lease { ipv4 timeout 250ms, ipv6 timeout 250ms }\n"
     )
     assert render_lease(SPEC, 0) == render_lease(SPEC, -5) == "flush set inet multihost lease\n"
+
+
+# ------------------------------------------------------------------ return groups
+RSPEC = RulesetSpec(
+    buckets=40320,
+    seed=0x5EED,
+    groups=(
+        GroupSpec("web", (ip("198.18.1.100"), ip("2001:db8::100")), HashMode.SOURCE_IP_PORT),
+        GroupSpec("api", (ip("198.18.1.101"),), HashMode.SOURCE_IP),
+    ),
+    returns=(
+        ReturnSpec(
+            "web_ret",
+            "web",
+            (ip("198.19.0.1"), ip("2001:db8:1::1")),
+            "eth1",
+            HashMode.DESTINATION_IP_PORT,
+            ((4, "01:00:5e:40:00:01"), (6, "33:33:00:00:00:01")),
+        ),
+        ReturnSpec(
+            "api_ret",
+            "api",
+            (ip("198.19.2.1"),),
+            "eth2",
+            HashMode.DESTINATION_IP,
+            ((4, "01:00:5e:40:00:01"),),
+        ),
+    ),
+)
+
+
+def test_golden_return_groups() -> None:
+    state = {"web": GroupBuckets(owned=frozenset({1, 2}), draining=frozenset({3}))}
+    check_golden("ruleset_return_owned.nft", render_owned_table(RSPEC, state))
+    check_golden("ruleset_return_guard.nft", render_guard_table(RSPEC))
+
+
+def test_return_group_shares_the_front_maps() -> None:
+    chains = _chains(render_owned_table(RSPEC, {}))
+    raw = chains["web_ret_raw4_ports"]
+    assert raw[0] == (
+        "meta pkttype set jhash ip daddr . th dport mod 40320 seed 0x5eed map @web_buckets "
+        'meta pkttype host meta nfproto @lease counter name "web_ret_accepted" accept'
+    )
+    assert chains["web_ret_ct6_ports"][0].startswith(
+        "jhash ip6 daddr . th dport mod 40320 seed 0x5eed vmap @web_handover"
+    )
+    # destination-ip hashes alike with or without ports: no port chains
+    assert "api_ret_raw4_ports" not in chains
+    assert chains["api_ret_raw4"][-4].startswith("meta pkttype set jhash ip daddr mod 40320")
+    # replies are selected by interface, cluster MAC and a unicast destination, after
+    # every traffic IP and gateway address
+    hook = chains["hook_raw"]
+    assert hook[-3:] == [
+        'iifname "eth1" ether daddr 01:00:5e:40:00:01 ip daddr != 224.0.0.0/4 goto web_ret_raw4',
+        'iifname "eth1" ether daddr 33:33:00:00:00:01 ip6 daddr != ff00::/8 goto web_ret_raw6',
+        'iifname "eth2" ether daddr 01:00:5e:40:00:01 ip daddr != 224.0.0.0/4 goto api_ret_raw4',
+    ]
+    assert "ip daddr 198.19.0.1 goto web_ret_raw4" in hook
+    assert chains["hook_ct"][-2].endswith("goto api_ret_ct4")
+    # no maps of its own: its state is its front group's
+    assert "web_ret_buckets" not in render_owned_table(RSPEC, {})
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"front": "nope"}, "unknown group 'nope'"),
+        ({"hash_mode": HashMode.DESTINATION_IP}, "not the return mode of 'web'"),
+        ({"hash_mode": HashMode.SOURCE_IP_PORT}, "not a return mode"),
+        ({"macs": ((4, "01:00:5e:40:00:01"),)}, "no IPv6 cluster MAC"),
+        ({"interface": "eth 1"}, "bad interface"),
+        ({"name": "api"}, "appears twice"),
+        ({"addresses": (ip("198.18.1.100"),)}, "is in groups 'web' and 'web_ret'"),
+        ({"interface": "eth2", "addresses": (ip("198.19.0.1"),)}, "two return groups"),
+    ],
+)
+def test_return_spec_refused(change: dict[str, object], words: str) -> None:
+    bad = dataclasses.replace(RSPEC.returns[0], **change)  # type: ignore[arg-type]
+    spec = dataclasses.replace(RSPEC, returns=(bad, RSPEC.returns[1]))
+    with pytest.raises(RulesetError, match=re.escape(words)):
+        spec.check()

@@ -12,6 +12,7 @@ import pytest
 from multihost.dataplane import xdp
 from multihost.dataplane.xdplayout import (
     GROUP,
+    IFACE,
     NODE,
     STATS,
     STRUCTS,
@@ -33,7 +34,7 @@ def test_struct_sizes_are_what_the_c_asserts() -> None:
     header = render_header()
     for s in STRUCTS:
         assert f"sizeof(struct {s.name}) == {s.size}" in header
-    assert GROUP.size == 24 and NODE.size == 48
+    assert GROUP.size == 28 and NODE.size == 48 and IFACE.size == 28
     assert STATS.size == 16 * len(Verdict) + 8
     assert struct.calcsize(NODE.fmt) == NODE.size
 

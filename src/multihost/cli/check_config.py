@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from multihost import preflight
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def summary(cfg: Config) -> dict[str, object]:
     c = cfg.cluster
+    t = cfg.transparency
     return {
         "valid": True,
         "file": cfg.source,
@@ -83,9 +85,22 @@ def summary(cfg: Config) -> dict[str, object]:
                 "addresses": [str(a) for a in g.addresses],
                 "members": list(g.members),
                 "hash": g.hash.value,
+                "transparent": g.transparent,
+                "return": g.return_way or None,
             }
             for g in cfg.groups
         },
+        "return_groups": {
+            r.name: {
+                "return_for": r.front,
+                "addresses": [str(a) for a in r.addresses],
+                "interface": r.interface,
+                "members": list(r.members),
+                "hash": r.hash.value,
+            }
+            for r in cfg.returns
+        },
+        "transparency": None if t is None else asdict(t),
         "backends": {b.name: _backend(b) for b in cfg.backends},
     }
 
@@ -158,6 +173,20 @@ def run(args: argparse.Namespace) -> int:
     for g in cfg.groups:
         addrs = ", ".join(str(a) for a in g.addresses)
         print(f"  group {g.name}: {addrs} members {','.join(g.members)} hash {g.hash.value}")
+        if g.transparent:
+            print(f"    transparent, replies return by {g.return_way}")
+    for r in cfg.returns:
+        addrs = ", ".join(str(a) for a in r.addresses)
+        print(
+            f"  return group {r.name} for {r.front}: gateway {addrs} on {r.interface},"
+            f" hash {r.hash.value}"
+        )
+    t = cfg.transparency
+    if t is not None and any(g.transparent for g in cfg.groups):
+        print(
+            f"  transparency: socket mark {t.fwmark:#x}, rule priority {t.rule_priority}"
+            f" -> table {t.table} (local default dev lo)"
+        )
     for b in cfg.backends:
         print(f"  backend {b.name} on {b.interface}: replies from")
         for p in b.paths:

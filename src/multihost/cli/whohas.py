@@ -88,7 +88,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--hash",
         choices=[m.value for m in HashMode],
-        help="hash mode of the group (with --members; default 4-tuple)",
+        metavar="MODE",
+        help="hash mode of the group (with --members; default 4-tuple): "
+        + ", ".join(m.value for m in HashMode),
     )
     p.add_argument(
         "--socket",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import struct
 from typing import Any
 
 _LIBBPF = "libbpf.so.1"
@@ -295,9 +296,10 @@ def xdp_query_id(ifindex: int, flags: int = 0) -> int:
 
 
 def test_run(
-    prog_fd: int, data: bytes, *, repeat: int = 1, out_size: int = 2048
+    prog_fd: int, data: bytes, *, repeat: int = 1, out_size: int = 2048, ingress_ifindex: int = 0
 ) -> tuple[int, bytes, int]:
-    """``BPF_PROG_RUN``: (return value, output packet, ns per run)."""
+    """``BPF_PROG_RUN``: (return value, output packet, ns per run).  ``ingress_ifindex``:
+    the frame arrives on that interface (``xdp_md.ingress_ifindex``; default loopback)."""
     inp = _buf(data)
     out = ctypes.create_string_buffer(out_size)
     opts = TestRunOpts()
@@ -307,5 +309,11 @@ def test_run(
     opts.data_out = ctypes.cast(out, ctypes.c_void_p)
     opts.data_size_out = out_size
     opts.repeat = repeat
+    if ingress_ifindex:  # struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
+        ctx = ctypes.create_string_buffer(
+            struct.pack("=6I", 0, len(data), 0, ingress_ifindex, 0, 0)
+        )
+        opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+        opts.ctx_size_in = 24
     check("bpf_prog_test_run_opts", lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)))
     return opts.retval, out.raw[: opts.data_size_out], opts.duration

@@ -60,6 +60,8 @@ from multihost.dataplane.ruleset import (
     SET_KINDS,
     Delta,
     GroupBuckets,
+    GroupSpec,
+    ReturnSpec,
     RulesetSpec,
     bucket_map,
     check_state,
@@ -392,11 +394,14 @@ class Dataplane:
         return out
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Per group: ``accepted_packets``/``_bytes`` and ``dropped_packets``/``_bytes``."""
+        """Per group (return groups too): ``accepted_packets``/``_bytes`` and
+        ``dropped_packets``/``_bytes``.  A return group's replies in handover buckets are
+        counted by its front group (they share the handover chains)."""
         with netns_entered(self.nft.netns):  # netlink, not libnftables: see nfcounters
             values = read_counters(self.spec.table)
         out: dict[str, dict[str, int]] = {}
-        for group in self.spec.groups:
+        every: list[GroupSpec | ReturnSpec] = [*self.spec.groups, *self.spec.returns]
+        for group in every:
             row: dict[str, int] = {}
             for kind, name in counter_names(group).items():
                 packets, nbytes = values.get(name, (0, 0))

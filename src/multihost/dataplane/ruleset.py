@@ -99,7 +99,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from multihost.flowhash import HashMode, hash_fields
+from multihost.flowhash import RETURN_MODES, HashMode, hash_fields
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -160,6 +160,45 @@ class GroupSpec:
         return tuple(a for a in self.addresses if a.version == family)
 
 
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+@dataclass(frozen=True)
+class ReturnSpec:
+    """A return group (IP transparency): the back ends' gateway ``addresses``; replies to
+    clients arrive on ``interface`` addressed to a cluster MAC (``macs``: family -> MAC,
+    lower-case ``aa:bb:...``) with the client's unicast IP.  They are hashed with
+    ``hash_mode`` (the destination words of the reply: the source words of the request)
+    and decided by the *front* group's maps, so both directions share one bucket state."""
+
+    name: str
+    front: str
+    addresses: tuple[IPAddress, ...]
+    interface: str
+    hash_mode: HashMode
+    macs: tuple[tuple[int, str], ...]
+
+    def check(self) -> None:
+        GroupSpec(self.name, self.addresses, self.hash_mode).check()
+        if self.hash_mode not in RETURN_MODES.values():
+            raise RulesetError(
+                f"return group {self.name!r}: {self.hash_mode.value} is not a return mode"
+            )
+        if not _IFNAME.match(self.interface):
+            raise RulesetError(f"return group {self.name!r}: bad interface {self.interface!r}")
+        have = dict(self.macs)
+        for family in {a.version for a in self.addresses}:
+            if not _MAC.match(have.get(family, "")):
+                raise RulesetError(f"return group {self.name!r}: no IPv{family} cluster MAC")
+
+    def family_addresses(self, family: int) -> tuple[IPAddress, ...]:
+        return tuple(a for a in self.addresses if a.version == family)
+
+    def mac(self, family: int) -> str:
+        return dict(self.macs)[family]
+
+
 @dataclass(frozen=True)
 class RulesetSpec:
     """Everything about the ruleset except which buckets this node serves."""
@@ -169,6 +208,7 @@ class RulesetSpec:
     groups: tuple[GroupSpec, ...]
     table: str = "multihost"
     guard_table: str = "multihost_guard"
+    returns: tuple[ReturnSpec, ...] = ()
 
     def check(self) -> None:
         if not 1 <= self.buckets <= 0xFFFFFFFF:
@@ -191,6 +231,27 @@ class RulesetSpec:
                 if a in seen_addr:
                     raise RulesetError(f"{a} is in groups {seen_addr[a]!r} and {g.name!r}")
                 seen_addr[a] = g.name
+        carried: set[tuple[str, int]] = set()
+        for r in self.returns:
+            r.check()
+            if r.name in seen_names:
+                raise RulesetError(f"group {r.name!r} appears twice")
+            seen_names.add(r.name)
+            front = self.group(r.front)  # raises for an unknown one
+            if RETURN_MODES.get(front.hash_mode) is not r.hash_mode:
+                raise RulesetError(
+                    f"return group {r.name!r} hashes {r.hash_mode.value}, not the return mode "
+                    f"of {front.name!r} ({front.hash_mode.value})"
+                )
+            for a in r.addresses:
+                if a in seen_addr:
+                    raise RulesetError(f"{a} is in groups {seen_addr[a]!r} and {r.name!r}")
+                seen_addr[a] = r.name
+                if (r.interface, a.version) in carried:
+                    raise RulesetError(
+                        f"two return groups for IPv{a.version} replies on {r.interface}"
+                    )
+                carried.add((r.interface, a.version))
 
     def group(self, name: str) -> GroupSpec:
         for g in self.groups:
@@ -243,7 +304,7 @@ def map_contents(group: GroupSpec, gb: GroupBuckets) -> dict[str, dict[str, froz
     }
 
 
-def counter_names(group: GroupSpec) -> dict[str, str]:
+def counter_names(group: GroupSpec | ReturnSpec) -> dict[str, str]:
     """``accepted`` / ``dropped`` -> nft named counter."""
     return {k: f"{group.name}_{k}" for k in ("accepted", "dropped")}
 
@@ -286,7 +347,9 @@ def check_state(spec: RulesetSpec, state: Mapping[str, GroupBuckets]) -> dict[st
     return out
 
 
-def jhash_expr(spec: RulesetSpec, group: GroupSpec, family: int, has_ports: bool) -> str:
+def jhash_expr(
+    spec: RulesetSpec, group: GroupSpec | ReturnSpec, family: int, has_ports: bool
+) -> str:
     """The nft hash expression for a group's packets of one family and protocol class."""
     fields = " . ".join(_FIELDS[family][f] for f in hash_fields(group.hash_mode, has_ports))
     return f"jhash {fields} mod {spec.buckets} seed {spec.seed:#x}"
@@ -358,9 +421,14 @@ def _kind_chains(g: GroupSpec) -> list[str]:
     return out
 
 
-def _group_chains(spec: RulesetSpec, g: GroupSpec, family: int) -> list[str]:
+def _group_chains(
+    spec: RulesetSpec, g: GroupSpec | ReturnSpec, family: int, maps: GroupSpec | None = None
+) -> list[str]:
     """The chains of one group and family: ``raw`` and ``raw_ports`` (-300), ``ct`` and
-    ``ct_ports`` (-150); no ``_ports`` chains when ports do not change the hash."""
+    ``ct_ports`` (-150); no ``_ports`` chains when ports do not change the hash.  ``maps``:
+    the group whose bucket maps decide (a return group's front group; default ``g``)."""
+    owner = maps if maps is not None else g
+    assert isinstance(owner, GroupSpec)
     cnt = counter_names(g)
     acc = f'counter name "{cnt["accepted"]}" accept'
     drop = f'counter name "{cnt["dropped"]}" drop'
@@ -369,10 +437,10 @@ def _group_chains(spec: RulesetSpec, g: GroupSpec, family: int) -> list[str]:
 
     def tail(stage: str, ports: bool) -> list[str]:
         h = jhash_expr(spec, g, family, has_ports=ports)
-        serve = f"meta pkttype set {h} map @{bucket_map(g)} meta pkttype host {LEASED} {acc}"
+        serve = f"meta pkttype set {h} map @{bucket_map(owner)} meta pkttype host {LEASED} {acc}"
         if stage == "raw":
             return [serve, LAPSED, f"meta pkttype {HANDOVER_TAG} accept", drop]
-        return [f"{h} vmap @{handover_map(g)}", serve, drop]
+        return [f"{h} vmap @{handover_map(owner)}", serve, drop]
 
     out: list[str] = []
     for stage, head in (
@@ -390,6 +458,15 @@ def _group_chains(spec: RulesetSpec, g: GroupSpec, family: int) -> list[str]:
     return out
 
 
+_MULTICAST = {4: "ip daddr != 224.0.0.0/4", 6: "ip6 daddr != ff00::/8"}
+
+
+def return_match(r: ReturnSpec, family: int) -> str:
+    """A reply to a client through return group ``r``: on its interface, to the cluster MAC
+    of the family, to a unicast IP (heartbeats and other IP multicast carry group MACs)."""
+    return f'iifname "{r.interface}" ether daddr {r.mac(family)} {_MULTICAST[family]}'
+
+
 def _dispatch(spec: RulesetSpec, kind: str) -> list[str]:
     rules = []
     for g in spec.groups:
@@ -397,6 +474,15 @@ def _dispatch(spec: RulesetSpec, kind: str) -> list[str]:
             addrs = g.family_addresses(family)
             if addrs:
                 rules.append(f"{_addr_match(family, addrs)} goto {g.name}_{kind}{_fam(family)}")
+    for r in spec.returns:  # after the traffic IPs: a packet to one of them is not a reply
+        for family in (4, 6):
+            addrs = r.family_addresses(family)
+            if addrs:
+                rules.append(f"{_addr_match(family, addrs)} goto {r.name}_{kind}{_fam(family)}")
+    for r in spec.returns:
+        for family in (4, 6):
+            if r.family_addresses(family):
+                rules.append(f"{return_match(r, family)} goto {r.name}_{kind}{_fam(family)}")
     return rules
 
 
@@ -430,6 +516,13 @@ def render_owned_table(spec: RulesetSpec, state: Mapping[str, GroupBuckets]) -> 
         for family in (4, 6):
             if g.family_addresses(family):
                 lines += _group_chains(spec, g, family)
+    for r in spec.returns:
+        lines.append("")
+        for c in counter_names(r).values():
+            lines += [f"\tcounter {c} {{", "\t}"]
+        for family in (4, 6):
+            if r.family_addresses(family):
+                lines += _group_chains(spec, r, family, spec.group(r.front))
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -443,9 +536,14 @@ def render_guard_table(spec: RulesetSpec) -> str:
         f'meta pkttype {HANDOVER_TAG} accept comment "a handover bucket, tagged at -300"',
     ]
     for family in (4, 6):
-        addrs = tuple(a for g in spec.groups for a in g.family_addresses(family))
+        every: list[GroupSpec | ReturnSpec] = [*spec.groups, *spec.returns]
+        addrs = tuple(a for g in every for a in g.family_addresses(family))
         if addrs:
             rules.append(f'{_addr_match(family, addrs)} counter name "dropped" drop')
+    for r in spec.returns:
+        for family in (4, 6):
+            if r.family_addresses(family):
+                rules.append(f'{return_match(r, family)} counter name "dropped" drop')
     never = ['ct state invalid continue comment "never run: makes this netns use conntrack"']
     hook = f"type filter hook prerouting priority {PRIORITY_GUARD}; policy accept;"
     lines = [f"table inet {spec.guard_table} {{", "\tcounter dropped {", "\t}", ""]

@@ -55,6 +55,7 @@ from multihost.dataplane.xdplayout import (
     FLOW_VAL,
     GROUP,
     HASH_MODES,
+    IFACE,
     LEASE_FOREVER,
     MAP_NAMES,
     NODE,
@@ -69,6 +70,7 @@ from multihost.dataplane.xdplayout import (
     limits_problem,
     vip4_slot,
 )
+from multihost.macaddr import parse_mac
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 SOURCE = BPF_DIR / "multihost_xdp.c"
@@ -235,10 +237,15 @@ class XdpDataplane:
         spec.check()
         if mode not in ("auto", "native", "generic"):
             raise XdpError(f"XDP mode {mode!r}: use auto, native or generic")
-        naddr = sum(len(g.addresses) for g in spec.groups)
-        problem = limits_problem(len(spec.groups), spec.buckets, naddr)
+        naddr = sum(len(g.addresses) for g in spec.groups) + sum(
+            len(r.addresses) for r in spec.returns
+        )
+        problem = limits_problem(len(spec.groups) + len(spec.returns), spec.buckets, naddr)
         if problem is not None:
             raise XdpError(problem[1])
+        #: Interfaces of return groups other than ``interface``: the program runs there too.
+        self.extra_interfaces = tuple(sorted({r.interface for r in spec.returns} - {interface}))
+        self.extra_attached: dict[str, Attached] = {}
         self.spec = spec
         self.interface = interface
         self.pin_dir = Path(pin_dir)
@@ -270,6 +277,7 @@ class XdpDataplane:
             "mode": a.mode if a else None,
             "program_id": a.program_id if a else None,
             "interface": self.interface,
+            "return_interfaces": list(self.extra_interfaces),
             "pin_dir": str(self.pin_dir),
             "adopted": a.adopted if a else False,
         }
@@ -290,6 +298,7 @@ class XdpDataplane:
             for i, g in enumerate(self.spec.groups):
                 self._tables[g.name] = _table(full[g.name], self.spec.buckets)
                 self._publish(i, g.name)
+            self._write_returns()
             # The lease last: an adopted program still holds the dead agent's tables, which
             # must never be served with a fresh lease (its buckets may be another node's).
             self._write_node()
@@ -355,7 +364,7 @@ class XdpDataplane:
             raw = libbpf.map_lookup(self._fd("mh_groups"), _pack("=I", i), GROUP.size)
             if raw is None:
                 raise XdpError(f"group {g.name}: no entry in mh_groups")
-            active, buckets, _seed, _mode, b0, b1 = struct.unpack(GROUP.fmt, raw)
+            active, buckets, _seed, _mode, b0, b1, _table = struct.unpack(GROUP.fmt, raw)
             base = (b0, b1)[active & 1]
             mm = self._map_mm()
             table = np.frombuffer(mm, np.uint8, buckets, base)
@@ -370,7 +379,8 @@ class XdpDataplane:
         """Per group: ``accepted``/``dropped`` packets and bytes (as the nft backend), and
         ``xdp_<verdict>_packets`` / ``_bytes`` for each verdict."""
         out: dict[str, dict[str, int]] = {}
-        for i, g in enumerate(self.spec.groups):
+        names = [g.name for g in self.spec.groups] + [r.name for r in self.spec.returns]
+        for i, name in enumerate(names):
             packets, nbytes = self._stats(i)
             row: dict[str, int] = {
                 "accepted_packets": sum(packets[v] for v in ACCEPTED),
@@ -381,7 +391,7 @@ class XdpDataplane:
             for v in Verdict:
                 row[f"xdp_{v.name.lower()}_packets"] = packets[v]
                 row[f"xdp_{v.name.lower()}_bytes"] = nbytes[v]
-            out[g.name] = row
+            out[name] = row
         return out
 
     def last_hashed(self, group: int, cpu: int) -> tuple[int, int]:
@@ -426,13 +436,14 @@ class XdpDataplane:
     def remove(self) -> None:
         """Clean stop: detach the program (if it is still ours) and unpin everything."""
         with netns_entered(self.netns):
-            a = self.attached
-            if a is not None:
-                with contextlib.suppress(BpfError):
-                    if libbpf.xdp_query_id(a.ifindex) == a.program_id:
-                        libbpf.xdp_detach(a.ifindex, _mode_flags(a.mode))
+            for a in (self.attached, *self.extra_attached.values()):
+                if a is not None:
+                    with contextlib.suppress(BpfError):
+                        if libbpf.xdp_query_id(a.ifindex) == a.program_id:
+                            libbpf.xdp_detach(a.ifindex, _mode_flags(a.mode))
             unpin(self.pin_dir)
         self.attached = None
+        self.extra_attached = {}
         self._state = None
         self.close()
 
@@ -459,10 +470,36 @@ class XdpDataplane:
             raise XdpError(f"interface {self.interface!r} does not exist") from None
         self._mac = interface_mac(self.interface)
         adopted = self._adopt(ifindex)
-        if adopted is not None:
-            self.attached = adopted
-            return
-        self.attached = self._load_and_attach(ifindex)
+        self.attached = adopted if adopted is not None else self._load_and_attach(ifindex)
+        try:
+            self._attach_extra()
+        except Exception:
+            self.remove() if adopted is None else self.close()
+            raise
+
+    def _attach_extra(self) -> None:
+        """Run the program on the return groups' interfaces too (same program, same maps)."""
+        assert self._prog_fd is not None and self.attached is not None
+        pid = self.attached.program_id
+        for name in self.extra_interfaces:
+            try:
+                ifindex = socket.if_nametoindex(name)
+            except OSError:
+                raise XdpError(f"return interface {name!r} does not exist") from None
+            current = libbpf.xdp_query_id(ifindex)
+            if current == pid:
+                native = libbpf.xdp_query_id(ifindex, libbpf.XDP_FLAGS_DRV_MODE)
+                self.extra_attached[name] = Attached(
+                    ifindex, "native" if native else "generic", pid, adopted=True
+                )
+                continue
+            old_fd = self._old_program(current, name)
+            try:
+                mode = self._attach(ifindex, self._prog_fd, old_fd, name)
+            finally:
+                if old_fd is not None:
+                    os.close(old_fd)
+            self.extra_attached[name] = Attached(ifindex, mode, pid, adopted=False)
 
     def _adopt(self, ifindex: int) -> Attached | None:
         """Reuse the pinned program and maps if they are ours, current and attached here."""
@@ -542,7 +579,7 @@ class XdpDataplane:
             raise XdpError(f"cannot pin the XDP program under {self.pin_dir}: {e}") from e
         return Attached(ifindex, mode, libbpf.prog_id(prog_fd), adopted=False)
 
-    def _old_program(self, current: int) -> int | None:
+    def _old_program(self, current: int, interface: str | None = None) -> int | None:
         """The fd of the program now attached, if it is multihost's (to replace it
         atomically); XdpError if it is somebody else's."""
         if not current:
@@ -560,13 +597,17 @@ class XdpDataplane:
             return fd  # multihost's, pinned elsewhere or not at all
         os.close(fd)
         raise XdpError(
-            f"interface {self.interface!r} already runs XDP program id {current} ({name!r}), "
+            f"interface {interface or self.interface!r} already runs XDP program id {current} "
+            f"({name!r}), "
             'not multihost\'s: detach it (ip link set dev IFACE xdp off) or use dataplane = "nft"'
         )
 
-    def _attach(self, ifindex: int, prog_fd: int, old_fd: int | None) -> str:
+    def _attach(
+        self, ifindex: int, prog_fd: int, old_fd: int | None, interface: str | None = None
+    ) -> str:
+        interface = interface or self.interface
         modes = {
-            "auto": auto_modes(interface_driver(self.interface)),
+            "auto": auto_modes(interface_driver(interface)),
             "native": ("native",),
             "generic": ("generic",),
         }
@@ -579,7 +620,7 @@ class XdpDataplane:
                 errors.append(f"{mode}: {e}")
                 if old_fd is not None and e.errno == errno.EEXIST:
                     break
-        raise XdpError(f"cannot attach XDP to {self.interface!r}: " + "; ".join(errors))
+        raise XdpError(f"cannot attach XDP to {interface!r}: " + "; ".join(errors))
 
     def _pin(self) -> None:
         assert self._prog_fd is not None
@@ -607,8 +648,8 @@ class XdpDataplane:
     def _write_addrs(self) -> None:
         slots: dict[int, int] = {}  # mh_vip4 slot -> group + 1 (VIP4_COLLIDE if shared)
         owner: dict[int, bytes] = {}
-        for i, g in enumerate(self.spec.groups):
-            for a in g.addresses:
+        for i, addrs in enumerate(self._all_addresses()):
+            for a in addrs:
                 if a.version == 4:
                     s = vip4_slot(a.packed)
                     slots[s] = VIP4_COLLIDE if s in slots else i + 1
@@ -619,12 +660,48 @@ class XdpDataplane:
             value = owner.get(s, bytes(4)) + _pack("=I", group)
             libbpf.map_update(fd4, _pack("=I", s), value)
         fd = self._fd("mh_addrs")
-        want = {addr_key(a): i for i, g in enumerate(self.spec.groups) for a in g.addresses}
+        want = {addr_key(a): i for i, addrs in enumerate(self._all_addresses()) for a in addrs}
         for key in libbpf.map_keys(fd, ADDR_KEY.size):
             if key not in want:
                 libbpf.map_delete(fd, key)
         for key, i in want.items():
             libbpf.map_update(fd, key, _pack(ADDR_VAL.fmt, i))
+
+    def _all_addresses(self) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]]:
+        """Per group index (front groups, then return groups): its addresses."""
+        return [g.addresses for g in self.spec.groups] + [r.addresses for r in self.spec.returns]
+
+    def _write_returns(self) -> None:
+        """Return groups: an ``mh_groups`` entry reading the front group's table, and per
+        interface the return group of each family with its cluster MAC (``mh_ifaces``)."""
+        n = len(self.spec.groups)
+        index = {g.name: i for i, g in enumerate(self.spec.groups)}
+        ifaces: dict[str, list[Any]] = {}
+        for j, r in enumerate(self.spec.returns):
+            front = index[r.front]
+            b0, b1 = self._bases[front]
+            mode = HASH_MODES[r.hash_mode]  # ``table``: the front group's, read for its state
+            value = _pack(GROUP.fmt, 0, self.spec.buckets, self.spec.seed, mode, b0, b1, front)
+            libbpf.map_update(self._fd("mh_groups"), _pack("=I", n + j), value)
+            row = ifaces.setdefault(r.interface, [0, 0, bytes(6), bytes(6)])
+            for family in {a.version for a in r.addresses}:
+                at = 0 if family == 4 else 1
+                row[at] = n + j + 1
+                row[2 + at] = parse_mac(r.mac(family))
+        fd = self._fd("mh_ifaces")
+        want: dict[bytes, bytes] = {}
+        for name, (g4, g6, mac4, mac6) in ifaces.items():
+            try:
+                ifindex = socket.if_nametoindex(name)
+            except OSError:
+                raise XdpError(f"return interface {name!r} does not exist") from None
+            own = interface_mac(name)
+            want[_pack("=I", ifindex)] = _pack(IFACE.fmt, g4, g6, mac4, mac6, own, b"\0\0")
+        for key in libbpf.map_keys(fd, 4):
+            if key not in want:
+                libbpf.map_delete(fd, key)
+        for key, value in want.items():
+            libbpf.map_update(fd, key, value)
 
     def _map_mm(self) -> mmap.mmap:
         if self._mm is None:
@@ -648,9 +725,8 @@ class XdpDataplane:
         mm[base : base + len(table)] = table.tobytes()
         g = self.spec.groups[index]
         b0, b1 = self._bases[index]
-        value = _pack(
-            GROUP.fmt, half, self.spec.buckets, self.spec.seed, HASH_MODES[g.hash_mode], b0, b1
-        )
+        mode = HASH_MODES[g.hash_mode]
+        value = _pack(GROUP.fmt, half, self.spec.buckets, self.spec.seed, mode, b0, b1, index)
         libbpf.map_update(self._fd("mh_groups"), _pack("=I", index), value)
         self._active[name] = half
 
@@ -671,12 +747,16 @@ class XdpDataplane:
                 nbytes[v] += fields[n + v]
         return packets, nbytes
 
-    def test_run(self, frame: bytes, repeat: int = 1) -> tuple[int, bytes, int]:
-        """``BPF_PROG_RUN`` of the loaded program on one frame: (verdict, frame out, ns)."""
+    def test_run(
+        self, frame: bytes, repeat: int = 1, interface: str | None = None
+    ) -> tuple[int, bytes, int]:
+        """``BPF_PROG_RUN`` of the loaded program on one frame: (verdict, frame out, ns);
+        ``interface``: the frame arrives there (default: as from loopback)."""
         if self._prog_fd is None:
             raise XdpError("the XDP data plane is not installed")
         with netns_entered(self.netns):
-            return libbpf.test_run(self._prog_fd, frame, repeat=repeat)
+            index = socket.if_nametoindex(interface) if interface else 0
+            return libbpf.test_run(self._prog_fd, frame, repeat=repeat, ingress_ifindex=index)
 
 
 _PROTO_NAMES = {
@@ -727,32 +807,46 @@ def unpin(pin_dir: Path) -> None:
         pin_dir.rmdir()
 
 
-def cleanup(interface: str, pin_dir: Path, netns: str | None = None) -> dict[str, Any]:
-    """Detach multihost's XDP program from ``interface`` and unpin ``pin_dir`` (the
-    ``multihost cleanup`` command); returns what was done.  Leaves foreign programs alone."""
+def cleanup(
+    interface: str,
+    pin_dir: Path,
+    netns: str | None = None,
+    extra_interfaces: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Detach multihost's XDP program from ``interface`` (and the return groups'
+    ``extra_interfaces``) and unpin ``pin_dir`` (the ``multihost cleanup`` command); returns
+    what was done.  Leaves foreign programs alone."""
     done: dict[str, Any] = {"interface": interface, "detached": None, "unpinned": False}
     with netns_entered(netns):
-        try:
-            ifindex = socket.if_nametoindex(interface)
-        except OSError:
-            ifindex = 0
-        if ifindex:
-            current = libbpf.xdp_query_id(ifindex)
-            if current:
-                fd = libbpf.prog_fd_by_id(current)
-                try:
-                    name = libbpf.obj_info(fd)[64:80].split(b"\0")[0].decode(errors="replace")
-                finally:
-                    os.close(fd)
-                if name == PROGRAM_NAME:
-                    for flags in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
-                        if libbpf.xdp_query_id(ifindex, flags) == current:
-                            libbpf.xdp_detach(ifindex, flags)
-                    done["detached"] = current
+        done["detached"] = _detach_ours(interface)
+        if extra_interfaces:
+            done["return_interfaces"] = {i: _detach_ours(i) for i in extra_interfaces}
         if pin_dir.exists():
             unpin(pin_dir)
             done["unpinned"] = True
     return done
+
+
+def _detach_ours(interface: str) -> int | None:
+    """Detach multihost's program from ``interface`` (its id), if it runs there."""
+    try:
+        ifindex = socket.if_nametoindex(interface)
+    except OSError:
+        return None
+    current = libbpf.xdp_query_id(ifindex)
+    if not current:
+        return None
+    fd = libbpf.prog_fd_by_id(current)
+    try:
+        name = libbpf.obj_info(fd)[64:80].split(b"\0")[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+    if name != PROGRAM_NAME:
+        return None
+    for flags in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
+        if libbpf.xdp_query_id(ifindex, flags) == current:
+            libbpf.xdp_detach(ifindex, flags)
+    return int(current)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,17 @@ Maps (all sized here; ``buckets`` sized by the loader before load):
 ``mh_stats``       percpu array group -> packets/bytes per verdict, last bucket seen
 ``mh_frags``       LRU hash     (family, proto, id, saddr, daddr) -> verdict of 1st fragment
 ``mh_udp_flows``   LRU hash     UDP (and other port protocols') flows passed in handover
+``mh_ifaces``      hash         ifindex -> return group per family + its cluster MAC, the
+                                interface's own MAC (replies to clients, IP transparency)
 =================  ===========  =========================================================
+
+Return groups (IP transparency, ``docs/transparency.md``) have an ``mh_groups`` entry of
+their own (their hash mode, their counters) whose ``table`` is their front group's index:
+the program reads the front group's active table, so both directions share one bucket
+state and one flip.  A front group's ``table`` is its own index.  A frame that is not to a
+traffic IP but to a cluster MAC (``mh_ifaces`` of the ingress interface) with a unicast
+destination IP is a reply to a client: hashed by its return group and decided like a packet
+to a traffic IP; passed, it gets the ingress interface's own MAC.
 
 Bucket tables are double-buffered: group ``g`` owns ``2 * buckets`` consecutive bytes of
 ``mh_buckets`` starting at ``base``; ``active`` (0 or 1) says which half the program reads.
@@ -49,6 +59,7 @@ MAP_NAMES = (
     "mh_stats",
     "mh_frags",
     "mh_udp_flows",
+    "mh_ifaces",
 )
 PROGRAM_NAME = "mh_xdp"
 
@@ -60,6 +71,8 @@ VIP4_SHIFT = 32 - 10
 VIP4_COLLIDE = 0xFFFFFFFF
 MAX_GROUPS = 512
 FRAG_ENTRIES = 8192
+#: Interfaces carrying return groups (replies to clients).
+MAX_IFACES = 64
 UDP_FLOW_ENTRIES = 65536
 #: Largest bucket space one group may use (issue: arrays up to 720,720 buckets).
 MAX_BUCKETS = 1 << 20
@@ -96,7 +109,14 @@ DROPPED = (
     Verdict.FRAG_DROPPED,
 )
 
-HASH_MODES = {HashMode.FOUR_TUPLE: 0, HashMode.THREE_TUPLE: 1, HashMode.SOURCE_IP: 2}
+HASH_MODES = {
+    HashMode.FOUR_TUPLE: 0,
+    HashMode.THREE_TUPLE: 1,
+    HashMode.SOURCE_IP: 2,
+    HashMode.SOURCE_IP_PORT: 3,
+    HashMode.DESTINATION_IP: 4,
+    HashMode.DESTINATION_IP_PORT: 5,
+}
 
 #: ``mh_node.lease_expires_ns`` meaning "held, no expiry" (the program compares with now).
 LEASE_FOREVER = (1 << 64) - 1
@@ -152,6 +172,18 @@ GROUP = Struct(
         ("__u32", "seed", 0, "I"),
         ("__u32", "mode", 0, "I"),  # HASH_MODES
         ("__u32", "base", 2, "I"),  # byte offsets of the two halves in mh_buckets
+        ("__u32", "table", 0, "I"),  # group whose active/base are read (return: its front)
+    ),
+)
+IFACE = Struct(
+    "mh_iface",
+    (
+        ("__u32", "group4_plus_one", 0, "I"),  # return group of IPv4 replies + 1 (0: none)
+        ("__u32", "group6_plus_one", 0, "I"),
+        ("__u8", "mac4", 6, "s"),  # the cluster MAC replies of that family are sent to
+        ("__u8", "mac6", 6, "s"),
+        ("__u8", "own_mac", 6, "s"),  # the interface's MAC: a passed reply becomes HOST
+        ("__u8", "pad", 2, "s"),
     ),
 )
 NODE = Struct(
@@ -201,7 +233,19 @@ FLOW_KEY = Struct(
 )
 FLOW_VAL = Struct("mh_flow_val", (("__u64", "last_seen_ns", 0, "Q"),))
 
-STRUCTS = (ADDR_KEY, ADDR_VAL, VIP4, GROUP, NODE, STATS, FRAG_KEY, FRAG_VAL, FLOW_KEY, FLOW_VAL)
+STRUCTS = (
+    ADDR_KEY,
+    ADDR_VAL,
+    VIP4,
+    GROUP,
+    IFACE,
+    NODE,
+    STATS,
+    FRAG_KEY,
+    FRAG_VAL,
+    FLOW_KEY,
+    FLOW_VAL,
+)
 
 #: Bytes of bucket state per ``mh_buckets`` element (an array value is 8-byte aligned).
 BUCKETS_PER_ELEMENT = 8
@@ -262,6 +306,7 @@ def _defines() -> list[str]:
         f"#define MH_VIP4_MULT {VIP4_MULT:#x}",
         f"#define MH_MAX_GROUPS {MAX_GROUPS}",
         f"#define MH_FRAG_ENTRIES {FRAG_ENTRIES}",
+        f"#define MH_MAX_IFACES {MAX_IFACES}",
         f"#define MH_UDP_FLOW_ENTRIES {UDP_FLOW_ENTRIES}",
         f"#define MH_MAX_BUCKETS {MAX_BUCKETS}",
         f"#define MH_BUCKETS_PER_ELEMENT {BUCKETS_PER_ELEMENT}",

@@ -10,6 +10,7 @@
 #define MH_VIP4_MULT 0x9e3779b1
 #define MH_MAX_GROUPS 512
 #define MH_FRAG_ENTRIES 8192
+#define MH_MAX_IFACES 64
 #define MH_UDP_FLOW_ENTRIES 65536
 #define MH_MAX_BUCKETS 1048576
 #define MH_BUCKETS_PER_ELEMENT 8
@@ -30,6 +31,9 @@
 #define MH_HASH_FOUR_TUPLE 0
 #define MH_HASH_THREE_TUPLE 1
 #define MH_HASH_SOURCE_IP 2
+#define MH_HASH_SOURCE_IP_PORT 3
+#define MH_HASH_DESTINATION_IP 4
+#define MH_HASH_DESTINATION_IP_PORT 5
 
 struct mh_addr_key {
 	__u32 family;
@@ -54,8 +58,19 @@ struct mh_group {
 	__u32 seed;
 	__u32 mode;
 	__u32 base[2];
+	__u32 table;
 };
-_Static_assert(sizeof(struct mh_group) == 24, "mh_group layout");
+_Static_assert(sizeof(struct mh_group) == 28, "mh_group layout");
+
+struct mh_iface {
+	__u32 group4_plus_one;
+	__u32 group6_plus_one;
+	__u8 mac4[6];
+	__u8 mac6[6];
+	__u8 own_mac[6];
+	__u8 pad[2];
+};
+_Static_assert(sizeof(struct mh_iface) == 28, "mh_iface layout");
 
 struct mh_node {
 	__u64 lease_expires_ns;

@@ -17,7 +17,13 @@
  *
  * "A local connection" is bpf_skc_lookup_tcp finding a socket that is not a listener: no
  * conntrack anywhere.  Passed packets get the interface's own MAC as destination, so the
- * stack sees PACKET_HOST (they arrive on the cluster's multicast MAC).  ICMP errors and
+ * stack sees PACKET_HOST (they arrive on the cluster's multicast MAC).
+ *
+ * Replies to clients (IP transparency, return groups): a frame to a cluster MAC of its
+ * ingress interface (mh_ifaces) with a unicast destination that is no traffic IP is a back
+ * end's reply to a client, sent to the multi-hosted gateway.  It is hashed with the return
+ * group's mode (the destination side: the client's address [and port]) and decided by its
+ * front group's table (mh_group.table), so it lands on the node that owns the request.  ICMP errors and
  * ICMPv6 neighbour discovery to a traffic IP pass on every node.  Non-first fragments
  * follow the verdict of their datagram's first fragment (mh_frags, LRU).  Everything not
  * addressed to a traffic IP passes untouched.
@@ -83,6 +89,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct mh_node);
 } mh_node SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MH_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, struct mh_iface);
+} mh_ifaces SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -234,6 +247,29 @@ static __always_inline __u32 flow_hash(const struct pkt *p, __u32 mode, __u32 se
 	__u32 k[10] = {};
 	__u32 sport = p->sport, dport = p->dport; /* 2 port bytes + 2 zero bytes */
 
+	if (mode >= MH_HASH_SOURCE_IP_PORT) {
+		/* one side only: source (front group) or destination (return group) address,
+		 * then that side's port when the mode and the protocol have one */
+		int src = mode == MH_HASH_SOURCE_IP_PORT;
+		const __u32 *a = src ? p->saddr : p->daddr;
+		__u32 port = src ? sport : dport;
+		__u32 n = p->family == 4 ? 1 : 4;
+
+		k[0] = a[0];
+		if (p->family == 6) {
+			k[1] = a[1];
+			k[2] = a[2];
+			k[3] = a[3];
+		}
+		if (p->has_ports && mode != MH_HASH_DESTINATION_IP) {
+			if (p->family == 4)
+				k[1] = port;
+			else
+				k[4] = port;
+			n += 1;
+		}
+		return jhash_words(k, n, seed);
+	}
 	if (p->family == 4) {
 		if (mode == MH_HASH_SOURCE_IP) {
 			k[0] = p->saddr[0];
@@ -404,9 +440,10 @@ static __always_inline void frag_key(struct mh_frag_key *k, const struct pkt *p)
 }
 
 static __always_inline int verdict(struct xdp_md *ctx, struct ethhdr *eth, struct pkt *p,
-				   __u32 group_id)
+				   __u32 group_id, const __u8 *own_mac)
 {
 	struct mh_group *g = bpf_map_lookup_elem(&mh_groups, &group_id);
+	struct mh_group *t = g;
 	__u32 zero = 0, v, bucket = 0, state = MH_STATE_NONE;
 	struct mh_node *node = bpf_map_lookup_elem(&mh_node, &zero);
 	struct mh_frag_key fk = {};
@@ -414,6 +451,13 @@ static __always_inline int verdict(struct xdp_md *ctx, struct ethhdr *eth, struc
 
 	if (!g || !node)
 		return XDP_DROP;
+	if (g->table != group_id) { /* a return group: its front group's table decides */
+		__u32 front = g->table;
+
+		t = bpf_map_lookup_elem(&mh_groups, &front);
+		if (!t)
+			return XDP_DROP;
+	}
 	if (p->later_frag) {
 		struct mh_frag_val *fv;
 
@@ -426,7 +470,7 @@ static __always_inline int verdict(struct xdp_md *ctx, struct ethhdr *eth, struc
 		if (g->buckets == 0)
 			return XDP_DROP;
 		bucket = (__u32)(((__u64)flow_hash(p, g->mode, g->seed) * g->buckets) >> 32);
-		state = bucket_state(g, bucket);
+		state = bucket_state(t, bucket);
 		v = decide(ctx, p, state, node);
 	}
 	if (p->first_frag) {
@@ -438,8 +482,35 @@ static __always_inline int verdict(struct xdp_md *ctx, struct ethhdr *eth, struc
 	count(group_id, v, len, bucket, state);
 	if (!passes(v))
 		return XDP_DROP;
-	__builtin_memcpy(eth->h_dest, node->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, own_mac ? own_mac : node->mac, ETH_ALEN);
 	return XDP_PASS;
+}
+
+/* The return group of a reply: a frame to the cluster MAC of its family on an interface
+ * carrying one (NULL: not a reply, let it pass untouched). */
+static __always_inline struct mh_iface *reply_iface(struct xdp_md *ctx, struct ethhdr *eth,
+						    int family, __u32 *group)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct mh_iface *ifc;
+	const __u8 *mac;
+	__u32 plus_one;
+
+	if (!(eth->h_dest[0] & 1)) /* unicast frame: the only test ordinary traffic pays */
+		return NULL;
+	ifc = bpf_map_lookup_elem(&mh_ifaces, &ifindex);
+	if (!ifc)
+		return NULL;
+	plus_one = family == 4 ? ifc->group4_plus_one : ifc->group6_plus_one;
+	mac = family == 4 ? ifc->mac4 : ifc->mac6;
+	if (!plus_one)
+		return NULL;
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++) /* no memcmp in BPF */
+		if (eth->h_dest[i] != mac[i])
+			return NULL;
+	*group = plus_one - 1;
+	return ifc;
 }
 
 /* ------------------------------------------------------------------ parsing */
@@ -451,8 +522,9 @@ static __always_inline int ipv4(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 	struct pkt p = {.family = 4};
 	__u16 frag;
 
-	__u32 slot, group;
+	__u32 slot, group = 0;
 	struct mh_vip4 *fast;
+	struct mh_iface *ifc = NULL;
 
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return XDP_PASS;
@@ -460,18 +532,24 @@ static __always_inline int ipv4(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 	slot = (ip->daddr * MH_VIP4_MULT) >> MH_VIP4_SHIFT;
 	fast = bpf_map_lookup_elem(&mh_vip4, &slot);
 	if (!fast || !fast->group_plus_one)
-		return XDP_PASS;
+		goto not_vip;
 	if (fast->group_plus_one != MH_VIP4_COLLIDE) {
 		if (fast->addr != ip->daddr)
-			return XDP_PASS;
+			goto not_vip;
 		group = fast->group_plus_one - 1;
 	} else {
 		__builtin_memcpy(ak.addr, &ip->daddr, 4);
 		av = bpf_map_lookup_elem(&mh_addrs, &ak);
 		if (!av)
-			return XDP_PASS;
+			goto not_vip;
 		group = av->group;
 	}
+	goto parse;
+not_vip:
+	ifc = reply_iface(ctx, eth, 4, &group);
+	if (!ifc || (bpf_ntohl(ip->daddr) >> 28) == 0xe) /* IP multicast is no reply */
+		return XDP_PASS;
+parse:
 	p.saddr[0] = ip->saddr;
 	p.daddr[0] = ip->daddr;
 	p.proto = ip->protocol;
@@ -487,7 +565,7 @@ static __always_inline int ipv4(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 		count(group, MH_V_DROPPED, ctx->data_end - ctx->data, 0, 0);
 		return XDP_DROP;
 	}
-	return verdict(ctx, eth, &p, group);
+	return verdict(ctx, eth, &p, group, ifc ? ifc->own_mac : NULL);
 }
 
 static __always_inline int ipv6(struct xdp_md *ctx, struct ethhdr *eth, void *l3, void *end)
@@ -496,6 +574,8 @@ static __always_inline int ipv6(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 	struct mh_addr_key ak = {.family = 6};
 	struct mh_addr_val *av;
 	struct pkt p = {.family = 6};
+	struct mh_iface *ifc = NULL;
+	__u32 group = 0;
 	void *l4;
 	__u8 next;
 
@@ -503,8 +583,13 @@ static __always_inline int ipv6(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 		return XDP_PASS;
 	__builtin_memcpy(ak.addr, &ip6->daddr, 16);
 	av = bpf_map_lookup_elem(&mh_addrs, &ak);
-	if (!av)
-		return XDP_PASS;
+	if (av) {
+		group = av->group;
+	} else {
+		ifc = reply_iface(ctx, eth, 6, &group);
+		if (!ifc || ip6->daddr.in6_u.u6_addr8[0] == 0xff) /* IPv6 multicast is no reply */
+			return XDP_PASS;
+	}
 	__builtin_memcpy(p.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(p.daddr, &ip6->daddr, 16);
 	next = ip6->nexthdr;
@@ -541,9 +626,9 @@ static __always_inline int ipv6(struct xdp_md *ctx, struct ethhdr *eth, void *l3
 	p.proto = next;
 	if (!parse_l4(&p, l4, end))
 		goto malformed;
-	return verdict(ctx, eth, &p, av->group);
+	return verdict(ctx, eth, &p, group, ifc ? ifc->own_mac : NULL);
 malformed:
-	count(av->group, MH_V_DROPPED, ctx->data_end - ctx->data, 0, 0);
+	count(group, MH_V_DROPPED, ctx->data_end - ctx->data, 0, 0);
 	return XDP_DROP;
 }
 
