@@ -18,6 +18,7 @@ from multihost.lab.backnet import (
     RETURN_VIP,
     ROUTED_SUBNET,
     NeighMode,
+    Proxy,
     ReturnMode,
     client_link,
 )
@@ -60,9 +61,20 @@ def test_transparent_gateway_lab_has_a_return_traffic_ip_and_one_address_per_bac
     assert bn is not None and bn.return_vip == RETURN_VIP
     assert all(b.node_addresses == () for b in bn.backends)
     assert {b.address_for("C") for b in bn.backends} == {"198.19.1.1", "198.19.2.1"}
-    assert backbuild.proxy_bind(bn) == "$remote_addr:$remote_port"
-    routes = describe(4, prefix="mhtU-", transparent=ReturnMode.ROUTES).backnet
-    assert routes is not None and backbuild.proxy_bind(routes) == "$remote_addr"
+    assert bn.proxy is Proxy.HAPROXY and topo.hash_mode == "source-ip-port"
+    assert "source 0.0.0.0 usesrc client\n" in backbuild.haproxy_conf(topo, "C")
+    assert "server b2 198.19.2.1:80\n" in backbuild.haproxy_conf(topo, "C")
+    assert "http-response set-header X-Multihost-Node C" in backbuild.haproxy_conf(topo, "C")
+    nginx = describe(4, prefix="mhtU-", transparent=ReturnMode.GATEWAY, proxy=Proxy.NGINX)
+    assert nginx.hash_mode == "source-ip"  # nginx binds the client's address only
+    routes = describe(4, prefix="mhtU-", transparent=ReturnMode.ROUTES)
+    assert routes.backnet is not None and routes.backnet.proxy is Proxy.NGINX
+    assert routes.hash_mode == "4-tuple"
+    assert "proxy_bind $remote_addr transparent;" in backbuild.proxy_location(routes, "A")
+    assert "server 198.19.1.11:80" in backbuild.proxy_http(routes, "A")
+    hap = describe(2, prefix="mhtU-", transparent=ReturnMode.ROUTES, proxy=Proxy.HAPROXY)
+    assert "usesrc clientip\n" in backbuild.haproxy_conf(hap, "B")
+    assert "server b1 198.19.1.12:80\n" in backbuild.haproxy_conf(hap, "B")
 
 
 def test_routed_lab_puts_each_client_on_a_link_of_its_own_behind_the_router() -> None:
@@ -112,15 +124,21 @@ def test_lab_config_has_the_back_ends_and_gateways_backend_routes_plans(tmp_path
     text_steps = [s.command() for s in plan(b1).steps]
     assert "ip -4 rule add from 198.19.1.12 lookup 101 priority 1001" in text_steps
     assert "ip -4 route add default via 198.19.0.12 dev eth0 table 101 proto static" in text_steps
+    assert 'transparent = true\nreturn = "routes"' in text
     gateway = describe(4, prefix="mhtU-", transparent=ReturnMode.GATEWAY)
-    assert "[[backend]]" not in config_text(gateway, tmp_path / "key")
+    text = config_text(gateway, tmp_path / "key")
+    assert "[[backend]]" not in text
+    cfg = parse_config(text, "lab.toml")
+    assert [(r.name, r.front, r.interface) for r in cfg.returns] == [("web_return", "web", "eth1")]
+    assert [str(a) for a in cfg.returns[0].addresses] == [RETURN_VIP]
+    assert cfg.groups[0].hash.value == "source-ip-port"
 
 
 def test_node_nft_counts_replies_and_marks_them_for_the_local_route() -> None:
     bn = describe(2, prefix="mhtU-", transparent=ReturnMode.ROUTES).backnet
     assert bn is not None
     text = backbuild.node_nft(bn)
-    assert 'iifname "eth1" ip saddr 198.19.0.0/17 fib daddr type != local' in text
+    assert "ip saddr 198.19.0.0/17 meta l4proto tcp fib daddr type != local" in text
     assert "socket transparent 1 counter name held meta mark set 0x4d48 accept" in text
     assert "counter name stray" in text
     assert "meta mark" not in backbuild.node_nft(bn, mark=False)

@@ -27,7 +27,7 @@ from multihost.cli.common import (
 )
 from multihost.config import DATAPLANES as BACKENDS
 from multihost.lab import build as labbuild
-from multihost.lab.backnet import NeighMode, ReturnMode
+from multihost.lab.backnet import NeighMode, Proxy, ReturnMode
 from multihost.lab.clean import clean as clean_lab
 from multihost.lab.topology import (
     MAX_CLIENTS,
@@ -89,14 +89,18 @@ unicast IP; the bridge cannot match those against its IP-keyed snooping table, s
 IP transparency (--transparent, docs/transparency.md): a second switch PREFIXbsw behind
 the nodes (198.19.0.0/17; each node's eth1 is its backend_gateway, 198.19.0.11 ...) with
 back ends PREFIXb1 and PREFIXb2 running nginx that answers its own name and the client
-address it saw (and logs $remote_addr).  Each node's nginx on port 80 is a transparent
-proxy to them (proxy_bind $remote_addr transparent; the response header X-Multihost-Node
-names the node); the lab sets up the proxies' policy routing and counts, on every node,
-the back ends' replies that reached a node without the connection's socket.
+address it saw (and logs $remote_addr).  Each node runs a transparent proxy to them on
+port 80 (the response header X-Multihost-Node names the node); the lab sets up the proxies'
+policy routing and counts, on every node, the back ends' replies that reached a node
+without the connection's socket.
   --return routes   each back end has an address per node and routes replies by source
-                    ('multihost backend-routes --apply' from the lab's [[backend]] tables)
+                    ('multihost backend-routes --apply' from the lab's [[backend]] tables);
+                    traffic IP hash 4-tuple
   --return gateway  the back ends' default route is a return traffic IP (198.19.0.100)
-                    hosted by the agents
+                    hosted by the agents (a return group); hash source-ip-port (haproxy)
+                    or source-ip (nginx) in front, the reply's destination side behind
+  --proxy nginx     proxy_bind $remote_addr transparent (client address only)
+  --proxy haproxy   source 0.0.0.0 usesrc client (address and port; clientip with routes)
 
 Upstream router (--routed, docs/switches.md): clients sit behind PREFIXrt (client ck on
 198.19.(128+k).0/24) and reach the traffic IP through it.  The router drops ARP replies
@@ -108,6 +112,7 @@ examples:
   multihost lab up --nodes 4
   multihost lab up --nodes 8 --clients 2 --seed 0x5eed1234 --json
   multihost lab up --transparent --return routes
+  multihost lab up --transparent --return gateway --proxy haproxy
   multihost lab up --routed
 
 {FILES}
@@ -237,6 +242,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="how back ends' replies find their node (with --transparent; default routes)",
     )
     a.add_argument(
+        "--proxy",
+        choices=[p.value for p in Proxy],
+        help="the nodes' transparent proxy (with --transparent; default: nginx with "
+        "--return routes, haproxy with --return gateway)",
+    )
+    a.add_argument(
         "--routed",
         action="store_true",
         help="the clients reach the traffic IP through a router namespace (see above)",
@@ -302,6 +313,7 @@ def run_up(args: argparse.Namespace) -> int:
         transparent=ReturnMode(args.return_mode) if args.transparent else None,
         routed=args.routed,
         router_neigh=NeighMode(args.router_neigh),
+        proxy=Proxy(args.proxy) if args.proxy else None,
     )
     started = time.monotonic()
 

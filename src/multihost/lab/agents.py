@@ -92,9 +92,28 @@ def config_text(
         "addresses = [" + ", ".join(f'"{v}"' for v in topo.vips) + "]",
         f"members = [{members}]",
         f'hash = "{topo.hash_mode}"',
+        *transparent_lines(topo),
         "",
     ]
     return "\n".join(lines + backend_lines(topo))
+
+
+def transparent_lines(topo: Topology) -> list[str]:
+    """A transparent lab's front group keys, and in gateway mode its return group."""
+    bn = topo.backnet
+    if bn is None:
+        return []
+    lines = ["transparent = true", f'return = "{bn.mode.value}"']
+    if bn.return_vip is not None:
+        lines += [
+            "",
+            "[[traffic_ip_group]]",
+            'name = "web_return"',
+            'return_for = "web"',
+            f'addresses = ["{bn.return_vip}"]',
+            f'interface = "{bn.interface}"',
+        ]
+    return lines
 
 
 def backend_lines(topo: Topology) -> list[str]:

@@ -34,6 +34,7 @@ from multihost.lab.backnet import (
     TPROXY_RULE_PRIORITY,
     TPROXY_TABLE,
     BackNet,
+    Proxy,
     ReturnMode,
     Router,
     client_link,
@@ -43,19 +44,21 @@ from multihost.lab.build import (
     NGINX,
     LabError,
     LabState,
+    ProcessRecord,
     _index,
     _ipr,
     _spawn,
     configure_host,
     wait_listening,
 )
-from multihost.lab.topology import Topology
+from multihost.lab.topology import Host, Topology
 
 #: The lab's own nft table on nodes (measurement and, until the product does it, the
 #: transparent proxies' socket mark).  Deleted with the node's namespace.
 LAB_TABLE = "multihost_lab"
 #: HTTP header the nodes' proxies add: which node held the client's connection.
 NODE_HEADER = "X-Multihost-Node"
+HAPROXY = "/usr/sbin/haproxy"
 
 
 def sysctl(netns: str, key: str, value: str) -> None:
@@ -256,6 +259,15 @@ def wire_backnet(state: LabState) -> None:
             ipr.addr("add", index=dev, address=b.address, prefixlen=bn.prefixlen)
             ipr.link("set", index=dev, state="up")
             if bn.mode is ReturnMode.GATEWAY and bn.return_vip is not None:
+                # The agents answer ARP on the cluster interface only (so far): the back
+                # ends get the return traffic IP's MAC statically, as a router would.
+                ipr.neigh(
+                    "replace",
+                    dst=bn.return_vip,
+                    lladdr=topo.group_mac,
+                    ifindex=dev,
+                    state=0x80,  # NUD_PERMANENT
+                )
                 ipr.route("add", dst="0.0.0.0/0", gateway=bn.return_vip)
 
 
@@ -271,7 +283,8 @@ table inet {LAB_TABLE} {{
     counter stray {{}}
     chain prerouting {{
         type filter hook prerouting priority mangle; policy accept;
-        iifname "{bn.interface}" ip saddr {bn.subnet} fib daddr type != local jump backend_reply
+        iifname "{bn.interface}" ip saddr {bn.subnet} meta l4proto tcp fib daddr type != local \\
+            jump backend_reply
     }}
     chain backend_reply {{
         socket transparent 1 counter name held{action} accept
@@ -301,6 +314,11 @@ def node_plumbing(state: LabState) -> None:
                 table=TPROXY_TABLE,
             )
         nft(n.netns, node_nft(bn))
+        if bn.proxy is Proxy.HAPROXY and bn.mode is ReturnMode.GATEWAY:
+            # HAProxy binds the client's port too (with SO_REUSEADDR): a connection to a
+            # back end from a client port whose last one sits in TIME_WAIT on this node may
+            # reuse it (timestamps make that safe), as on a busy proxy.
+            sysctl(n.netns, "net.ipv4.tcp_tw_reuse", "1")
 
 
 def reply_counters(state: LabState) -> dict[str, dict[str, int]]:
@@ -355,13 +373,53 @@ http {{
 """
 
 
-def proxy_bind(bn: BackNet) -> str:
-    """nginx's transparent bind: the client's address (routes mode, the kernel picks the
-    port), or its address and port (gateway mode: the return group hashes the reply's
-    destination address and port, which must be the client's)."""
-    if bn.mode is ReturnMode.GATEWAY:
-        return "$remote_addr:$remote_port"
-    return "$remote_addr"
+def usesrc(bn: BackNet) -> str:
+    """HAProxy's transparent source: the client's address and port with a return gateway
+    (the return group hashes the reply's destination address and port, which must be the
+    client's), its address only with per-node return routes (the kernel picks the port)."""
+    return "client" if bn.mode is ReturnMode.GATEWAY else "clientip"
+
+
+HAPROXY_CONF = """\
+# multihost lab: HAProxy of node {name} (generated; removed by 'multihost lab down').
+global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 30s
+    timeout server 30s
+    retries 0
+    option httpclose
+    maxconn 4096
+frontend web
+    bind :{port} backlog 4096
+    http-response set-header {header} {name}
+    default_backend backends
+backend backends
+    balance roundrobin
+    source 0.0.0.0 usesrc {usesrc}
+{servers}"""
+
+
+def haproxy_conf(topo: Topology, node: str) -> str:
+    bn = topo.backnet
+    assert bn is not None
+    servers = "".join(f"    server {b.name} {b.address_for(node)}:80\n" for b in bn.backends)
+    return HAPROXY_CONF.format(
+        name=node, port=topo.port, header=NODE_HEADER, usesrc=usesrc(bn), servers=servers
+    )
+
+
+def start_haproxy(state: LabState, node: Host) -> ProcessRecord:
+    """The node's HAProxy (instead of its nginx): a transparent proxy to the back ends."""
+    d = state.directory / f"haproxy-{node.name}"
+    d.mkdir()
+    conf = d / "haproxy.cfg"
+    conf.write_text(haproxy_conf(state.topology, node.name))
+    argv = [HAPROXY, "-db", "-f", str(conf)]
+    return _spawn(state, node, f"haproxy-{node.name}", argv, match=str(conf))
 
 
 def proxy_http(topo: Topology, node: str) -> str:
@@ -375,12 +433,13 @@ def proxy_http(topo: Topology, node: str) -> str:
 
 
 def proxy_location(topo: Topology, node: str) -> str:
-    """The ``location /`` body of a node's nginx: a transparent proxy to the back ends."""
-    bn = topo.backnet
-    assert bn is not None
+    """The ``location /`` body of a node's nginx: a transparent proxy to the back ends,
+    from the client's address (``proxy_bind`` could name ``$remote_port`` too, but nginx
+    binds it without ``SO_REUSEADDR``: a client port seen again while the node's last
+    connection from it to that back end sits in TIME_WAIT fails with EADDRINUSE)."""
     return (
         "            proxy_pass http://backends;\n"
-        f"            proxy_bind {proxy_bind(bn)} transparent;\n"
+        "            proxy_bind $remote_addr transparent;\n"
         "            proxy_next_upstream off;\n"
         "            proxy_connect_timeout 3s;\n"
         f"            add_header {NODE_HEADER} {node} always;\n"

@@ -61,6 +61,30 @@ class ReturnMode(StrEnum):
     GATEWAY = "gateway"
 
 
+class Proxy(StrEnum):
+    """The transparent proxy each node runs in front of the back ends (from Debian)."""
+
+    #: nginx ``proxy_bind $remote_addr transparent``: the client's address, a port of the
+    #: kernel's choosing (with a return gateway: the ``source-ip`` hash on both groups).
+    NGINX = "nginx"
+    #: HAProxy ``source 0.0.0.0 usesrc client``: the client's address and port (with a
+    #: return gateway: ``source-ip-port`` in front, ``destination-ip-port`` for replies);
+    #: ``usesrc clientip`` (address only) with per-node return routes.
+    HAPROXY = "haproxy"
+
+
+def default_proxy(mode: ReturnMode) -> Proxy:
+    """nginx for per-node return routes, HAProxy (address and port) for a return gateway."""
+    return Proxy.HAPROXY if mode is ReturnMode.GATEWAY else Proxy.NGINX
+
+
+def front_hash(mode: ReturnMode, proxy: Proxy) -> str:
+    """The front group's hash mode: what a return gateway can hash the replies by."""
+    if mode is ReturnMode.ROUTES:
+        return "4-tuple"
+    return "source-ip-port" if proxy is Proxy.HAPROXY else "source-ip"
+
+
 class NeighMode(StrEnum):
     """How the upstream router learns the traffic IP's MAC."""
 
@@ -109,6 +133,7 @@ class BackNet:
     backends: tuple[Backend, ...]
     #: ``(node, address)``: each node's back-end-facing address (``backend_gateway``).
     gateways: tuple[tuple[str, str], ...]
+    proxy: Proxy = Proxy.NGINX
     bridge: str = "br0"
     interface: str = NODE_BACK_INTERFACE
     subnet: str = str(BACK_SUBNET)
@@ -131,6 +156,7 @@ class BackNet:
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode.value,
+            "proxy": self.proxy.value,
             "netns": self.netns,
             "bridge": self.bridge,
             "interface": self.interface,
@@ -155,6 +181,7 @@ class BackNet:
     def from_dict(cls, d: dict[str, Any]) -> BackNet:
         return cls(
             mode=ReturnMode(d["mode"]),
+            proxy=Proxy(d["proxy"]),
             netns=str(d["netns"]),
             bridge=str(d["bridge"]),
             interface=str(d["interface"]),
@@ -179,6 +206,7 @@ class BackNet:
         """The ``transparent`` object of ``lab up --json``."""
         return {
             "return": self.mode.value,
+            "proxy": self.proxy.value,
             "switch_netns": self.netns,
             "subnet": self.subnet,
             "return_vip": self.return_vip,
@@ -254,6 +282,7 @@ def describe_backnet(
     nodes: tuple[str, ...],
     mode: ReturnMode = ReturnMode.ROUTES,
     backends: int = BACKENDS,
+    proxy: Proxy | None = None,
 ) -> BackNet:
     """The back-end network for ``nodes`` (slot order) with ``backends`` back ends."""
     if not 1 <= backends <= MAX_BACKENDS:
@@ -278,6 +307,7 @@ def describe_backnet(
     )
     return BackNet(
         mode=mode,
+        proxy=default_proxy(mode) if proxy is None else proxy,
         netns=f"{prefix}bsw",
         backends=bes,
         gateways=gateways,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 
+from multihost.lab.backnet import Proxy
 from multihost.lab.build import NGINX, LabState, ProcessRecord, _spawn, wait_listening
 from multihost.lab.clean import proc_cmdline
+from multihost.lab.topology import Host
 
 NGINX_CONF = """\
 # multihost lab: nginx of node {name} (generated; removed by 'multihost lab down').
@@ -54,35 +56,15 @@ SERVE_LOCATION = """\
 def start_services(state: LabState) -> None:
     topo = state.topology
     pending: list[tuple[ProcessRecord, str, int]] = []
+    bn = topo.backnet
     for node in topo.nodes:
-        d = state.directory / f"nginx-{node.name}"
-        (d / "tmp").mkdir(parents=True)
-        conf = d / "nginx.conf"
-        peer = "client=$remote_addr:$remote_port"
-        listen6 = (
-            f"        listen [::]:{topo.port} default_server ipv6only=on backlog=4096;\n"
-            if topo.ipv6
-            else ""
-        )
-        upstream, location = "", SERVE_LOCATION.format(name=node.name, peer=peer)
-        if topo.backnet is not None:  # a transparent proxy in front of the back ends
+        if bn is not None and bn.proxy is Proxy.HAPROXY:  # instead of the node's nginx
             from multihost.lab import backbuild
 
-            upstream = backbuild.proxy_http(topo, node.name)
-            location = backbuild.proxy_location(topo, node.name)
-        conf.write_text(
-            NGINX_CONF.format(
-                name=node.name,
-                dir=d,
-                port=topo.port,
-                listen6=listen6,
-                upstream=upstream,
-                location=location,
-            )
-        )
-        argv = [NGINX, "-p", f"{d}/", "-e", str(d / "error.log"), "-c", str(conf)]
-        rec = _spawn(state, node, f"nginx-{node.name}", argv, match=str(conf))
-        pending.append((rec, "tcp", topo.port))
+            rec = backbuild.start_haproxy(state, node)
+            pending.append((rec, "tcp", topo.port))
+        else:
+            pending.append((_start_nginx(state, node), "tcp", topo.port))
         argv = [sys.executable, "-m", "multihost.lab.udpecho", "--name", node.name]
         argv += ["--port", str(topo.echo_port), *(["--ipv6"] if topo.ipv6 else [])]
         match = f"multihost.lab.udpecho --name {node.name}"
@@ -92,3 +74,35 @@ def start_services(state: LabState) -> None:
         wait_listening(rec, proto, port)
         rec.cmdline = proc_cmdline(rec.pid)
     state.save()
+
+
+def _start_nginx(state: LabState, node: Host) -> ProcessRecord:
+    """The node's nginx: answers its own name, or (transparent lab) proxies to back ends."""
+    topo = state.topology
+    d = state.directory / f"nginx-{node.name}"
+    (d / "tmp").mkdir(parents=True)
+    conf = d / "nginx.conf"
+    peer = "client=$remote_addr:$remote_port"
+    listen6 = (
+        f"        listen [::]:{topo.port} default_server ipv6only=on backlog=4096;\n"
+        if topo.ipv6
+        else ""
+    )
+    upstream, location = "", SERVE_LOCATION.format(name=node.name, peer=peer)
+    if topo.backnet is not None:  # a transparent proxy in front of the back ends
+        from multihost.lab import backbuild
+
+        upstream = backbuild.proxy_http(topo, node.name)
+        location = backbuild.proxy_location(topo, node.name)
+    conf.write_text(
+        NGINX_CONF.format(
+            name=node.name,
+            dir=d,
+            port=topo.port,
+            listen6=listen6,
+            upstream=upstream,
+            location=location,
+        )
+    )
+    argv = [NGINX, "-p", f"{d}/", "-e", str(d / "error.log"), "-c", str(conf)]
+    return _spawn(state, node, f"nginx-{node.name}", argv, match=str(conf))

@@ -42,6 +42,7 @@ from typing import Any
 from multihost.lab.backnet import (
     BackNet,
     NeighMode,
+    Proxy,
     ReturnMode,
     Router,
     check_backnet,
@@ -49,6 +50,7 @@ from multihost.lab.backnet import (
     client_link,
     describe_backnet,
     describe_router,
+    front_hash,
 )
 from multihost.lab.hosts import Host, host_dict, host_from
 from multihost.lab.switch import Switch, SwitchMode
@@ -334,12 +336,14 @@ def describe(
     transparent: ReturnMode | None = None,
     routed: bool = False,
     router_neigh: NeighMode = NeighMode.STATIC,
+    proxy: Proxy | None = None,
 ) -> Topology:
     """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
 
     ``prefix`` defaults to :func:`default_prefix`; ``seed`` to a random 32-bit value;
     ``ipv6``: dual stack with IPv6 heartbeats (the module's addressing plan);
     ``transparent``: a back-end network with this return mode (:mod:`multihost.lab.backnet`);
+    ``proxy``: the nodes' transparent proxy (default: :func:`backnet.default_proxy`);
     ``routed``: the clients sit behind a router (``router_neigh``: how it learns the VIP).
     """
     prefix = validate_prefix(default_prefix() if prefix is None else prefix)
@@ -406,6 +410,13 @@ def describe(
             )
             for k, c in enumerate(client_hosts, 1)
         )
+    backnet = (
+        None
+        if transparent is None
+        else describe_backnet(
+            prefix, tuple(n.name for n in node_hosts), ReturnMode(transparent), proxy=proxy
+        )
+    )
     topo = Topology(
         prefix=prefix,
         switch=Switch(netns=f"{prefix}sw", mode=SwitchMode(switch_mode)),
@@ -416,12 +427,9 @@ def describe(
         seed=seed,
         vip6=DEFAULT_VIP6 if ipv6 else None,
         group6=DEFAULT_GROUP6 if ipv6 else None,
-        backnet=(
-            None
-            if transparent is None
-            else describe_backnet(prefix, tuple(n.name for n in node_hosts), transparent)
-        ),
+        backnet=backnet,
         router=describe_router(prefix, NeighMode(router_neigh)) if routed else None,
+        hash_mode=HASH_MODE if backnet is None else front_hash(backnet.mode, backnet.proxy),
     )
     check(topo)
     return topo
