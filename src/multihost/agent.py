@@ -31,11 +31,12 @@ from multihost.agent_heartbeats import HeartbeatLoop
 from multihost.agent_kernel import Claims, KernelSync, State
 from multihost.agent_membership import MembershipGlue, membership_config
 from multihost.assignment import merge_ranges
-from multihost.config import Config, ConfigError, read_key
+from multihost.config import Config, ConfigError, IPAddress, read_key
 from multihost.control import serve
 from multihost.dataplane import backend as dataplanes
 from multihost.dataplane.hostsetup import HostSetup
 from multihost.dataplane.responder import Responder
+from multihost.dataplane.transparent import TransparentSetup
 from multihost.handover import Handover
 from multihost.linkwatch import link_up
 from multihost.logfmt import EventLog
@@ -44,6 +45,7 @@ from multihost.metrics import Metrics, Snapshot
 from multihost.ownership import ownership, release_step, targets
 from multihost.preflight import load, ruleset_spec
 from multihost.simulation import fraction_text
+from multihost.transparency import TransparencyConfig
 
 #: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
 COUNTER_EVERY = 5
@@ -51,6 +53,24 @@ COUNTER_EVERY = 5
 #: XDP program outlives a killed agent (nft's owned table does not), so without a lease a
 #: dead manual agent's node would go on taking new flows.
 MANUAL_XDP_LEASE_MS = 3000
+
+
+def _gateways_by_interface(cfg: Config) -> dict[str, list[IPAddress]]:
+    """Return groups' gateway addresses by the interface they are answered on."""
+    out: dict[str, list[IPAddress]] = {}
+    for r in cfg.returns:
+        out.setdefault(r.interface, []).extend(r.addresses)
+    return out
+
+
+def transparent_setup(cfg: Config) -> TransparentSetup | None:
+    """The transparent-proxy plumbing for the families of the transparent groups' traffic
+    IPs (None without transparent groups)."""
+    families = {a.version for g in cfg.groups if g.transparent for a in g.addresses}
+    if not families:
+        return None
+    t = cfg.transparency or TransparencyConfig()
+    return TransparentSetup(t.fwmark, t.table, t.rule_priority, families)
 
 
 class Agent:
@@ -81,6 +101,7 @@ class Agent:
         self.host: HostSetup | None = None
         self.dataplane: dataplanes.Backend | None = None
         self.responder: Responder | None = None
+        self.return_responders: list[Responder] = []  # return groups on other interfaces
         self.membership: MembershipGlue | None = None
         self.heartbeats: HeartbeatLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,7 +167,15 @@ class Agent:
         self._loop = loop = asyncio.get_running_loop()
         self._set_priority()
         addresses = [a for g in cfg.groups for a in g.addresses]
-        self.host = HostSetup(cfg.cluster.interface, addresses, cfg.cluster.groups)
+        gateways = _gateways_by_interface(cfg)  # return groups (IP transparency)
+        extra = [i for i in gateways if i != cfg.cluster.interface]
+        self.host = HostSetup(
+            cfg.cluster.interface,
+            addresses + [a for addrs in gateways.values() for a in addrs],
+            cfg.cluster.groups,
+            extra_interfaces=extra,
+            transparent=transparent_setup(cfg),
+        )
         # pyroute2's synchronous API runs its own event loop: keep it off ours.
         await asyncio.to_thread(self.host.apply)
         host = self.host
@@ -169,10 +198,16 @@ class Agent:
         # An IPv6-only cluster answers no ARP: its "ARP MAC" is only a placeholder.
         mac4 = multicast_mac(arp_group) if arp_group is not None else mac6
         assert mac4 is not None  # config: a cluster has at least one group
-        self.responder = Responder(cfg.cluster.interface, addresses, mac4, mac6)
+        main = addresses + gateways.get(cfg.cluster.interface, [])
+        self.responder = Responder(cfg.cluster.interface, main, mac4, mac6)
         loop.add_reader(self.responder.fileno(), self.responder.on_readable)
         self._undo("responder", self._close_responder)
         self.responder.announce()
+        for iface in extra:  # the back ends' gateway, answered with the cluster MAC there
+            r = Responder(iface, gateways[iface], mac4, mac6)
+            self.return_responders.append(r)
+            loop.add_reader(r.fileno(), r.on_readable)
+            r.announce()
         if not self.manual:
             self._start_membership(read_key(cfg))
             assert self.heartbeats is not None
@@ -205,6 +240,11 @@ class Agent:
             self.dataplane = None
 
     def _close_responder(self) -> None:
+        for r in self.return_responders:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(r.fileno())
+            r.close()
+        self.return_responders = []
         if self.responder is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.responder.fileno())
@@ -229,6 +269,8 @@ class Agent:
                 ticks += 1
                 if self.responder is not None and ticks % 30 == 0:
                     self.responder.announce()  # keep switches' and clients' caches warm
+                    for r in self.return_responders:
+                        r.announce()
             except Exception as e:
                 self.log("housekeeping-failed", level="error", error=repr(e))
             with contextlib.suppress(TimeoutError):
@@ -240,11 +282,18 @@ class Agent:
         except ConfigError as e:
             self.log("reload-rejected", level="error", error=str(e))
             return
-        if new.digest() != self.cfg.digest() or new.cluster != self.cfg.cluster:
+        if (
+            new.digest() != self.cfg.digest()
+            or new.cluster != self.cfg.cluster
+            or new.returns != self.cfg.returns
+            or new.transparency != self.cfg.transparency
+            or [g.transparent for g in new.groups] != [g.transparent for g in self.cfg.groups]
+        ):
             self.log(
                 "reload-needs-restart",
                 level="warning",
-                reason="ownership or cluster settings changed; restart the agent to apply",
+                reason="ownership, cluster or transparency settings changed; restart the agent"
+                " to apply",
             )
             return
         self.cfg = new
@@ -365,6 +414,16 @@ class Agent:
                 "incoming": len(snap.incoming),
                 "packets": self._packets.get(g.name, {}),
             }
+        returns = {  # IP transparency: replies decided by their front group's buckets
+            r.name: {
+                "return_for": r.front,
+                "addresses": [str(a) for a in r.addresses],
+                "interface": r.interface,
+                "hash": r.hash.value,
+                "packets": self._packets.get(r.name, {}),
+            }
+            for r in self.cfg.returns
+        }
         out: dict[str, Any] = {
             "node": self.node.name,
             "slot": slot,
@@ -375,6 +434,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "live": list(live),
             "groups": groups,
+            "return_groups": returns,
             "dataplane": self.dataplane.describe()
             if self.dataplane is not None
             else {"backend": None, "mode": None, "program_id": None},
@@ -386,6 +446,7 @@ class Agent:
             },
             "handover": self.kernel.status(),
             "arp": self.responder.counters() if self.responder else {},
+            "arp_return": {r.interface: r.counters() for r in self.return_responders},
         }
         if self.membership is not None:
             out["alive"] = list(self.membership.alive())

@@ -41,6 +41,7 @@ from multihost.dataplane.ruleset import (
     render_lease,
     render_owned_table,
     render_remove,
+    render_transparent_table,
     render_update,
 )
 from multihost.flowhash import HashMode, hash_fields
@@ -581,3 +582,13 @@ def test_return_spec_refused(change: dict[str, object], words: str) -> None:
     spec = dataclasses.replace(RSPEC, returns=(bad, RSPEC.returns[1]))
     with pytest.raises(RulesetError, match=re.escape(words)):
         spec.check()
+
+
+def test_golden_transparent_table() -> None:
+    text = render_transparent_table(0x4D48)
+    check_golden("ruleset_transparent.nft", text)
+    assert "socket transparent 1 meta mark set 0x4d48 accept" in text
+    assert text.startswith("add table inet multihost_transparent\ndelete table inet")
+    for bad in (0, 1 << 32):
+        with pytest.raises(RulesetError, match="not a non-zero 32-bit value"):
+            render_transparent_table(bad)

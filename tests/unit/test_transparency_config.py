@@ -321,3 +321,13 @@ def test_refused(text: str, key: str, words: str) -> None:
     assert e.value.key == key, str(e.value)
     assert words in e.value.reason, str(e.value)
     assert str(e.value).startswith(f"multihost.toml: {key}: ")
+
+
+def test_config_reference_documents_the_transparency_keys() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs" / "man" / "multihost.toml.5").read_text()
+    for key in ("transparent", "return_for", "[transparency]", "fwmark", "rule_priority"):
+        assert key in page, key
+    for mode in ("source\\-ip\\-port", "destination\\-ip\\-port"):
+        assert mode in page, mode

@@ -29,7 +29,7 @@ traffic IP are not local any more (and carry a multicast MAC, so the kernel neve
 forwards them).
 
 --json prints {"node", "interface", "xdp": {"detached": id|null, "unpinned": bool},
-"nft_removed": bool, "addresses_removed": [...]}.
+"nft_removed": bool, "addresses_removed": [...], "transparency_removed": [...]}.
 
 examples:
   multihost cleanup --config /etc/multihost/multihost.toml
@@ -77,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
 
     pins = backend.pin_dir(cfg.cluster.bpf_pin_root, cfg.cluster.name, node)
     try:
-        out["xdp"] = xdp.cleanup(cfg.cluster.interface, pins)
+        extra = tuple(sorted({r.interface for r in cfg.returns} - {cfg.cluster.interface}))
+        out["xdp"] = xdp.cleanup(cfg.cluster.interface, pins, extra_interfaces=extra)
     except (BpfError, OSError) as e:
         out["xdp"] = None
         errors.append(f"xdp: {e}")
     out["nft_removed"] = _remove_nft(cfg, errors)
     out["addresses_removed"] = _remove_addresses(cfg, errors)
+    out["transparency_removed"] = _remove_transparency(cfg, errors)
     out["errors"] = errors
     if args.json:
         print_json(out)
@@ -115,10 +117,25 @@ def _remove_nft(cfg: Config, errors: list[str]) -> bool:
     return f"table inet {spec.guard_table}" in before or f"table inet {spec.table}" in before
 
 
+def _remove_transparency(cfg: Config, errors: list[str]) -> list[str]:
+    """The transparent-proxy plumbing a killed agent left (rule, route, nft table)."""
+    from multihost.agent import transparent_setup
+
+    setup = transparent_setup(cfg)
+    if setup is None:
+        return []
+    try:
+        return setup.remove_leftovers()
+    except Exception as e:  # pyroute2 / nft errors: report, go on
+        errors.append(f"transparency: {e}")
+        return []
+
+
 def _remove_addresses(cfg: Config, errors: list[str]) -> list[str]:
     from pyroute2 import IPRoute
 
     wanted = {a for g in cfg.groups for a in g.addresses}
+    wanted |= {a for r in cfg.returns for a in r.addresses}
     removed: list[str] = []
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname="lo")

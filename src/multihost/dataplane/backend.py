@@ -91,13 +91,16 @@ def start(
         if choice == "xdp":
             raise XdpError(f'dataplane = "xdp" cannot run here: {missing}')
         reason = f"auto: xdp unavailable: {missing}"
-    _remove_stale_xdp(interface, pins, netns)
+    extra = tuple(sorted({r.interface for r in spec.returns} - {interface}))
+    _remove_stale_xdp(interface, pins, netns, extra)
     nft = Dataplane(spec)
     nft.install(state)
     return Started(nft, reason)
 
 
-def _remove_stale_xdp(interface: str, pins: Path, netns: str | None) -> None:
+def _remove_stale_xdp(
+    interface: str, pins: Path, netns: str | None, extra: tuple[str, ...] = ()
+) -> None:
     # no libbpf, no permission: nothing of ours can be attached
     with contextlib.suppress(BpfError, OSError):
-        cleanup(interface, pins, netns)
+        cleanup(interface, pins, netns, extra)

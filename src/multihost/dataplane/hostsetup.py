@@ -14,14 +14,20 @@ Owns, for one cluster interface:
 * membership of the cluster multicast groups on the interface (``IP_ADD_MEMBERSHIP`` /
   ``IPV6_JOIN_GROUP`` on sockets held open by this object): this programs the NIC's
   multicast filter with the MAC ``01:00:5e`` + low 23 bits of an IPv4 group, ``33:33`` + low
-  32 bits of an IPv6 group, so frames to that MAC reach the host.
+  32 bits of an IPv6 group, so frames to that MAC reach the host;
+* the same sysctls and memberships on the return groups' interfaces (IP transparency: the
+  back ends' gateway is answered, and their replies arrive, with the cluster MAC there);
+* with transparent groups, :class:`~multihost.dataplane.transparent.TransparentSetup`
+  (``socket transparent`` mark, fwmark rule, ``local`` route: replies to client addresses
+  reach the proxy's transparent socket), applied last and restored first.
 
 :meth:`HostSetup.restore` undoes exactly what :meth:`HostSetup.apply` changed: it removes
 only addresses it added and puts back the previous sysctl values (unless someone else
 changed them meanwhile); both calls are idempotent.
 
-Must not: touch nftables (``nft``), answer ARP/ND (the responder), change link state, or
-modify interfaces and settings other than the ones listed above.
+Must not: touch nftables (``nft``) other than through ``TransparentSetup``, answer ARP/ND
+(the responder), change link state, or modify interfaces and settings other than the ones
+listed above.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 
 from multihost.dataplane.nft import netns_entered
+from multihost.dataplane.transparent import TransparentSetup
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IFA_F_NODAD = 0x02
@@ -78,8 +85,12 @@ class HostSetup:
         *,
         netns: str | None = None,
         loopback: str = "lo",
+        extra_interfaces: Iterable[str] = (),
+        transparent: TransparentSetup | None = None,
     ) -> None:
         self.interface = interface
+        self.interfaces = tuple(dict.fromkeys((interface, *extra_interfaces)))
+        self.transparent = transparent
         self.addresses = tuple(dict.fromkeys(addresses))
         if isinstance(groups, ipaddress.IPv4Address | ipaddress.IPv6Address):
             groups = (groups,)
@@ -104,16 +115,17 @@ class HostSetup:
         return tuple(self._added)
 
     def _wanted_sysctls(self) -> list[_Sysctl]:
-        out = [
-            _Sysctl(_sysctl_path("ipv4", self.interface, "arp_ignore"), "1"),
-            _Sysctl(_sysctl_path("ipv4", self.interface, "arp_announce"), "2"),
-        ]
+        out = []
+        for iface in self.interfaces:
+            out.append(_Sysctl(_sysctl_path("ipv4", iface, "arp_ignore"), "1"))
+            out.append(_Sysctl(_sysctl_path("ipv4", iface, "arp_announce"), "2"))
         if any(a.version == 6 for a in self.addresses):
-            path = _sysctl_path("ipv6", self.interface, "drop_unicast_in_l2_multicast")
-            out.append(_Sysctl(path, "0"))
-            # Only the responder announces traffic IPs (with the cluster MAC): never the
-            # kernel, with the node's own MAC, when an address or the link changes.
-            out.append(_Sysctl(_sysctl_path("ipv6", self.interface, "ndisc_notify"), "0"))
+            for iface in self.interfaces:
+                path = _sysctl_path("ipv6", iface, "drop_unicast_in_l2_multicast")
+                out.append(_Sysctl(path, "0"))
+                # Only the responder announces traffic IPs (with the cluster MAC): never
+                # the kernel, with the node's own MAC, when an address or the link changes.
+                out.append(_Sysctl(_sysctl_path("ipv6", iface, "ndisc_notify"), "0"))
             out.append(_Sysctl(_sysctl_path("ipv6", self.loopback, "ndisc_notify"), "0"))
         return out
 
@@ -131,7 +143,7 @@ class HostSetup:
 
     def _apply(self) -> None:
         with IPRoute() as ipr:
-            iface = self._index(ipr, self.interface)
+            indexes = [self._index(ipr, name) for name in self.interfaces]
             lo = self._index(ipr, self.loopback)
             present = self._addresses_by_index(ipr)
             for addr in self.addresses:
@@ -154,12 +166,18 @@ class HostSetup:
                 else:
                     ipr.addr("add", index=lo, address=str(addr), prefixlen=128, flags=IFA_F_NODAD)
                 self._added.append(addr)
-        for group in self.groups:
-            self._mcast.append(_join(group, iface, self.interface))
+        for index, name in zip(indexes, self.interfaces, strict=True):
+            for group in self.groups:
+                self._mcast.append(_join(group, index, name))
+        if self.transparent is not None:
+            self.transparent.apply()
 
     def restore(self) -> None:
-        """Undo what :meth:`apply` did (leave the group, remove added addresses, put back
-        sysctls that still hold our value).  Idempotent; safe after a failed apply."""
+        """Undo what :meth:`apply` did (the transparency plumbing, leave the group, remove
+        added addresses, put back sysctls that still hold our value).  Idempotent; safe
+        after a failed apply."""
+        if self.transparent is not None:
+            self.transparent.restore()
         while self._mcast:
             self._mcast.pop().close()  # the kernel leaves a group with its last member socket
         with netns_entered(self.netns):

@@ -572,6 +572,29 @@ def render_install(
     )
 
 
+TRANSPARENT_TABLE = "multihost_transparent"
+
+
+def render_transparent_table(mark: int, table: str = TRANSPARENT_TABLE) -> str:
+    """The static table of IP transparency (``docs/transparency.md``): a packet whose
+    socket lookup finds a *transparent* socket (a proxy connected from the client's address:
+    the back end's reply to the client) gets ``mark``, which the node's ``ip rule fwmark
+    MARK lookup TABLE`` sends to ``local default dev lo``: delivered to that socket instead
+    of forwarded.  Replaced in one transaction; not owner-flagged (harmless alone)."""
+    if not 1 <= mark <= 0xFFFFFFFF:
+        raise RulesetError(f"mark {mark} is not a non-zero 32-bit value")
+    if not _NAME.match(table):
+        raise RulesetError(f"table name {table!r} is not a plain identifier")
+    hook = "type filter hook prerouting priority mangle; policy accept;"
+    rule = (
+        f"socket transparent 1 meta mark set {mark:#x} accept"
+        ' comment "reply to a transparent socket: fwmark -> local route"'
+    )
+    lines = [f"add table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
+    lines += [*_chain("prerouting", [rule], hook), "}"]
+    return "\n".join(lines) + "\n"
+
+
 def render_lease(spec: RulesetSpec, expires_ms: int | None) -> str:
     """One transaction setting the lease: ``None`` held with no expiry, ``> 0`` held for
     that many milliseconds (the kernel lets it lapse by itself), ``<= 0`` lapsed now."""

@@ -2,14 +2,14 @@
 
 Owns, for a transparent lab (``lab up --transparent``): the back-end switch and each node's
 back-end-facing veth, the back ends (addresses, nginx answering its own name and the client
-address it saw, logging ``$remote_addr``), each node's nginx configuration as a transparent
-proxy in front of them (``proxy_bind $remote_addr transparent``), the nodes'
-transparent-proxy plumbing (policy rule + ``local`` route for marked packets, and the lab's
-nft table ``inet multihost_lab`` that marks packets of transparent sockets and *counts* the
-back ends' replies: ``held`` arrived at a node with the connection's socket, ``stray`` at a
-node without it), the back ends' return routes (``multihost backend-routes --apply`` inside
-each back end, routes mode) or default route (the return traffic IP, gateway mode); and for
-a routed lab (``lab up --routed``): the router namespace, its links to the clients, the
+address it saw, logging ``$remote_addr``), each node's transparent proxy in front of them
+(nginx ``proxy_bind $remote_addr transparent`` or HAProxy ``source 0.0.0.0 usesrc
+client``), the lab's nft table ``inet multihost_lab`` on each node that *counts* the back
+ends' replies (``held``: arrived at a node with the connection's socket, ``stray``: at a
+node without it; the transparent-proxy plumbing itself is the agents', ``transparent =
+true``), the back ends' return routes (``multihost backend-routes --apply`` inside each
+back end, routes mode) or default route (the return traffic IP, gateway mode); and for a
+routed lab (``lab up --routed``): the router namespace, its links to the clients, the
 static neighbour entry of the traffic IP and its RFC 1812 ARP filter.
 
 Must not: touch anything outside the lab's namespaces, put a traffic IP on a node or answer
@@ -30,9 +30,6 @@ import multihost
 from multihost.dataplane.nft import netns_entered
 from multihost.lab.backnet import (
     ROUTED_SUBNET,
-    TPROXY_MARK,
-    TPROXY_RULE_PRIORITY,
-    TPROXY_TABLE,
     BackNet,
     Proxy,
     ReturnMode,
@@ -88,7 +85,7 @@ def network_steps(topo: Topology) -> list[tuple[str, Callable[[LabState], None]]
         steps.append(("wiring the upstream router", wire_router))
     if topo.backnet is not None:
         steps.append(("wiring the back-end network", wire_backnet))
-        steps.append(("setting up transparent proxying on the nodes", node_plumbing))
+        steps.append(("counting the back ends' replies on the nodes", node_counters))
         steps.append(("starting the back ends", start_backends))
     return steps
 
@@ -259,24 +256,16 @@ def wire_backnet(state: LabState) -> None:
             ipr.addr("add", index=dev, address=b.address, prefixlen=bn.prefixlen)
             ipr.link("set", index=dev, state="up")
             if bn.mode is ReturnMode.GATEWAY and bn.return_vip is not None:
-                # The agents answer ARP on the cluster interface only (so far): the back
-                # ends get the return traffic IP's MAC statically, as a router would.
-                ipr.neigh(
-                    "replace",
-                    dst=bn.return_vip,
-                    lladdr=topo.group_mac,
-                    ifindex=dev,
-                    state=0x80,  # NUD_PERMANENT
-                )
+                # learnt by ARP: the agents answer for the return group on eth1
                 ipr.route("add", dst="0.0.0.0/0", gateway=bn.return_vip)
 
 
-def node_nft(bn: BackNet, *, mark: bool = True) -> str:
-    """The lab's table on a node: replies from the back ends to a non-local address (a
-    client's) are counted ``held`` if a transparent socket of this node has them, else
-    ``stray`` (routed to a node that does not hold the connection); ``mark``: also mark
-    them for the ``local`` route (the transparent-proxy plumbing)."""
-    action = f" meta mark set {TPROXY_MARK:#x}" if mark else ""
+def node_nft(bn: BackNet) -> str:
+    """The lab's table on a node: TCP from the back ends to a non-local address (a
+    client's) is counted ``held`` if a transparent socket of this node has it, else
+    ``stray`` (routed to a node that does not hold the connection).  It only counts: the
+    agents' table ``inet multihost_transparent`` marks the same packets for the ``local``
+    route."""
     return f"""\
 table inet {LAB_TABLE} {{
     counter held {{}}
@@ -287,32 +276,18 @@ table inet {LAB_TABLE} {{
             jump backend_reply
     }}
     chain backend_reply {{
-        socket transparent 1 counter name held{action} accept
+        socket transparent 1 counter name held accept
         counter name stray
     }}
 }}
 """
 
 
-def node_plumbing(state: LabState) -> None:
-    """On every node: the transparent proxy's policy routing and the lab's nft table."""
+def node_counters(state: LabState) -> None:
+    """On every node: the lab's reply counters (the transparent-proxy plumbing itself is the
+    agents': ``transparent = true`` in the lab's configuration)."""
     bn = _backnet(state)
     for n in state.topology.nodes:
-        with _ipr(n.netns) as ipr:
-            ipr.rule(
-                "add",
-                fwmark=TPROXY_MARK,
-                table=TPROXY_TABLE,
-                priority=TPROXY_RULE_PRIORITY,
-            )
-            ipr.route(
-                "add",
-                dst="0.0.0.0/0",
-                type="local",
-                scope=254,  # host (what 'ip route add local' sets)
-                oif=_index(ipr, "lo"),
-                table=TPROXY_TABLE,
-            )
         nft(n.netns, node_nft(bn))
         if bn.proxy is Proxy.HAPROXY and bn.mode is ReturnMode.GATEWAY:
             # HAProxy binds the client's port too (with SO_REUSEADDR): a connection to a

@@ -41,12 +41,6 @@ BACKENDS = 2
 MAX_BACKENDS = 8
 #: The nodes' back-end-facing interface.
 NODE_BACK_INTERFACE = "eth1"
-#: Policy routing of the transparent proxies' replies on the nodes (lab plumbing): packets
-#: that belong to a transparent socket get this mark and are routed by this table, whose
-#: only route is ``local 0.0.0.0/0 dev lo``.
-TPROXY_MARK = 0x4D48
-TPROXY_TABLE = 4648
-TPROXY_RULE_PRIORITY = 100
 #: The back ends' return routes: node in slot s uses table TABLE_BASE + s.
 TABLE_BASE = 100
 RULE_PRIORITY_BASE = 1000
