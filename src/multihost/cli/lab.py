@@ -351,6 +351,8 @@ def run_up(args: argparse.Namespace) -> int:
     c = topo.clients[0]
     print("\ntry:")
     print("  multihost lab probe --connections 1000")
+    if topo.backnet is not None:
+        print("  multihost lab probe --connections 5 --flows")
     print(f"  multihost lab exec {c.name} -- curl -s http://{topo.nodes[0].address}/")
     return 0
 
@@ -368,7 +370,20 @@ def _print_overview(state: labbuild.LabState) -> None:
     )
     print(f"  live: {','.join(state.live) or '(none)'}\n")
     rows = [[h.name, h.role, h.netns, h.address, h.address6 or "-", h.mac] for h in topo.hosts]
+    if topo.router is not None:
+        rt = topo.router
+        rows.append(["rt", f"router ({rt.neigh.value})", rt.netns, rt.address, "-", rt.mac])
+    bn = topo.backnet
+    if bn is not None:
+        rows += [[b.name, "back end", b.netns, b.address, "-", b.mac] for b in bn.backends]
     print(render_table(["HOST", "ROLE", "NETNS", "ADDRESS", "ADDRESS6", "MAC"], rows))
+    if bn is not None:
+        print(
+            f"\ntransparent: {bn.proxy.value} proxies, return {bn.mode.value}"
+            + (f" via {bn.return_vip}" if bn.return_vip else " (per-node routes)")
+            + ", node gateways "
+            + " ".join(f"{n}={a}" for n, a in bn.gateways)
+        )
 
 
 def run_down(args: argparse.Namespace) -> int:
