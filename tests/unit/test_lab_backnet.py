@@ -140,7 +140,9 @@ def test_node_nft_counts_replies_held_or_stray() -> None:
     text = backbuild.node_nft(bn)
     assert "ip saddr 198.19.0.0/17 meta l4proto tcp fib daddr type != local" in text
     assert "socket transparent 1 counter name held accept" in text
-    assert "counter name stray" in text
+    assert "ct state established,related counter name closed accept" in text
+    assert text.index("name held accept") < text.index("name closed accept")
+    assert text.index("name closed accept") < text.index("counter name stray")
     assert "meta mark" not in text  # the agents' plumbing marks
 
 

@@ -38,9 +38,12 @@ In a transparent lab ('lab up --transparent', TCP) the node is the proxy's X-Mul
 header and the JSON adds "transparency": {{"return", "backends": {{"b1": n, ...}},
 "seen_client" (answers whose back end saw the client's own address), "seen_client_port"
 (and its port), "seen_other", "no_backend", "backend_log": {{"b1": {{"requests", "client",
-"other"}}}} (the back ends' $remote_addr logs), "replies": {{"A": {{"held", "stray"}}}},
-"stray_replies"}}: packets from the back ends counted on each node's back-end interface,
-stray = arrived at a node that does not hold the connection.  --check then also needs
+"other"}}}} (the back ends' $remote_addr logs), "replies": {{"A": {{"held", "closed",
+"stray"}}}},
+"stray_replies"}}: TCP packets from the back ends counted on each node's back-end
+interface: held = the node has the connection's socket, closed = the node opened the
+connection (conntrack knows it) but its socket is gone (a late FIN), stray = arrived at a
+node that never held the connection.  --check then also needs
 seen_other, no_backend, stray_replies and every log's "other" to be 0.  --flows adds
 "flows": [{{"flow", "outcome", "node", "expected", "backend", "seen"}}, ...].
 

@@ -5,8 +5,9 @@ back-end-facing veth, the back ends (addresses, nginx answering its own name and
 address it saw, logging ``$remote_addr``), each node's transparent proxy in front of them
 (nginx ``proxy_bind $remote_addr transparent`` or HAProxy ``source 0.0.0.0 usesrc
 client``), the lab's nft table ``inet multihost_lab`` on each node that *counts* the back
-ends' replies (``held``: arrived at a node with the connection's socket, ``stray``: at a
-node without it; the transparent-proxy plumbing itself is the agents', ``transparent =
+ends' replies (``held``: arrived at a node with the connection's socket, ``closed``: at
+the node that opened the connection after its socket went, ``stray``: at a node that never
+had the connection; the transparent-proxy plumbing itself is the agents', ``transparent =
 true``), the back ends' return routes (``multihost backend-routes --apply`` inside each
 back end, routes mode) or default route (the return traffic IP, gateway mode); and for a
 routed lab (``lab up --routed``): the router namespace, its links to the clients, the
@@ -56,6 +57,8 @@ LAB_TABLE = "multihost_lab"
 #: HTTP header the nodes' proxies add: which node held the client's connection.
 NODE_HEADER = "X-Multihost-Node"
 HAPROXY = "/usr/sbin/haproxy"
+#: The lab's reply counters on each node (:func:`node_nft`).
+REPLY_COUNTERS = ("held", "closed", "stray")
 
 
 def sysctl(netns: str, key: str, value: str) -> None:
@@ -262,13 +265,15 @@ def wire_backnet(state: LabState) -> None:
 
 def node_nft(bn: BackNet) -> str:
     """The lab's table on a node: TCP from the back ends to a non-local address (a
-    client's) is counted ``held`` if a transparent socket of this node has it, else
-    ``stray`` (routed to a node that does not hold the connection).  It only counts: the
-    agents' table ``inet multihost_transparent`` marks the same packets for the ``local``
-    route."""
+    client's) is counted ``held`` if a transparent socket of this node has it; ``closed``
+    if this node's conntrack knows the connection but its socket is gone (a FIN crossing
+    the proxy's abortive close: the right node, late); else ``stray`` (a reply routed to a
+    node that never held the connection).  It only counts: the agents' table ``inet
+    multihost_transparent`` marks the same packets for the ``local`` route."""
     return f"""\
 table inet {LAB_TABLE} {{
     counter held {{}}
+    counter closed {{}}
     counter stray {{}}
     chain prerouting {{
         type filter hook prerouting priority mangle; policy accept;
@@ -277,6 +282,7 @@ table inet {LAB_TABLE} {{
     }}
     chain backend_reply {{
         socket transparent 1 counter name held accept
+        ct state established,related counter name closed accept
         counter name stray
     }}
 }}
@@ -297,7 +303,7 @@ def node_counters(state: LabState) -> None:
 
 
 def reply_counters(state: LabState) -> dict[str, dict[str, int]]:
-    """Per node: ``{"held": packets, "stray": packets}`` of the lab's table."""
+    """Per node: ``{"held", "closed", "stray"}`` packets of the lab's table."""
     out: dict[str, dict[str, int]] = {}
     for n in state.topology.nodes:
         proc = subprocess.run(
@@ -307,7 +313,7 @@ def reply_counters(state: LabState) -> dict[str, dict[str, int]]:
         )  # fmt: skip
         if proc.returncode != 0:
             raise LabError(f"node {n.name}: cannot read its reply counters: {proc.stderr.strip()}")
-        counts = {"held": 0, "stray": 0}
+        counts = dict.fromkeys(REPLY_COUNTERS, 0)
         for obj in json.loads(proc.stdout).get("nftables", []):
             c = obj.get("counter")
             if c and c.get("name") in counts:

@@ -1,6 +1,6 @@
 """What a probe of a transparent lab measures behind the nodes.
 
-Owns: the snapshot of the nodes' reply counters (``held``/``stray``, see
+Owns: the snapshot of the nodes' reply counters (``held``/``closed``/``stray``, see
 :mod:`multihost.lab.backbuild`) and of the back ends' access logs before a probe, and the
 ``transparency`` object of ``lab probe --json`` after it: per back end the requests it
 answered, whether each back end saw the client's real address (per connection, from its
@@ -60,8 +60,7 @@ def measure(
     assert bn is not None
     after = backbuild.reply_counters(state)
     replies = {
-        n: {k: after[n][k] - before.counters.get(n, {}).get(k, 0) for k in ("held", "stray")}
-        for n in after
+        n: {k: v - before.counters.get(n, {}).get(k, 0) for k, v in after[n].items()} for n in after
     }
     served: Counter[str] = Counter()
     seen_client = seen_port = seen_other = missing = 0
