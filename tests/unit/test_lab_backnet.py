@@ -171,3 +171,21 @@ def test_transparency_is_clean_only_without_other_addresses_or_stray_replies() -
     assert not backprobe.clean(
         {**good, "backend_log": {"b1": {"requests": 3, "client": 2, "other": 1}}}
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--return", "gateway"], "--return gateway needs --transparent"),
+        (["--proxy", "haproxy"], "--proxy haproxy needs --transparent"),
+        (["--router-neigh", "arp"], "--router-neigh arp needs --routed"),
+        (["--transparent", "--ipv6"], "IPv4 only"),
+    ],
+)
+def test_lab_up_refuses_options_without_their_lab(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multihost.cli import main
+
+    assert main(["lab", "up", "--prefix", "mhtU-", *argv]) == 2
+    assert message in capsys.readouterr().err

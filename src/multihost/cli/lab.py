@@ -120,7 +120,8 @@ examples:
 
 EXEC = f"""\
 Run a command inside a lab namespace (as 'ip netns exec' does): HOST is a node (A, B, ...),
-a client (c1, ...; 'client' means c1) or 'sw' (the switch).  The exit status is the
+a client (c1, ...; 'client' means c1), 'sw' (the switch), or in a transparent or routed lab
+'bsw' (the back-end switch), a back end (b1, b2) or 'rt' (the router).  The exit status is the
 command's.  'lab down' stops anything still running in the lab's namespaces.
 
 examples:
@@ -238,7 +239,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--return",
         dest="return_mode",
         choices=[m.value for m in ReturnMode],
-        default=ReturnMode.ROUTES.value,
         help="how back ends' replies find their node (with --transparent; default routes)",
     )
     a.add_argument(
@@ -255,7 +255,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument(
         "--router-neigh",
         choices=[m.value for m in NeighMode],
-        default=NeighMode.STATIC.value,
         help="how the router learns the traffic IP's MAC (with --routed; default static)",
     )
     add_json_flag(a)
@@ -298,11 +297,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab_demo.register_actions(action, _state)
 
     a = action("exec", "run a command in a lab namespace", EXEC, run_exec)
-    a.add_argument("host", metavar="HOST", help="A.., c1.., client or sw")
+    a.add_argument("host", metavar="HOST", help="A.., c1.., client, sw, bsw, b1.., rt")
     a.add_argument("cmd", metavar="-- CMD", nargs=argparse.REMAINDER, help="command and args")
 
 
 def run_up(args: argparse.Namespace) -> int:
+    for flag, value, needs in (
+        ("--return", args.return_mode, args.transparent),
+        ("--proxy", args.proxy, args.transparent),
+        ("--router-neigh", args.router_neigh, args.routed),
+    ):
+        if value is not None and not needs:
+            base = "--routed" if flag == "--router-neigh" else "--transparent"
+            raise UsageError(f"{flag} {value} needs {base}")
     topo = describe(
         args.nodes,
         args.clients,
@@ -310,9 +317,9 @@ def run_up(args: argparse.Namespace) -> int:
         seed=args.seed,
         switch_mode=SwitchMode(args.switch),
         ipv6=args.ipv6,
-        transparent=ReturnMode(args.return_mode) if args.transparent else None,
+        transparent=ReturnMode(args.return_mode or "routes") if args.transparent else None,
         routed=args.routed,
-        router_neigh=NeighMode(args.router_neigh),
+        router_neigh=NeighMode(args.router_neigh or "static"),
         proxy=Proxy(args.proxy) if args.proxy else None,
     )
     started = time.monotonic()
