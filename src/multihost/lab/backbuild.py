@@ -51,8 +51,8 @@ from multihost.lab.build import (
 )
 from multihost.lab.topology import Host, Topology
 
-#: The lab's own nft table on nodes (measurement and, until the product does it, the
-#: transparent proxies' socket mark).  Deleted with the node's namespace.
+#: The lab's own nft table on nodes (it counts the back ends' replies; the agents' table
+#: marks them).  Deleted with the node's namespace.
 LAB_TABLE = "multihost_lab"
 #: HTTP header the nodes' proxies add: which node held the client's connection.
 NODE_HEADER = "X-Multihost-Node"
@@ -81,8 +81,8 @@ def _router(state: LabState) -> Router:
 
 
 def network_steps(topo: Topology) -> list[tuple[str, Callable[[LabState], None]]]:
-    """Before the services: the router (``--routed``), the back-end network and the nodes'
-    transparent-proxy plumbing (``--transparent``)."""
+    """Before the services: the router (``--routed``), the back-end network, the nodes'
+    reply counters and the back ends (``--transparent``)."""
     steps: list[tuple[str, Callable[[LabState], None]]] = []
     if topo.router is not None:
         steps.append(("wiring the upstream router", wire_router))
