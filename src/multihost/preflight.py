@@ -207,8 +207,8 @@ def check_dataplane(cfg: Config) -> None:
     from multihost.dataplane.xdp import unavailable_reason
     from multihost.dataplane.xdplayout import limits_problem
 
-    naddr = sum(len(g.addresses) for g in cfg.groups)
-    problem = limits_problem(len(cfg.groups), cfg.buckets, naddr)
+    naddr = sum(len(g.addresses) for g in cfg.groups) + sum(len(r.addresses) for r in cfg.returns)
+    problem = limits_problem(len(cfg.groups) + len(cfg.returns), cfg.buckets, naddr)
     if problem is not None:
         raise ConfigError(cfg.source, problem[0], f'dataplane = "xdp": {problem[1]}')
 

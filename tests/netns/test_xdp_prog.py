@@ -458,6 +458,11 @@ def test_what_is_not_a_reply_passes_untouched(netns: str, pin_dir: Path) -> None
         assert c["xdp_to_all_packets"] == 1 and c["dropped_packets"] == 2
         dp.update({"web": GroupBuckets(owned=frozenset(range(BUCKETS)))})
         assert dp.test_run(frame, interface="x1")[0] == xf.XDP_PASS  # one flip: both ways
+        x1 = bytes.fromhex(
+            ns_run(netns, "cat", "/sys/class/net/x1/address").stdout.strip().replace(":", "")
+        )
+        retval, out, _ = dp.test_run(to_gw, interface="x1")  # to the gateway: as it came in
+        assert (retval, out[:6]) == (xf.XDP_PASS, x1)
     finally:
         dp.remove()
 

@@ -7,6 +7,7 @@ its key (``multihost.transparency``); the accepted ones parse to what the data p
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -324,10 +325,35 @@ def test_refused(text: str, key: str, words: str) -> None:
 
 
 def test_config_reference_documents_the_transparency_keys() -> None:
-    from pathlib import Path
-
     page = (Path(__file__).parents[2] / "docs" / "man" / "multihost.toml.5").read_text()
     for key in ("transparent", "return_for", "[transparency]", "fwmark", "rule_priority"):
         assert key in page, key
     for mode in ("source\\-ip\\-port", "destination\\-ip\\-port"):
         assert mode in page, mode
+
+
+def test_check_config_reports_transparency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from multihost.cli import main
+
+    p = tmp_path / "m.toml"
+    p.write_text(gateway_config())
+    assert main(["check-config", "--no-key", "--json", str(p)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["groups"]["web"]["transparent"] is True
+    assert out["groups"]["web"]["return"] == "gateway"
+    assert out["return_groups"]["web_return"] == {
+        "return_for": "web",
+        "addresses": ["198.19.0.1"],
+        "interface": "eth1",
+        "members": ["A", "B", "C"],
+        "hash": "destination-ip-port",
+    }
+    assert out["transparency"] == {"fwmark": 0x4D48, "table": 4248, "rule_priority": 4248}
+    p.write_text(gateway_config("4-tuple"))
+    assert main(["check-config", "--no-key", "--json", str(p)]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert err["valid"] is False and err["error"]["key"] == "traffic_ip_group[0].hash"

@@ -396,3 +396,30 @@ def test_whohas_members_form_errors(
         seedless += ["--seed", "1"]
     assert main(["whohas", *seedless]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_whohas_a_return_group_names_the_requests_owner(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A back end's reply (``--group <return group>``, flow back end -> client) has the
+    bucket and owner of the client's request to the front group."""
+    example = str(Path(__file__).parents[2] / "contrib" / "multihost.example.toml")
+    rng = random.Random(13)
+    for _ in range(50):
+        client = f"198.18.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        cport, live = rng.randrange(1, 65536), rng.choice(["A,B,C", "A,C", "B"])
+        out = []
+        for group, flow in (
+            ("app", f"{client}:{cport}-198.18.0.101:80"),
+            (
+                "app_return",
+                f"198.19.0.{rng.randrange(2, 250)}:{rng.randrange(1, 65536)}-{client}:{cport}",
+            ),
+        ):
+            argv = ["whohas", "--config", example, "--group", group, "--live", live]
+            assert main([*argv, "--flow", flow, "--json"]) == 0
+            out.append(json.loads(capsys.readouterr().out))
+        assert (out[0]["bucket"], out[0]["owner"]) == (out[1]["bucket"], out[1]["owner"])
+        assert out[1]["hash"] == "destination-ip-port" and out[1]["group"] == "app_return"
+    g = from_config(example, "app_return")
+    assert g.front == "app" and g.members == ("A", "B", "C")

@@ -30,6 +30,7 @@ class Group:
     addresses: tuple[IPAddress, ...] = ()
     config: Config | None = field(default=None, repr=False)
     note: str | None = None  # e.g. the flow's destination is not one of the group's IPs
+    front: str | None = None  # a return group: the group whose buckets (and live set) decide
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "--group",
         metavar="NAME",
         help="the traffic IP group (default: the group of the flow's destination, or the"
-        " only group)",
+        " only group); a return group (return_for) takes a back end's reply,"
+        " BACKEND:PORT-CLIENT:PORT, and answers for its front group's buckets",
     )
 
 
@@ -85,7 +87,20 @@ def from_config(path: str, group: str | None, destination: IPAddress | None = No
         cfg, _ = preflight.load(path, with_key=False, host=False)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    names = ", ".join(g.name for g in cfg.groups)
+    names = ", ".join([g.name for g in cfg.groups] + [r.name for r in cfg.returns])
+    ret = next((r for r in cfg.returns if r.name == group), None)
+    if ret is not None:  # a reply (back end -> client): hashed on the client side
+        front = cfg.front_of(ret)
+        return Group(
+            members=front.members,
+            slots={m: cfg.slots[m] for m in front.members},
+            mode=ret.hash,
+            seed=cfg.cluster.hash_seed,
+            name=ret.name,
+            addresses=ret.addresses,
+            config=cfg,
+            front=front.name,
+        )
     serving = next((g for g in cfg.groups if destination in g.addresses), None)
     note = None
     if group is not None:

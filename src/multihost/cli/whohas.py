@@ -23,7 +23,7 @@ from multihost.cli.groupsel import (
     from_members,
 )
 from multihost.control import ControlError, request
-from multihost.flowhash import Flow, FlowError, HashMode, flow_bucket, parse_flow
+from multihost.flowhash import RETURN_MODES, Flow, FlowError, HashMode, flow_bucket, parse_flow
 from multihost.ownership import bucket_owner
 from multihost.simulation import SimulationError, parse_members
 
@@ -116,10 +116,14 @@ def agent_live(group: Group, socket: Path | None) -> tuple[tuple[str, ...], dict
             f"the agent at {path} runs cluster {st.get('cluster')!r},"
             f" not {cfg.cluster.name!r} of {cfg.source}"
         )
-    g = st.get("groups", {}).get(group.name)
+    name = group.front or group.name  # a return group follows its front group's live set
+    g = st.get("groups", {}).get(name)
     if g is None:
-        raise OperationError(f"the agent at {path} has no group {group.name!r}")
-    if list(g.get("members", [])) != list(group.members) or g.get("hash") != group.mode.value:
+        raise OperationError(f"the agent at {path} has no group {name!r}")
+    want_hash = group.mode.value
+    if group.front is not None:
+        want_hash = next((f.value for f, r in RETURN_MODES.items() if r is group.mode), "")
+    if list(g.get("members", [])) != list(group.members) or g.get("hash") != want_hash:
         raise OperationError(
             f"the agent at {path} runs group {group.name!r} with members"
             f" {','.join(g.get('members', []))} hash {g.get('hash')}: not what {cfg.source}"

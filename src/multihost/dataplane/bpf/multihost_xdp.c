@@ -23,10 +23,11 @@
  * ingress interface (mh_ifaces) with a unicast destination that is no traffic IP is a back
  * end's reply to a client, sent to the multi-hosted gateway.  It is hashed with the return
  * group's mode (the destination side: the client's address [and port]) and decided by its
- * front group's table (mh_group.table), so it lands on the node that owns the request.  ICMP errors and
- * ICMPv6 neighbour discovery to a traffic IP pass on every node.  Non-first fragments
- * follow the verdict of their datagram's first fragment (mh_frags, LRU).  Everything not
- * addressed to a traffic IP passes untouched.
+ * front group's table (mh_group.table), so it lands on the node that owns the request.
+ *
+ * ICMP errors and ICMPv6 neighbour discovery to a traffic IP pass on every node.  Non-first
+ * fragments follow the verdict of their datagram's first fragment (mh_frags, LRU).
+ * Everything else not addressed to a traffic IP passes untouched.
  *
  * The lease is compared with bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE: ~12 ns
  * against ~35 ns for the precise clock on this VM); the loader writes expiries one coarse
@@ -452,11 +453,17 @@ static __always_inline int verdict(struct xdp_md *ctx, struct ethhdr *eth, struc
 	if (!g || !node)
 		return XDP_DROP;
 	if (g->table != group_id) { /* a return group: its front group's table decides */
-		__u32 front = g->table;
+		__u32 front = g->table, ifindex = ctx->ingress_ifindex;
 
 		t = bpf_map_lookup_elem(&mh_groups, &front);
 		if (!t)
 			return XDP_DROP;
+		if (!own_mac) { /* to the gateway address itself: the MAC of where it came in */
+			struct mh_iface *ifc = bpf_map_lookup_elem(&mh_ifaces, &ifindex);
+
+			if (ifc)
+				own_mac = ifc->own_mac;
+		}
 	}
 	if (p->later_frag) {
 		struct mh_frag_val *fv;
