@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 
+from multihost.lab import build
 from multihost.lab.backnet import Proxy
-from multihost.lab.build import NGINX, LabState, ProcessRecord, _spawn, wait_listening
+from multihost.lab.build import NGINX, LabState, ProcessRecord, _spawn
 from multihost.lab.clean import proc_cmdline
 from multihost.lab.topology import Host
 
@@ -71,7 +72,7 @@ def start_services(state: LabState) -> None:
         rec = _spawn(state, node, f"udpecho-{node.name}", argv, match=match)
         pending.append((rec, "udp", topo.echo_port))
     for rec, proto, port in pending:
-        wait_listening(rec, proto, port)
+        build.wait_listening(rec, proto, port)  # through the module: tests replace it
         rec.cmdline = proc_cmdline(rec.pid)
     state.save()
 
