@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the lab, the root tests and the benchmarks use.
-DEBS   := nftables iproute2 nginx-light iperf3 arping tcpdump keepalived wrk iptables \
+DEBS   := nftables iproute2 nginx-light haproxy iperf3 arping tcpdump keepalived wrk iptables \
           conntrack ethtool procps kmod curl stress-ng zsh \
           clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev
 # The XDP program (dataplane = "xdp"): C source + generated layout header -> BTF object.

@@ -18,9 +18,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
-# Debian starts nginx and keepalived on the host when installing them; multihost runs its
+# Debian starts nginx, keepalived and haproxy on the host when installing them; multihost runs its
 # own instances inside lab namespaces only.
-for svc in nginx keepalived; do
+for svc in nginx keepalived haproxy; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
         systemctl stop "$svc" >/dev/null 2>&1 || true
         systemctl disable "$svc" >/dev/null 2>&1 || true

@@ -27,6 +27,7 @@ from multihost.cli.common import (
 )
 from multihost.config import DATAPLANES as BACKENDS
 from multihost.lab import build as labbuild
+from multihost.lab.backnet import NeighMode, Proxy, ReturnMode
 from multihost.lab.clean import clean as clean_lab
 from multihost.lab.topology import (
     MAX_CLIENTS,
@@ -46,6 +47,7 @@ files:
   /run/multihost-lab/PREFIX/state.json   what the lab created and started (PIDs, start times)
   /run/multihost-lab/PREFIX/             nginx configs and logs, UDP echo logs
   /run/netns/PREFIX{{sw,A..H,c1..c8}}      the lab's network namespaces
+  /run/netns/PREFIX{{bsw,b1,b2,rt}}        back-end switch, back ends, router
 
 environment:
   {PREFIX_ENV}   name prefix of everything the lab creates (default 'mh-'); --prefix wins
@@ -84,40 +86,42 @@ unicast IP; the bridge cannot match those against its IP-keyed snooping table, s
   strict    snooping + querier on, no router ports: the traffic IP reaches NO node
             (a snooping switch not configured for the cluster)
 
+IP transparency (--transparent, docs/transparency.md): a second switch PREFIXbsw behind
+the nodes (198.19.0.0/17; each node's eth1 is its backend_gateway, 198.19.0.11 ...) with
+back ends PREFIXb1 and PREFIXb2 running nginx that answers its own name and the client
+address it saw (and logs $remote_addr).  Each node runs a transparent proxy to them on
+port 80 (the response header X-Multihost-Node names the node); the lab sets up the proxies'
+policy routing and counts, on every node, the back ends' replies that reached a node
+without the connection's socket.
+  --return routes   each back end has an address per node and routes replies by source
+                    ('multihost backend-routes --apply' from the lab's [[backend]] tables);
+                    traffic IP hash 4-tuple
+  --return gateway  the back ends' default route is a return traffic IP (198.19.0.100)
+                    hosted by the agents (a return group); hash source-ip-port (haproxy)
+                    or source-ip (nginx) in front, the reply's destination side behind
+  --proxy nginx     proxy_bind $remote_addr transparent (client address only)
+  --proxy haproxy   source 0.0.0.0 usesrc client (address and port; clientip with routes)
+
+Upstream router (--routed, docs/switches.md): clients sit behind PREFIXrt (client ck on
+198.19.(128+k).0/24) and reach the traffic IP through it.  The router drops ARP replies
+with a multicast sender MAC (RFC 1812, like most hardware routers), so it reaches the
+traffic IP only through its static neighbour entry (--router-neigh static, the default);
+--router-neigh arp leaves it to ARP and demonstrates the failure.
+
 examples:
   multihost lab up --nodes 4
   multihost lab up --nodes 8 --clients 2 --seed 0x5eed1234 --json
-
-{FILES}
-"""
-
-PROBE = f"""\
-Open CONNECTIONS flows from a client namespace, each from its own explicitly bound source
-port (ports drawn from --port-seed, so a run can be repeated), concurrently, and record which
-node answered each: TCP (default) does one HTTP/1.0 GET (the node is the body's first line),
---udp sends one datagram to the echo service, --icmp one echo request (the node is found from
-the reply's source MAC; ICMP hashes on addresses only, so pings rotate over the client's 17
-source addresses and distinct ids).  Each flow's expected node is computed by the model
-(flowhash + assignment, with the lab's seed and the live set from the state file); flows
-answered by another node are 'mispredicted'.  --target NODE-ADDRESS probes one node directly
-(every flow is then expected from that node).  Progress goes to stderr.
-
---json prints {{"connections", "answered": {{"A": n, ...}}, "failed", "reset", "timeout",
-"mispredicted", "duplicated", ...}}: reset = refused or reset, failed = anything else
-unexpected, duplicated = flows answered by more than one node (UDP, ICMP).
-
-examples:
-  multihost lab probe --connections 3000
-  multihost lab probe --udp --connections 1000 --json
-  multihost lab probe --icmp --connections 200
-  multihost lab probe --target 198.18.0.11 --connections 500 --check
+  multihost lab up --transparent --return routes
+  multihost lab up --transparent --return gateway --proxy haproxy
+  multihost lab up --routed
 
 {FILES}
 """
 
 EXEC = f"""\
 Run a command inside a lab namespace (as 'ip netns exec' does): HOST is a node (A, B, ...),
-a client (c1, ...; 'client' means c1) or 'sw' (the switch).  The exit status is the
+a client (c1, ...; 'client' means c1), 'sw' (the switch), or in a transparent or routed lab
+'bsw' (the back-end switch), a back end (b1, b2) or 'rt' (the router).  The exit status is the
 command's.  'lab down' stops anything still running in the lab's namespaces.
 
 examples:
@@ -226,6 +230,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="dual stack: IPv6 addresses (2001:db8::/64), IPv6 traffic IP, heartbeats on ff15::1",
     )
+    a.add_argument(
+        "--transparent",
+        action="store_true",
+        help="back ends behind the nodes, reached through transparent proxies (see above)",
+    )
+    a.add_argument(
+        "--return",
+        dest="return_mode",
+        choices=[m.value for m in ReturnMode],
+        help="how back ends' replies find their node (with --transparent; default routes)",
+    )
+    a.add_argument(
+        "--proxy",
+        choices=[p.value for p in Proxy],
+        help="the nodes' transparent proxy (with --transparent; default: nginx with "
+        "--return routes, haproxy with --return gateway)",
+    )
+    a.add_argument(
+        "--routed",
+        action="store_true",
+        help="the clients reach the traffic IP through a router namespace (see above)",
+    )
+    a.add_argument(
+        "--router-neigh",
+        choices=[m.value for m in NeighMode],
+        help="how the router learns the traffic IP's MAC (with --routed; default static)",
+    )
     add_json_flag(a)
 
     desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
@@ -258,47 +289,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("live", metavar="NODES", help="live nodes, e.g. A,C")
     add_json_flag(a)
 
-    a = action("probe", "probe the traffic IP from a client", PROBE, run_probe)
-    a.add_argument(
-        "--connections", type=int, metavar="N", default=1000, help="flows (default 1000)"
-    )
-    kind = a.add_mutually_exclusive_group()
-    kind.add_argument("--udp", action="store_true", help="UDP echo instead of TCP/HTTP")
-    kind.add_argument("--icmp", action="store_true", help="ICMP echo instead of TCP/HTTP")
-    a.add_argument("--target", metavar="ADDR", help="traffic IP (default) or a node's address")
-    a.add_argument("--ipv6", action="store_true", help="the IPv6 traffic IP ('lab up --ipv6')")
-    a.add_argument(
-        "--client", default="c1", metavar="HOST", help="client to probe from (default c1)"
-    )
-    a.add_argument(
-        "--concurrency", type=int, metavar="N", default=200, help="flows in flight (default 200)"
-    )
-    a.add_argument(
-        "--timeout",
-        type=float,
-        metavar="SECONDS",
-        default=3.0,
-        help="per flow, seconds (default 3)",
-    )
-    a.add_argument(
-        "--port-seed", type=int, metavar="N", help="seed of the source ports (default random)"
-    )
-    a.add_argument("--sources", type=int, metavar="K", help="client addresses to rotate over")
-    a.add_argument("--check", action="store_true", help="exit 1 unless every flow was as expected")
-    add_json_flag(a)
+    from multihost.cli import lab_chaos, lab_cluster, lab_demo, lab_probe
 
-    from multihost.cli import lab_chaos, lab_cluster, lab_demo
-
+    lab_probe.register_actions(action, _state)
     lab_cluster.register_actions(action, _state)
     lab_chaos.register_actions(action, _state)
     lab_demo.register_actions(action, _state)
 
     a = action("exec", "run a command in a lab namespace", EXEC, run_exec)
-    a.add_argument("host", metavar="HOST", help="A.., c1.., client or sw")
+    a.add_argument("host", metavar="HOST", help="A.., c1.., client, sw, bsw, b1.., rt")
     a.add_argument("cmd", metavar="-- CMD", nargs=argparse.REMAINDER, help="command and args")
 
 
 def run_up(args: argparse.Namespace) -> int:
+    for flag, value, needs in (
+        ("--return", args.return_mode, args.transparent),
+        ("--proxy", args.proxy, args.transparent),
+        ("--router-neigh", args.router_neigh, args.routed),
+    ):
+        if value is not None and not needs:
+            base = "--routed" if flag == "--router-neigh" else "--transparent"
+            raise UsageError(f"{flag} {value} needs {base}")
     topo = describe(
         args.nodes,
         args.clients,
@@ -306,6 +317,10 @@ def run_up(args: argparse.Namespace) -> int:
         seed=args.seed,
         switch_mode=SwitchMode(args.switch),
         ipv6=args.ipv6,
+        transparent=ReturnMode(args.return_mode or "routes") if args.transparent else None,
+        routed=args.routed,
+        router_neigh=NeighMode(args.router_neigh or "static"),
+        proxy=Proxy(args.proxy) if args.proxy else None,
     )
     started = time.monotonic()
 
@@ -343,6 +358,8 @@ def run_up(args: argparse.Namespace) -> int:
     c = topo.clients[0]
     print("\ntry:")
     print("  multihost lab probe --connections 1000")
+    if topo.backnet is not None:
+        print("  multihost lab probe --connections 5 --flows")
     print(f"  multihost lab exec {c.name} -- curl -s http://{topo.nodes[0].address}/")
     return 0
 
@@ -360,7 +377,20 @@ def _print_overview(state: labbuild.LabState) -> None:
     )
     print(f"  live: {','.join(state.live) or '(none)'}\n")
     rows = [[h.name, h.role, h.netns, h.address, h.address6 or "-", h.mac] for h in topo.hosts]
+    if topo.router is not None:
+        rt = topo.router
+        rows.append(["rt", f"router ({rt.neigh.value})", rt.netns, rt.address, "-", rt.mac])
+    bn = topo.backnet
+    if bn is not None:
+        rows += [[b.name, "back end", b.netns, b.address, "-", b.mac] for b in bn.backends]
     print(render_table(["HOST", "ROLE", "NETNS", "ADDRESS", "ADDRESS6", "MAC"], rows))
+    if bn is not None:
+        print(
+            f"\ntransparent: {bn.proxy.value} proxies, return {bn.mode.value}"
+            + (f" via {bn.return_vip}" if bn.return_vip else " (per-node routes)")
+            + ", node gateways "
+            + " ".join(f"{n}={a}" for n, a in bn.gateways)
+        )
 
 
 def run_down(args: argparse.Namespace) -> int:
@@ -452,50 +482,6 @@ def run_set_live(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_probe(args: argparse.Namespace) -> int:
-    from multihost.lab.probe import run_probe as probe
-
-    labbuild.require_root()
-    state = _state(args)
-    proto = "udp" if args.udp else "icmp" if args.icmp else "tcp"
-
-    def progress(done: int, total: int) -> None:
-        print(f"\rprobe: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-
-    result = probe(
-        state,
-        proto,
-        args.connections,
-        target=args.target,
-        client=args.client,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        port_seed=args.port_seed,
-        sources=args.sources,
-        progress=progress,
-        family=6 if args.ipv6 else 4,
-    )
-    if args.json:
-        print_json(result.to_dict())
-    else:
-        print(
-            f"{result.connections} {proto} flows to {result.target} in {result.seconds:.1f}s "
-            f"({result.rate:.0f}/s), live {','.join(result.live) or '(none)'}"
-        )
-        names = sorted(set(result.answered) | set(result.predicted))
-        rows = [[n, str(result.answered.get(n, 0)), str(result.predicted.get(n, 0))] for n in names]
-        print(render_table(["NODE", "ANSWERED", "PREDICTED"], rows))
-        print(
-            f"failed {result.failed}, reset {result.reset}, timeout {result.timeout}, "
-            f"mispredicted {result.mispredicted}, duplicated {result.duplicated}"
-        )
-        for err, n in sorted(result.errors.items()):
-            print(f"  {n} x {err}")
-        for ex in result.examples:
-            print(f"  e.g. {ex['flow']} answered by {ex['node']}, expected {ex['expected']}")
-    return 1 if args.check and not result.ok else 0
-
-
 def run_exec(args: argparse.Namespace) -> int:
     labbuild.require_root()
     cmd = list(args.cmd)
@@ -505,7 +491,7 @@ def run_exec(args: argparse.Namespace) -> int:
         raise UsageError("no command given (multihost lab exec HOST -- CMD ...)")
     state = _state(args)
     topo = state.topology
-    netns = topo.switch.netns if args.host in ("sw", "switch") else topo.host(args.host).netns
+    netns = topo.netns_of(args.host)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

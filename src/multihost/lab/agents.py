@@ -75,12 +75,14 @@ def config_text(
     if pin_root is not None:
         lines.append(f'bpf_pin_root = "{pin_root}"')
     lines.append("")
+    bn = topo.backnet
     for slot, n in enumerate(topo.nodes):
         lines += [
             "[[node]]",
             f'name = "{n.name}"',
             f'address = "{n.address6 if topo.ipv6 else n.address}"',
             f"slot = {slot}",
+            *([f'backend_gateway = "{bn.gateway(n.name)}"'] if bn is not None else []),
             "",
         ]
     members = ", ".join(f'"{n.name}"' for n in topo.nodes)
@@ -90,9 +92,52 @@ def config_text(
         "addresses = [" + ", ".join(f'"{v}"' for v in topo.vips) + "]",
         f"members = [{members}]",
         f'hash = "{topo.hash_mode}"',
+        *transparent_lines(topo),
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + backend_lines(topo))
+
+
+def transparent_lines(topo: Topology) -> list[str]:
+    """A transparent lab's front group keys, and in gateway mode its return group."""
+    bn = topo.backnet
+    if bn is None:
+        return []
+    lines = ["transparent = true", f'return = "{bn.mode.value}"']
+    if bn.return_vip is not None:
+        lines += [
+            "",
+            "[[traffic_ip_group]]",
+            'name = "web_return"',
+            'return_for = "web"',
+            f'addresses = ["{bn.return_vip}"]',
+            f'interface = "{bn.interface}"',
+        ]
+    return lines
+
+
+def backend_lines(topo: Topology) -> list[str]:
+    """``[[backend]]`` tables of a transparent lab in routes mode (``backend-routes``)."""
+    from multihost.lab.backnet import RULE_PRIORITY_BASE, TABLE_BASE
+
+    bn = topo.backnet
+    lines: list[str] = []
+    if bn is None:
+        return lines
+    for b in bn.backends:
+        if not b.node_addresses:
+            continue
+        addrs = ", ".join(f'{n} = "{a}/{bn.prefixlen}"' for n, a in b.node_addresses)
+        lines += [
+            "[[backend]]",
+            f'name = "{b.name}"',
+            f'interface = "{b.interface}"',
+            f"addresses = {{ {addrs} }}",
+            f"table_base = {TABLE_BASE}",
+            f"rule_priority_base = {RULE_PRIORITY_BASE}",
+            "",
+        ]
+    return lines
 
 
 def bpffs_dir(state: LabState) -> Path:

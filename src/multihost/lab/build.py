@@ -3,13 +3,15 @@
 Owns: creating the lab's namespaces, the switch bridge (IGMP snooping per
 :class:`topology.SwitchMode`), one veth pair per host (created inside the switch namespace
 with its peer placed directly into the host's namespace, so nothing ever appears in the root
-namespace), addresses and links, all through pyroute2 netlink; starting nginx and the UDP
-echo service on every node (``ip netns exec``, recorded by PID and start time); calling
-:func:`multihost.lab.agents.start_agents`; and the state file
+namespace), addresses and links, all through pyroute2 netlink; running the steps in order
+(the nodes' services: :mod:`multihost.lab.services`; a router or back-end network:
+:mod:`multihost.lab.backbuild`); spawning lab processes (``ip netns exec``, recorded by PID
+and start time); calling :func:`multihost.lab.agents.start_agents`; and the state file
 ``/run/multihost-lab/<prefix>/state.json``, rewritten after every step so that
 :func:`multihost.lab.clean.clean` can remove a half-built lab even after a crash.
 
-Must not: put the traffic IP on a node, install nft rules or answer ARP (the agent does),
+Must not: put the traffic IP on a node, install the data plane's nft rules or answer ARP
+(the agent does),
 touch the root namespace's links, routes or firewall, or leave anything behind when a build
 fails: :func:`build` tears down what it made and raises :class:`LabError` naming the step.
 """
@@ -20,12 +22,11 @@ import datetime
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import multihost
 from multihost.dataplane.nft import netns_entered
@@ -33,7 +34,6 @@ from multihost.lab import agents
 from multihost.lab.clean import (
     CleanReport,
     lab_namespaces,
-    proc_cmdline,
     proc_start_time,
     recorded_processes,
     remove_lab,
@@ -219,11 +219,16 @@ def build(
         ("creating namespaces", create_namespaces),
         ("configuring the switch", configure_switch),
         ("wiring hosts to the switch", wire_hosts),
-        ("starting nginx and the UDP echo service", start_services),
+        ("starting nginx and the UDP echo service", _start_services),
         ("starting the agents", _start_agents),
     ]
     if not with_agents:  # the bare network (tests of the switch itself)
         steps.pop()
+    from multihost.lab import backbuild
+
+    steps[3:3] = backbuild.network_steps(topology)  # router, back-end network (or none)
+    if with_agents:
+        steps += backbuild.service_steps(topology)
     try:
         state.save()
         for step, func in steps:
@@ -299,9 +304,11 @@ def configure_switch(state: LabState) -> None:
 def wire_hosts(state: LabState) -> None:
     topo = state.topology
     sw = topo.switch
+    # A routed lab's clients hang off the router (backbuild.wire_router), not the switch.
+    hosts = topo.hosts if topo.router is None else topo.nodes
     with _ipr(sw.netns) as ipr:
         bridge = _index(ipr, sw.bridge)
-        for h in topo.hosts:
+        for h in hosts:
             ipr.link(
                 "add",
                 ifname=h.switch_port,
@@ -313,7 +320,7 @@ def wire_hosts(state: LabState) -> None:
             if h.role == "node" and sw.node_ports_mrouter:
                 ipr.brport("set", index=port, multicast_router=2)
             ipr.link("set", index=port, state="up")
-    for h in topo.hosts:
+    for h in hosts:
         configure_host(h)
 
 
@@ -343,39 +350,19 @@ NODAD = 0x02
 
 # --- services ---------------------------------------------------------------------------
 
-NGINX_CONF = """\
-# multihost lab: nginx of node {name} (generated; removed by 'multihost lab down').
-daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log {dir}/access.log;
-    client_body_temp_path {dir}/tmp/body;
-    proxy_temp_path {dir}/tmp/proxy;
-    fastcgi_temp_path {dir}/tmp/fastcgi;
-    uwsgi_temp_path {dir}/tmp/uwsgi;
-    scgi_temp_path {dir}/tmp/scgi;
-    # Long-lived keep-alive connections for 'lab chaos' (HTTP/1.0 probes still close).
-    keepalive_timeout 3600s;
-    keepalive_requests 100000000;
-    server {{
-        # The wildcard address serves the node's own address now and the traffic IP
-        # once the agent puts it on the node.
-        listen {port} default_server backlog=4096;
-{listen6}        server_name _;
-        default_type text/plain;
-        location / {{
-            return 200 "{name}\\nnode={name} server=$server_addr:$server_port {peer}\\n";
-        }}
-    }}
-}}
-"""
+
+class _Placed(Protocol):
+    """Where a process runs: a host or back end's name and namespace."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def netns(self) -> str: ...
 
 
-def _spawn(state: LabState, host: Host, name: str, argv: list[str], *, match: str) -> ProcessRecord:
+def _spawn(
+    state: LabState, host: _Placed, name: str, argv: list[str], *, match: str
+) -> ProcessRecord:
     log = state.directory / f"{name}.log"
     env = dict(os.environ)
     src = str(Path(multihost.__file__).resolve().parent.parent)
@@ -397,36 +384,6 @@ def _spawn(state: LabState, host: Host, name: str, argv: list[str], *, match: st
     state.processes.append(rec)
     state.save()
     return rec
-
-
-def start_services(state: LabState) -> None:
-    topo = state.topology
-    pending: list[tuple[ProcessRecord, str, int]] = []
-    for node in topo.nodes:
-        d = state.directory / f"nginx-{node.name}"
-        (d / "tmp").mkdir(parents=True)
-        conf = d / "nginx.conf"
-        peer = "client=$remote_addr:$remote_port"
-        listen6 = (
-            f"        listen [::]:{topo.port} default_server ipv6only=on backlog=4096;\n"
-            if topo.ipv6
-            else ""
-        )
-        conf.write_text(
-            NGINX_CONF.format(name=node.name, dir=d, port=topo.port, peer=peer, listen6=listen6)
-        )
-        argv = [NGINX, "-p", f"{d}/", "-e", str(d / "error.log"), "-c", str(conf)]
-        rec = _spawn(state, node, f"nginx-{node.name}", argv, match=str(conf))
-        pending.append((rec, "tcp", topo.port))
-        argv = [sys.executable, "-m", "multihost.lab.udpecho", "--name", node.name]
-        argv += ["--port", str(topo.echo_port), *(["--ipv6"] if topo.ipv6 else [])]
-        match = f"multihost.lab.udpecho --name {node.name}"
-        rec = _spawn(state, node, f"udpecho-{node.name}", argv, match=match)
-        pending.append((rec, "udp", topo.echo_port))
-    for rec, proto, port in pending:
-        wait_listening(rec, proto, port)
-        rec.cmdline = proc_cmdline(rec.pid)
-    state.save()
 
 
 def _netns_inode(path: str) -> int | None:
@@ -480,6 +437,12 @@ def _tail(path: str, lines: int = 3) -> str:
     except OSError:
         return f"(no log {path})"
     return " | ".join(text[-lines:]) or f"(empty log {path})"
+
+
+def _start_services(state: LabState) -> None:
+    from multihost.lab import services
+
+    services.start_services(state)
 
 
 def _start_agents(state: LabState) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import multihost
 from multihost.assignment import assign, slots_of
 from multihost.flowhash import Flow, HashMode, flow_bucket
+from multihost.lab import backprobe
 from multihost.lab.build import LabError, LabState
 from multihost.lab.topology import Host, Topology, TopologyError
 from multihost.tablechoice import table_for
@@ -57,6 +58,12 @@ class ProbeResult:
     live: list[str] = field(default_factory=list)
     port_seed: int = 0
     seconds: float = 0.0
+    #: Flows not answered (failed, reset, timeout), by the node predicted for them.
+    unanswered_by_expected: dict[str, int] = field(default_factory=dict)
+    #: A transparent lab: what the back ends saw (:func:`backprobe.measure`).
+    transparency: dict[str, Any] | None = None
+    #: ``flows=True``: one object per connection.
+    flows: list[dict[str, Any]] | None = None
 
     @property
     def rate(self) -> float:
@@ -65,9 +72,16 @@ class ProbeResult:
     @property
     def ok(self) -> bool:
         bad = self.failed + self.reset + self.timeout + self.mispredicted + self.duplicated
+        if self.transparency is not None and not backprobe.clean(self.transparency):
+            return False
         return bad == 0
 
     def to_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.transparency is not None:
+            extra["transparency"] = self.transparency
+        if self.flows is not None:
+            extra["flows"] = self.flows
         return {
             "connections": self.connections,
             "answered": dict(sorted(self.answered.items())),
@@ -85,6 +99,8 @@ class ProbeResult:
             "port_seed": self.port_seed,
             "seconds": round(self.seconds, 3),
             "per_second": round(self.rate, 1),
+            "unanswered_by_expected": dict(sorted(self.unanswered_by_expected.items())),
+            **extra,
         }
 
 
@@ -162,9 +178,12 @@ def run_probe(
     sources: int | None = None,
     progress: Progress | None = None,
     family: int = 4,
+    flows: bool = False,
 ) -> ProbeResult:
     """Probe ``target`` (default: the traffic IP of ``family``) with ``connections`` flows
-    from ``client``; the target's family decides the client's source addresses."""
+    from ``client``; the target's family decides the client's source addresses.  ``flows``:
+    list every connection in the result (its node, expected node, and in a transparent lab
+    its back end and the client address that back end saw)."""
     topo = state.topology
     if proto not in PROTOCOLS:
         raise LabError(f"protocol {proto!r} is not one of {', '.join(PROTOCOLS)}")
@@ -182,19 +201,24 @@ def run_probe(
     family = ipaddress.ip_address(target).version
     if family == 6 and proto == "icmp":
         raise LabError("icmp probes are IPv4 only (ICMPv6 echo is not implemented); use tcp or udp")
+    if proto == "icmp" and topo.router is not None:
+        raise LabError(
+            "icmp probes find the node from the reply's source MAC, which a client behind "
+            "the router never sees ('lab up --routed'); use tcp or udp"
+        )
     if family == 6 and not src.addresses6:
         raise LabError(f"client {src.name} has no IPv6 address (use 'lab up --ipv6')")
     port = {"tcp": topo.port, "udp": topo.echo_port, "icmp": 0}[proto]
     seed = random.randrange(1 << 32) if port_seed is None else port_seed
-    flows = plan_flows(src, proto, connections, seed, sources, family=family)
+    plan = plan_flows(src, proto, connections, seed, sources, family=family)
     expected = expected_nodes(
-        topo, live=state.live, target=target, proto=proto, port=port, flows=flows
+        topo, live=state.live, target=target, proto=proto, port=port, flows=plan
     )
     request = {
         "proto": proto,
         "target": target,
         "port": port,
-        "flows": flows,
+        "flows": plan,
         "concurrency": concurrency,
         "timeout": timeout,
         "dup_wait": 0.1,
@@ -203,6 +227,7 @@ def run_probe(
     }
     result = ProbeResult(proto, target, connections, live=list(state.live), port_seed=seed)
     result.predicted = dict(Counter(e or "(none)" for e in expected))
+    before = backprobe.snapshot(state) if proto == "tcp" else None
     started = time.monotonic()
     rows = _run_worker(
         src.netns,
@@ -213,8 +238,32 @@ def run_probe(
         progress=progress,
     )
     result.seconds = time.monotonic() - started
-    _tally(result, rows, flows, expected)
+    _tally(result, rows, plan, expected)
+    if before is not None:
+        result.transparency = backprobe.measure(state, before, rows, plan)
+    if flows:
+        result.flows = _per_flow(rows, plan, expected)
     return result
+
+
+def _per_flow(
+    rows: list[dict[str, Any]], plan: list[tuple[str, int]], expected: list[str | None]
+) -> list[dict[str, Any]]:
+    by_index = {int(r["i"]): r for r in rows}
+    out = []
+    for i, (saddr, sport) in enumerate(plan):
+        r = by_index.get(i, {})
+        entry: dict[str, Any] = {
+            "flow": f"{saddr}:{sport}",
+            "outcome": r.get("outcome", "failed"),
+            "node": r.get("node") or None,
+            "expected": expected[i],
+        }
+        if "backend" in r:
+            entry["backend"] = r["backend"]
+            entry["seen"] = r.get("seen")
+        out.append(entry)
+    return out
 
 
 def _tally(
@@ -226,6 +275,7 @@ def _tally(
     seen: set[int] = set()
     answered: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
     for row in rows:
         i = int(row["i"])
         seen.add(i)
@@ -243,13 +293,18 @@ def _tally(
                     )
         elif outcome in ("reset", "timeout"):
             setattr(result, outcome, getattr(result, outcome) + 1)
+            lost[expected[i] or "(none)"] += 1
         else:
             result.failed += 1
             errors[row.get("error") or "unknown"] += 1
+            lost[expected[i] or "(none)"] += 1
     missing = len(flows) - len(seen)
     if missing:
         result.failed += missing
         errors["no result from worker"] += missing
+        for i in set(range(len(flows))) - seen:
+            lost[expected[i] or "(none)"] += 1
+    result.unanswered_by_expected = dict(lost)
     result.answered = dict(answered)
     result.errors = dict(errors)
 

@@ -13,9 +13,13 @@ and prints one JSON line per flow, in completion order::
     {"i": 0, "saddr": "...", "sport": 40000, "outcome": "answered", "node": "A",
      "dups": [], "error": ""}
 
+(behind a transparent lab's proxies, TCP rows also have ``"backend": "b1"`` and
+``"seen": "ADDR:PORT"``, the client as the back end saw it).
+
 ``outcome`` is ``answered``, ``reset`` (ECONNRESET/ECONNREFUSED, ICMP port unreachable),
 ``timeout`` or ``failed`` (anything else; ``error`` says what).  TCP: one HTTP/1.0 GET per
-connection from an explicitly bound source port; the node is the body's first line.  UDP:
+connection from an explicitly bound source port; the node is the ``X-Multihost-Node``
+header if there is one, else the body's first line.  UDP:
 one datagram per source port; the node is the reply's first line, later replies within
 ``dup_wait`` are listed in ``dups``.  ICMP: one echo request per (source address, id) from
 a raw socket; the node is found from the reply's source MAC (``macs``), read from a packet
@@ -85,16 +89,37 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+#: The header a transparent lab's proxies add (``multihost.lab.backbuild.NODE_HEADER``).
+NODE_HEADER = b"x-multihost-node"
+
+
 def parse_http(data: bytes) -> tuple[str, str]:
-    """``(node, error)`` from a raw HTTP response: the body's first line on status 200."""
+    """``(node, error)`` from a raw HTTP response on status 200: the ``X-Multihost-Node``
+    header (a transparent lab's proxy), else the body's first line (a node's own nginx)."""
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         return "", "no HTTP header end" if data else "empty response"
-    status = head.split(b"\r\n", 1)[0].split()
+    lines = head.split(b"\r\n")
+    status = lines[0].split()
     if len(status) < 2 or status[1] != b"200":
         return "", f"HTTP status {b' '.join(status[1:]).decode(errors='replace')!r}"
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == NODE_HEADER and value.strip():
+            return value.strip().decode(errors="replace"), ""
     node = body.split(b"\n", 1)[0].strip().decode(errors="replace")
     return (node, "") if node else ("", "empty body")
+
+
+def parse_backend(data: bytes) -> dict[str, str]:
+    """A back end's answer behind a transparent proxy: ``{"backend": its name, "seen":
+    "ADDR:PORT"}`` (the client as the back end saw it), or ``{}`` if there is none."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if NODE_HEADER not in head.lower():
+        return {}
+    first, _, rest = body.partition(b"\n")
+    fields = dict(kv.split("=", 1) for kv in rest.decode(errors="replace").split() if "=" in kv)
+    return {"backend": first.strip().decode(errors="replace"), "seen": fields.get("client", "")}
 
 
 async def tcp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:
@@ -117,7 +142,9 @@ async def tcp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:
     finally:
         sock.close()
     node, error = parse_http(data)
-    return _result(i, flow, "answered", node) if node else _result(i, flow, "failed", error=error)
+    if not node:
+        return _result(i, flow, "failed", error=error)
+    return {**_result(i, flow, "answered", node), **parse_backend(data)}
 
 
 async def udp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:

@@ -1,10 +1,12 @@
 """Pure description of a lab: names, addresses, MACs, the traffic IP, the group, the seed.
 
 Owns: the naming scheme (every namespace is ``<prefix><role>``: ``<prefix>sw`` for the
-switch, ``<prefix>A``... for nodes, ``<prefix>c1``... for clients; :func:`netns_pattern` is
-the exact pattern the cleaner matches), the addressing plan inside 198.18.0.0/15, the group
-inside 239.192.0.0/14, the switch's multicast configuration (:class:`SwitchMode`), and the
-JSON form of a topology (``to_dict``/``from_dict``; ``summary`` is ``lab up --json``).
+switch, ``<prefix>A``... for nodes, ``<prefix>c1``... for clients, and in transparent or
+routed labs ``<prefix>bsw``, ``<prefix>b1``... and ``<prefix>rt``; :func:`netns_pattern` is
+the exact pattern the cleaner matches), the addressing plan inside 198.18.0.0/15 (behind the
+nodes and in front of the clients: :mod:`multihost.lab.backnet`), the group inside
+239.192.0.0/14, the switch (:mod:`multihost.lab.switch`), and the JSON form of a topology
+(``to_dict``/``from_dict``; ``summary`` is ``lab up --json``).
 
 Must not: create, read or delete anything (no sockets, files, processes or netlink);
 :mod:`multihost.lab.build` turns a :class:`Topology` into namespaces.
@@ -33,12 +35,28 @@ import ipaddress
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multihost.lab.backnet import (
+    BackNet,
+    NeighMode,
+    Proxy,
+    ReturnMode,
+    Router,
+    check_backnet,
+    client_addresses,
+    client_link,
+    describe_backnet,
+    describe_router,
+    front_hash,
+)
+from multihost.lab.hosts import Host, host_dict, host_from
+from multihost.lab.switch import Switch, SwitchMode
 from multihost.macaddr import format_mac, multicast_mac
+
+__all__ = ["Host", "Switch", "SwitchMode", "Topology", "TopologyError", "describe"]
 
 #: Parent of every lab's state directory (``/run/multihost-lab/<prefix>/``).
 RUN_DIR = Path("/run/multihost-lab")
@@ -77,26 +95,6 @@ class TopologyError(ValueError):
     """A lab description that cannot be built (the message names the offending value)."""
 
 
-class SwitchMode(StrEnum):
-    """How the switch bridge treats multicast frames; the traffic IP's frames are multicast.
-
-    Frames to the traffic IP carry a multicast MAC but a *unicast* IP destination.  The Linux
-    bridge keys its snooping table (mdb) by IP group, so such a frame never matches an mdb
-    entry; while a querier exists the bridge sends it to multicast-router ports only, and
-    while none exists it floods it to every port (verified on kernel 6.x).
-    """
-
-    #: Snooping and the bridge's own querier on (the mdb learns the group from IGMP
-    #: reports) and node ports are permanent multicast-router ports, so the traffic IP's
-    #: frames reach every node and no client.  The default.
-    SNOOPING = "snooping"
-    #: Snooping on, no querier: the bridge floods multicast (and the traffic IP) everywhere.
-    FLOOD = "flood"
-    #: Snooping and querier on, no router ports: the traffic IP's frames reach no node.
-    #: Models a snooping switch not configured for the cluster (a failure to demonstrate).
-    STRICT = "strict"
-
-
 def default_prefix() -> str:
     """``$MULTIHOST_LAB_PREFIX`` if set, else ``mh-``."""
     return os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
@@ -114,7 +112,8 @@ def validate_prefix(prefix: str) -> str:
 
 def netns_pattern(prefix: str) -> re.Pattern[str]:
     """Exactly the namespace names a lab with ``prefix`` can create (and nothing longer)."""
-    return re.compile(rf"^{re.escape(validate_prefix(prefix))}(?:sw|[A-H]|c[1-8])$")
+    names = r"(?:sw|bsw|rt|[A-H]|c[1-8]|b[1-8])"
+    return re.compile(rf"^{re.escape(validate_prefix(prefix))}{names}$")
 
 
 def state_dir(prefix: str) -> Path:
@@ -123,58 +122,6 @@ def state_dir(prefix: str) -> Path:
 
 def state_file(prefix: str) -> Path:
     return state_dir(prefix) / "state.json"
-
-
-@dataclass(frozen=True)
-class Switch:
-    """The switch: a bridge in its own namespace, one port per host."""
-
-    netns: str
-    bridge: str = "br0"
-    mode: SwitchMode = SwitchMode.SNOOPING
-
-    @property
-    def mcast_snooping(self) -> bool:
-        return True
-
-    @property
-    def mcast_querier(self) -> bool:
-        return self.mode is not SwitchMode.FLOOD
-
-    @property
-    def node_ports_mrouter(self) -> bool:
-        """Node ports are permanent multicast-router ports (``multicast_router 2``)."""
-        return self.mode is SwitchMode.SNOOPING
-
-
-@dataclass(frozen=True)
-class Host:
-    """A node or client: one namespace with one interface on the switch."""
-
-    name: str
-    role: str  # "node" | "client"
-    netns: str
-    interface: str
-    switch_port: str
-    mac: str
-    address: str
-    prefixlen: int
-    extra_addresses: tuple[str, ...] = ()
-    #: IPv6 addresses (dual-stack labs), primary first; prefix length ``SUBNET6``'s.
-    addresses6: tuple[str, ...] = ()
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """The IPv4 addresses, primary first."""
-        return (self.address, *self.extra_addresses)
-
-    @property
-    def address6(self) -> str | None:
-        return self.addresses6[0] if self.addresses6 else None
-
-    def sources(self, family: int) -> tuple[str, ...]:
-        """The addresses of one family (4 or 6), primary first."""
-        return self.addresses if family == 4 else self.addresses6
 
 
 @dataclass(frozen=True)
@@ -194,6 +141,10 @@ class Topology:
     #: Dual stack with IPv6 heartbeats (``vip6`` and ``group6`` set, hosts have addresses6).
     vip6: str | None = None
     group6: str | None = None
+    #: A transparent lab's back-end network (``lab up --transparent``).
+    backnet: BackNet | None = None
+    #: A routed lab's upstream router between the clients and the switch (``--routed``).
+    router: Router | None = None
 
     @property
     def ipv6(self) -> bool:
@@ -239,7 +190,25 @@ class Topology:
 
     def netns_names(self) -> tuple[str, ...]:
         """Every namespace of the lab, switch first."""
-        return (self.switch.netns, *(h.netns for h in self.hosts))
+        extra: list[str] = []
+        if self.router is not None:
+            extra.append(self.router.netns)
+        if self.backnet is not None:
+            extra += [self.backnet.netns, *(b.netns for b in self.backnet.backends)]
+        return (self.switch.netns, *(h.netns for h in self.hosts), *extra)
+
+    def netns_of(self, name: str) -> str:
+        """The namespace of a host (:meth:`host`), ``sw``, ``bsw``, ``rt`` or a back end."""
+        if name in ("sw", "switch"):
+            return self.switch.netns
+        if name == "rt" and self.router is not None:
+            return self.router.netns
+        if self.backnet is not None:
+            if name == "bsw":
+                return self.backnet.netns
+            if (b := self.backnet.backend(name)) is not None:
+                return b.netns
+        return self.host(name).netns
 
     def host(self, name: str) -> Host:
         """A node or client by name; ``client`` means the first client."""
@@ -284,6 +253,8 @@ class Topology:
             "echo_port": self.echo_port,
             "hash": self.hash_mode,
             "switch": {"netns": self.switch.netns, "mode": self.switch.mode.value},
+            "transparent": None if self.backnet is None else self.backnet.summary(),
+            "routed": None if self.router is None else self.router.to_dict(),
             "clients": {
                 c.name: {
                     "netns": c.netns,
@@ -303,8 +274,8 @@ class Topology:
                 "bridge": self.switch.bridge,
                 "mode": self.switch.mode.value,
             },
-            "nodes": [_host_dict(h) for h in self.nodes],
-            "clients": [_host_dict(h) for h in self.clients],
+            "nodes": [host_dict(h) for h in self.nodes],
+            "clients": [host_dict(h) for h in self.clients],
             "vip": self.vip,
             "group": self.group,
             "seed": self.seed,
@@ -315,6 +286,8 @@ class Topology:
             "subnet": self.subnet,
             "vip6": self.vip6,
             "group6": self.group6,
+            "backnet": None if self.backnet is None else self.backnet.to_dict(),
+            "router": None if self.router is None else self.router.to_dict(),
         }
 
     @classmethod
@@ -324,8 +297,8 @@ class Topology:
             topo = cls(
                 prefix=str(d["prefix"]),
                 switch=Switch(str(sw["netns"]), str(sw["bridge"]), SwitchMode(sw["mode"])),
-                nodes=tuple(_host_from(h) for h in d["nodes"]),
-                clients=tuple(_host_from(h) for h in d["clients"]),
+                nodes=tuple(host_from(h) for h in d["nodes"]),
+                clients=tuple(host_from(h) for h in d["clients"]),
                 vip=str(d["vip"]),
                 group=str(d["group"]),
                 seed=int(d["seed"]),
@@ -336,41 +309,13 @@ class Topology:
                 subnet=str(d["subnet"]),
                 vip6=None if d.get("vip6") is None else str(d["vip6"]),
                 group6=None if d.get("group6") is None else str(d["group6"]),
+                backnet=None if d.get("backnet") is None else BackNet.from_dict(d["backnet"]),
+                router=None if d.get("router") is None else Router.from_dict(d["router"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TopologyError(f"malformed topology record: {e!r}") from None
         check(topo)
         return topo
-
-
-def _host_dict(h: Host) -> dict[str, Any]:
-    return {
-        "name": h.name,
-        "role": h.role,
-        "netns": h.netns,
-        "interface": h.interface,
-        "switch_port": h.switch_port,
-        "mac": h.mac,
-        "address": h.address,
-        "prefixlen": h.prefixlen,
-        "extra_addresses": list(h.extra_addresses),
-        "addresses6": list(h.addresses6),
-    }
-
-
-def _host_from(d: dict[str, Any]) -> Host:
-    return Host(
-        name=str(d["name"]),
-        role=str(d["role"]),
-        netns=str(d["netns"]),
-        interface=str(d["interface"]),
-        switch_port=str(d["switch_port"]),
-        mac=str(d["mac"]),
-        address=str(d["address"]),
-        prefixlen=int(d["prefixlen"]),
-        extra_addresses=tuple(str(a) for a in d["extra_addresses"]),
-        addresses6=tuple(str(a) for a in d.get("addresses6", ())),
-    )
 
 
 def _mac(role: int, index: int) -> str:
@@ -388,11 +333,18 @@ def describe(
     group: str = DEFAULT_GROUP,
     switch_mode: SwitchMode = SwitchMode.SNOOPING,
     ipv6: bool = False,
+    transparent: ReturnMode | None = None,
+    routed: bool = False,
+    router_neigh: NeighMode = NeighMode.STATIC,
+    proxy: Proxy | None = None,
 ) -> Topology:
     """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
 
     ``prefix`` defaults to :func:`default_prefix`; ``seed`` to a random 32-bit value;
-    ``ipv6``: dual stack with IPv6 heartbeats (the module's addressing plan).
+    ``ipv6``: dual stack with IPv6 heartbeats (the module's addressing plan);
+    ``transparent``: a back-end network with this return mode (:mod:`multihost.lab.backnet`);
+    ``proxy``: the nodes' transparent proxy (default: :func:`backnet.default_proxy`);
+    ``routed``: the clients sit behind a router (``router_neigh``: how it learns the VIP).
     """
     prefix = validate_prefix(default_prefix() if prefix is None else prefix)
     if not 1 <= nodes <= MAX_NODES:
@@ -401,6 +353,10 @@ def describe(
         raise TopologyError(f"clients: {clients} is outside 1..{MAX_CLIENTS}")
     if seed is None:
         seed = secrets.randbits(32)
+    if routed and ipv6:
+        raise TopologyError("a routed lab is IPv4 only (--routed with --ipv6)")
+    if transparent is not None and ipv6:
+        raise TopologyError("a transparent lab is IPv4 only (--transparent with --ipv6)")
     net = SUBNET
     node_hosts = tuple(
         Host(
@@ -443,6 +399,24 @@ def describe(
         )
         for k in range(1, clients + 1)
     )
+    if routed:  # each client on a /24 link of its own to the router (interface ck there)
+        client_hosts = tuple(
+            replace(
+                c,
+                switch_port=c.name,
+                address=client_addresses(k, EXTRA_SOURCES)[0],
+                extra_addresses=client_addresses(k, EXTRA_SOURCES)[1],
+                prefixlen=client_link(k).prefixlen,
+            )
+            for k, c in enumerate(client_hosts, 1)
+        )
+    backnet = (
+        None
+        if transparent is None
+        else describe_backnet(
+            prefix, tuple(n.name for n in node_hosts), ReturnMode(transparent), proxy=proxy
+        )
+    )
     topo = Topology(
         prefix=prefix,
         switch=Switch(netns=f"{prefix}sw", mode=SwitchMode(switch_mode)),
@@ -453,6 +427,9 @@ def describe(
         seed=seed,
         vip6=DEFAULT_VIP6 if ipv6 else None,
         group6=DEFAULT_GROUP6 if ipv6 else None,
+        backnet=backnet,
+        router=describe_router(prefix, NeighMode(router_neigh)) if routed else None,
+        hash_mode=HASH_MODE if backnet is None else front_hash(backnet.mode, backnet.proxy),
     )
     check(topo)
     return topo
@@ -491,10 +468,17 @@ def check(topo: Topology) -> None:
     for name in topo.netns_names():
         if not pattern.match(name):
             raise TopologyError(f"namespace {name!r} does not match the lab's naming scheme")
+    if topo.router is not None:
+        seen.add(topo.router.address)
+        if ipaddress.IPv4Address(topo.router.address) not in subnet:
+            raise TopologyError(f"router address {topo.router.address} is outside {subnet}")
     for h in topo.hosts:
+        net = subnet
+        if topo.router is not None and h.role == "client":
+            net = client_link(int(h.name[1:]))
         for a in h.addresses:
-            if ipaddress.IPv4Address(a) not in subnet:
-                raise TopologyError(f"{h.name}: address {a} is outside {subnet}")
+            if ipaddress.IPv4Address(a) not in net:
+                raise TopologyError(f"{h.name}: address {a} is outside {net}")
             if a in seen:
                 raise TopologyError(f"{h.name}: address {a} is used twice")
             seen.add(a)
@@ -509,5 +493,14 @@ def check(topo: Topology) -> None:
         if h.mac in macs:
             raise TopologyError(f"{h.name}: MAC {h.mac} is used twice")
         macs.add(h.mac)
+    if topo.backnet is not None:
+        if topo.ipv6:
+            raise TopologyError("a transparent lab is IPv4 only")
+        try:
+            check_backnet(topo.backnet, topo.members, seen)
+        except ValueError as e:
+            raise TopologyError(str(e)) from None
+    if topo.router is not None and topo.ipv6:
+        raise TopologyError("a routed lab is IPv4 only")
     if len(set(topo.netns_names())) != len(topo.netns_names()):
         raise TopologyError("namespace names are not unique")
