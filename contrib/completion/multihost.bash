@@ -32,8 +32,8 @@ declare -A _multihost_subs=(
 )
 declare -A _multihost_opts=(
   ['multihost']='-h --help --version'
-  ['multihost simulate']='-h --help --config --group --members --slots --event --json'
-  ['multihost whohas']='-h --help --config --group --members --slots --live --seed --flow --proto --hash --socket --json'
+  ['multihost simulate']='-h --help --config --group --members --slots --weights --event --json'
+  ['multihost whohas']='-h --help --config --group --members --slots --weights --live --seed --flow --proto --hash --socket --json'
   ['multihost check-config']='-h --help --no-key --json'
   ['multihost agent']='-h --help --config --node --manual --control-socket'
   ['multihost status']='-h --help --socket --config --json'
@@ -62,8 +62,8 @@ declare -A _multihost_opts=(
 )
 declare -A _multihost_takes=(
   ['multihost']=''
-  ['multihost simulate']='--config --group --members --slots --event'
-  ['multihost whohas']='--config --group --members --slots --live --seed --flow --proto --hash --socket'
+  ['multihost simulate']='--config --group --members --slots --weights --event'
+  ['multihost whohas']='--config --group --members --slots --weights --live --seed --flow --proto --hash --socket'
   ['multihost check-config']=''
   ['multihost agent']='--config --node --control-socket'
   ['multihost status']='--socket --config'

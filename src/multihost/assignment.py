@@ -80,6 +80,10 @@ class PreferenceTable(Protocol):
         """Owner slot of every bucket (``NO_OWNER`` when ``live`` is empty); read-only."""
         ...
 
+    def __hash__(self) -> int:
+        """Tables are hashable (by identity): caches are keyed by them."""
+        ...
+
 
 class OrderingTable:
     """A preference table given explicitly: row ``b`` is bucket ``b``'s ordering of slots."""

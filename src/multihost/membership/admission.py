@@ -1,11 +1,13 @@
 """Admission of datagrams: which authenticated heartbeats may change membership at all.
 
 Owns: :func:`admit`, the screening every datagram passes before the core acts on it:
-decode and authenticate (:mod:`.wire`), then reject another cluster's heartbeats, our own
-name (looped back, or a duplicate node), senders not configured or with the wrong slot,
-and replays (a sequence number not newer for the sender's incarnation, or an incarnation
-already superseded).  A configuration-digest mismatch is *not* decided here: the sender
-is then known and authenticated, and the core records it as ``mismatch``.
+decode and authenticate (:mod:`.wire`; an authenticated version-1 heartbeat is refused
+as ``old-version`` with its sender named, never mixed in), then reject another cluster's
+heartbeats, our own name (looped back, or a duplicate node), senders not configured or
+with the wrong slot, and replays (a sequence number not newer for the sender's
+incarnation, or an incarnation already superseded).  A configuration-digest mismatch is
+*not* decided here: the sender is then known and authenticated, and the core records it
+as ``mismatch``.
 
 Must not: mutate peer records, read clocks or log; it returns a verdict.
 """
@@ -31,6 +33,7 @@ class Refused:
     reason: str  # one of effects.REJECT_REASONS
     sender: str | None
     boot: bytes | None = None  # for "self": the boot id it carried
+    detail: str = ""  # for "old-version": what the sender speaks and what we do
 
 
 def admit(
@@ -39,7 +42,7 @@ def admit(
     try:
         hb = decode(datagram, key)
     except WireError as exc:
-        return Refused(exc.reason, None)
+        return Refused(exc.reason, exc.sender, detail=exc.detail if exc.sender else "")
     if hb.cluster != cluster:
         return Refused("other-cluster", hb.sender)
     if hb.sender == me:

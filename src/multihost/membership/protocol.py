@@ -50,10 +50,10 @@ from multihost.membership.leases import (
 )
 from multihost.membership.outgoing import outgoing
 from multihost.membership.ownership import (
-    EMPTY,
     BoolArray,
     GroupLayout,
     claims_bound,
+    empty,
     layout_groups,
     mask_of,
 )
@@ -112,7 +112,9 @@ class MembershipCore:
         self._fresh = {g.name: 1 for g in self._my_groups}
         self._suspended: dict[str, bool] = {g.name: False for g in self._my_groups}
         self._view: frozenset[str] = frozenset({self._me})
-        self._claims: dict[str, BoolArray] = {g.name: EMPTY for g in self._my_groups}
+        self._table = config.ownership_table
+        none = empty(self._table.buckets)
+        self._claims: dict[str, BoolArray] = {g.name: none for g in self._my_groups}
         self._claim_keys: dict[str, ClaimInputs] = {}
         self._epoch = 0
         self._applied_epoch = 0
@@ -120,6 +122,7 @@ class MembershipCore:
         self._quorum_ok = not config.quorum or len(config.members) == 1
         self._grace_until = now + self._da + self._hold
         self._impostors: set[bytes] = set()
+        self._old_senders: set[str | None] = set()  # version-1 senders logged once
         self._sent = 0
         self._received = 0
         self._accepted = 0
@@ -287,6 +290,10 @@ class MembershipCore:
                 assert verdict.boot is not None
                 self._impostors.add(verdict.boot)
                 out.append(Log("error", "duplicate-node-name", {"boot": verdict.boot.hex()}))
+            if verdict.reason == "old-version" and verdict.sender not in self._old_senders:
+                self._old_senders.add(verdict.sender)
+                fields = {"sender": verdict.sender, "detail": verdict.detail}
+                out.append(Log("error", "old-wire-version", fields))
             self._reject(verdict.reason, verdict.sender, out)
             return
         hb, peer = verdict.hb, verdict.peer
@@ -449,7 +456,7 @@ class MembershipCore:
         )
 
     def _compute(self, g: GroupLayout, key: ClaimInputs) -> BoolArray:
-        return compute(self._slot, key, self._claims[g.name])
+        return compute(self._table, self._slot, key, self._claims[g.name])
 
     # ---------------------------------------------------------- leases, holds
 
