@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 from multihost import preflight
 from multihost.assignment import assign
+from multihost.cli.groupsel import from_config
+from multihost.cli.whohas import lookup
 from multihost.config import Config, ConfigError, parse_config
 from multihost.minwise import lcm_upto
 from multihost.ownership import ownership
 from multihost.tablechoice import table_for
+from tests.unit.test_whohas_config import RenderedNode, random_flows
 
 
 def cluster(
@@ -124,3 +128,31 @@ def test_bad_input_names_key_and_limit(case: str, text: str, key: str, reason: s
         load(text)
     assert info.value.key == key, case
     assert reason in info.value.reason, (case, info.value.reason)
+
+
+@pytest.mark.parametrize(
+    ("n", "weights"),
+    [(12, None), (5, [4, 2, 3, 1, 2])],  # 12 slots; 12 virtual slots of 5 weighted nodes
+)
+def test_rendered_nft_rulesets_serve_each_flow_once_as_whohas_says(
+    tmp_path: Path, n: int, weights: list[int] | None
+) -> None:
+    """Each node's rendered nft owned table (jhash mod 27,720 and its bucket map) evaluated
+    for random flows: exactly one node accepts each, the one ``whohas`` names."""
+    path = tmp_path / "big.toml"
+    path.write_text(cluster(n, dataplane="nft", weights=weights))
+    cfg = load(path.read_text())
+    assert cfg.buckets == 27720
+    group = from_config(str(path), "web")
+    names = tuple(x.name for x in cfg.nodes)
+    flows = random_flows(2000, n, "198.18.0.100")
+    for live in (names, names[1:], names[:-2]):
+        nodes = {x: RenderedNode(cfg, x, live, "web") for x in names}
+        for flow in flows:
+            bucket, owner = lookup(group, live, flow)
+            accepting = [x for x, r in nodes.items() if r.bucket(flow) in r.accepts]
+            assert accepting == [owner], (live, flow, bucket)
+        if weights is not None:
+            counts = {x: len(nodes[x].accepts) for x in live}
+            total = sum(weights[names.index(x)] for x in live)
+            assert counts == {x: 27720 * weights[names.index(x)] // total for x in live}

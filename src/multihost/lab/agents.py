@@ -75,12 +75,13 @@ def config_text(
     if pin_root is not None:
         lines.append(f'bpf_pin_root = "{pin_root}"')
     lines.append("")
-    for slot, n in enumerate(topo.nodes):
+    for slot, (n, weight) in enumerate(zip(topo.nodes, topo.node_weights, strict=True)):
         lines += [
             "[[node]]",
             f'name = "{n.name}"',
             f'address = "{n.address6 if topo.ipv6 else n.address}"',
             f"slot = {slot}",
+            *([f"weight = {weight}"] if topo.weighted else []),
             "",
         ]
     members = ", ".join(f'"{n.name}"' for n in topo.nodes)
