@@ -66,6 +66,7 @@ def test_eight_nodes_keep_the_factorial_table_and_digest_inputs() -> None:
     cfg = load(cluster(4, dataplane="nft"))
     assert cfg.table.buckets == 40320 and cfg.table is table_for(8)
     assert not cfg.weighted
+    assert preflight.ruleset_spec(cfg).buckets == 40320  # the 4-node nft ruleset: unchanged
 
 
 def test_weights_give_proportional_shares() -> None:
