@@ -515,11 +515,26 @@ def run_probe(args: argparse.Namespace) -> int:
             f"({result.rate:.0f}/s), live {','.join(result.live) or '(none)'}"
         )
         names = sorted(set(result.answered) | set(result.predicted))
-        rows = [[n, str(result.answered.get(n, 0)), str(result.predicted.get(n, 0))] for n in names]
-        print(render_table(["NODE", "ANSWERED", "PREDICTED"], rows))
+        band = result.band
+        rows = [
+            [
+                n,
+                str(result.answered.get(n, 0)),
+                str(result.predicted.get(n, 0)),
+                str(result.shares.get(n, "-")),
+                "{}..{}".format(*band[n]) if n in band else "-",
+            ]
+            for n in names
+        ]
+        print(render_table(["NODE", "ANSWERED", "PREDICTED", "SHARE", "99.9% BAND"], rows))
         print(
             f"failed {result.failed}, reset {result.reset}, timeout {result.timeout}, "
             f"mispredicted {result.mispredicted}, duplicated {result.duplicated}"
+            + (
+                f", outside the band: {','.join(result.outside_band)}"
+                if result.outside_band
+                else ""
+            )
         )
         for err, n in sorted(result.errors.items()):
             print(f"  {n} x {err}")
