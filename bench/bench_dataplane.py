@@ -204,6 +204,7 @@ class Bench:
         self.flows = flows
         self.cports: list[int] = []
         self.clients: dict[str, str] = {}
+        self.bpffs: Path | None = None  # a BPF filesystem of its own for the XDP pins
 
     # --- setup -------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
@@ -240,7 +241,9 @@ class Bench:
                     dp_net.ns_run(ns, "iptables", "-t", "mangle", "-A", "PREROUTING", *rule)
             elif v.kind in XDP_KINDS:
                 mode = "native" if v.kind == "xdp" else "generic"
-                pins = Path("/sys/fs/bpf") / f"{ns}-pins"
+                if self.bpffs is None:  # a fresh machine has none mounted at /sys/fs/bpf
+                    self.bpffs = dp_net.mount_bpffs()
+                pins = self.bpffs / f"{ns}-pins"
                 x = XdpDataplane(spec(), "r0", pins, netns=ns, mode=mode)
                 self.xdp[v.key] = x
                 mine = owned(v.live) if v.kind == "xdp" else frozenset(range(BUCKETS))
@@ -267,6 +270,9 @@ class Bench:
         if self.gen is not None:
             self.gen.close()
         self.lab.close()
+        if self.bpffs is not None:
+            dp_net.unmount_bpffs(self.bpffs)
+            self.bpffs = None
 
     # --- one packet run ----------------------------------------------------------------
     def fire(self, v: Variant, repeat: int) -> bpfgen.RunResult:

@@ -234,7 +234,7 @@ class MembershipCore:
         no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         quorum_of = len(self.config.members) if self.config.quorum else None
-        return self._leases.kernel_deadline(alive, self._now, self._need_all, quorum_of)
+        return self._leases.kernel_deadline(alive, quorum_of)
 
     @property
     def suspects(self) -> frozenset[str]:
@@ -384,7 +384,7 @@ class MembershipCore:
         views = [
             (p.name, p.heartbeat.view)
             for p in alive
-            if p.heartbeat and not leases.unheard_ok(p, now, self._need_all(p))
+            if p.heartbeat and not leases.unheard_ok(p, now)
         ]
         for g in self._my_groups:
             hb_views = (view for name, view in views if name in g.members)
