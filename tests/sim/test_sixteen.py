@@ -94,3 +94,21 @@ def test_version_one_heartbeats_are_refused_with_one_log_line() -> None:
     assert logs[0].fields["sender"] == "n1" and "version 2" in str(logs[0].fields["detail"])
     assert core.members()["n1"].state == "unknown"  # never a member
     assert core.counters().rejected["old-version"] == 2
+
+
+def test_nodes_with_different_tables_refuse_each_other_with_a_hint() -> None:
+    """A mix of tables (here: n2 configured with weights the others lack) is a digest
+    mismatch: never a member, one error line naming what to compare."""
+    configs = make_configs(3)
+    configs["n2"] = dataclasses.replace(
+        configs["n2"], table=weighted_table(((0, 1), (1, 1), (2, 2)))
+    )
+    assert configs["n2"].wire_digest != configs["n0"].wire_digest
+    # without quorum the odd one out serves alone (documented, as for any digest mismatch)
+    sim = NetSim(configs, seed=5, allow_mutual_suspicion=True)
+    sim.run_for(20 * INTERVAL)
+    assert sim.core("n0").members()["n2"].state == "mismatch"
+    assert sim.core("n2").members()["n0"].state == "mismatch"
+    logs = [e for _, e in sim.nodes["n0"].logs if e.event == "config-digest-mismatch"]
+    assert len(logs) == 1 and "check-config" in str(logs[0].fields["hint"])
+    assert sim.nodes["n0"].serves("all") + sim.nodes["n1"].serves("all") == sim.buckets

@@ -14,6 +14,7 @@ from multihost.backends import BackendConfig
 from multihost.cli.common import EXIT_USAGE, Formatter, add_json_flag, print_json
 from multihost.config import Config, ConfigError, timing_warnings
 from multihost.macaddr import format_mac, multicast_mac
+from multihost.tablechoice import table_identity
 
 DESCRIPTION = """\
 Validate a multihost configuration file (TOML) and its key file.  Nothing on the host is
@@ -76,8 +77,12 @@ def summary(cfg: Config) -> dict[str, object]:
         "hash_seed": f"{c.hash_seed:#010x}",
         "dataplane": c.dataplane,
         "buckets": cfg.buckets,
+        "table": table_identity(cfg.table).as_dict(),
         "digest": cfg.digest().hex(),
-        "nodes": {n.name: {"address": str(n.address), "slot": n.slot} for n in cfg.nodes},
+        "nodes": {
+            n.name: {"address": str(n.address), "slot": n.slot, "weight": n.weight}
+            for n in cfg.nodes
+        },
         "groups": {
             g.name: {
                 "addresses": [str(a) for a in g.addresses],
@@ -153,8 +158,14 @@ def run(args: argparse.Namespace) -> int:
         f" hold {c.takeover_hold_ms} ms, lease margin {c.lease_margin_ms} ms,"
         f" jitter {c.heartbeat_jitter_ms} ms"
     )
+    t = table_identity(cfg.table)
+    print(
+        f"  table {t.name}: {t.buckets} buckets over {t.slots} slots"
+        f" (sha256 {t.sha256[:16]}...), digest {s['digest']}"
+    )
     for n in cfg.nodes:
-        print(f"  node {n.name}: {n.address} slot {n.slot}")
+        weight = f" weight {n.weight}" if cfg.weighted else ""
+        print(f"  node {n.name}: {n.address} slot {n.slot}{weight}")
     for g in cfg.groups:
         addrs = ", ".join(str(a) for a in g.addresses)
         print(f"  group {g.name}: {addrs} members {','.join(g.members)} hash {g.hash.value}")

@@ -58,6 +58,7 @@ from multihost.membership.ownership import (
     mask_of,
 )
 from multihost.membership.state import (
+    MISMATCH_HINT,
     IllegalTransitionError,
     MemberEvent,
     MemberState,
@@ -308,7 +309,8 @@ class MembershipCore:
         if change == "config-digest-match":
             out.append(Log("info", change, {"member": peer.name}))
         elif change is not None:
-            out.append(Log("error", change, {"member": peer.name, "theirs": hb.digest.hex()}))
+            fields = {"member": peer.name, "theirs": hb.digest.hex(), "hint": MISMATCH_HINT}
+            out.append(Log("error", change, fields))
         if hb.digest != self._digest:
             self._reject("digest-mismatch", peer.name, out)
             event = MemberEvent.HEARD_MISMATCH

@@ -75,6 +75,11 @@ def next_state(state: MemberState, event: MemberEvent) -> MemberState:
 
 
 OLD_BOOTS_KEPT: Final = 8
+#: Logged with ``config-digest-mismatch``: what can differ, and how to find out.
+MISMATCH_HINT: Final = (
+    "another configuration or bucket table (members, slots, weights, groups, timing, or the"
+    " table chosen for them): compare 'multihost check-config' (table, digest) on both nodes"
+)
 
 
 @dataclass
