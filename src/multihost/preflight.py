@@ -177,6 +177,13 @@ def _table(cfg: Config) -> None:
                 f"traffic_ip_group[{i}].members",
                 f"group {g.name!r} has {what}: {problem}{where}",
             )
+    if dp == "xdp":
+        from multihost.dataplane.xdplayout import limits_problem
+
+        naddr = sum(len(g.addresses) for g in cfg.groups)
+        too_big = limits_problem(len(cfg.groups), cfg.buckets, naddr)
+        if too_big is not None:
+            raise ConfigError(cfg.source, too_big[0], f'dataplane = "xdp": {too_big[1]}')
     problem = backend_problem(cfg.table_slots, backend)
     if problem is None:
         return

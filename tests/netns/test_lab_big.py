@@ -21,7 +21,7 @@ import pytest
 from multihost.lab import build, faults
 from multihost.lab.build import LabState
 from multihost.lab.clean import clean
-from multihost.lab.failover import wait_converged
+from multihost.lab.failover import agent_status, wait_converged
 from multihost.lab.probe import ProbeResult, run_probe
 from multihost.lab.topology import describe, state_dir
 
@@ -75,11 +75,22 @@ def _fail_and_recover(state: LabState, victim: str) -> None:
 def test_big_lab_exact_shares_and_a_failure_moves_only_its_share(nodes: int, backend: str) -> None:
     with _lab(nodes, backend) as state:
         assert state.topology.buckets == {12: 27_720, 16: 720_720}[nodes]
+        st = agent_status(state, "A", timeout=5.0)
+        assert st is not None
+        assert (st["table"]["name"], st["table"]["buckets"]) == (
+            f"minwise-{nodes}",
+            state.topology.buckets,
+        )
         _fail_and_recover(state, state.topology.members[-1])
 
 
 def test_weighted_lab_shares_follow_the_weights() -> None:
     with _lab(4, "nft", {"A": 3, "B": 2}) as state:
+        st = agent_status(state, "C", timeout=5.0)
+        assert st is not None
+        assert st["table"]["weights"] == {"A": 3, "B": 2, "C": 1, "D": 1}
+        assert st["table"]["name"] == "factorial-8/weights-0:3,1:2,2:1,3:1"
+        assert st["groups"]["web"]["shares"] == {"A": "3/7", "B": "2/7", "C": "1/7", "D": "1/7"}
         r = _probe(state, state.topology.members)
         assert {m: str(f) for m, f in r.shares.items()} == {
             "A": "3/7",
