@@ -93,30 +93,6 @@ examples:
 {FILES}
 """
 
-PROBE = f"""\
-Open CONNECTIONS flows from a client namespace, each from its own explicitly bound source
-port (ports drawn from --port-seed, so a run can be repeated), concurrently, and record which
-node answered each: TCP (default) does one HTTP/1.0 GET (the node is the body's first line),
---udp sends one datagram to the echo service, --icmp one echo request (the node is found from
-the reply's source MAC; ICMP hashes on addresses only, so pings rotate over the client's 17
-source addresses and distinct ids).  Each flow's expected node is computed by the model
-(flowhash + assignment, with the lab's seed and the live set from the state file); flows
-answered by another node are 'mispredicted'.  --target NODE-ADDRESS probes one node directly
-(every flow is then expected from that node).  Progress goes to stderr.
-
---json prints {{"connections", "answered": {{"A": n, ...}}, "failed", "reset", "timeout",
-"mispredicted", "duplicated", ...}}: reset = refused or reset, failed = anything else
-unexpected, duplicated = flows answered by more than one node (UDP, ICMP).
-
-examples:
-  multihost lab probe --connections 3000
-  multihost lab probe --udp --connections 1000 --json
-  multihost lab probe --icmp --connections 200
-  multihost lab probe --target 198.18.0.11 --connections 500 --check
-
-{FILES}
-"""
-
 EXEC = f"""\
 Run a command inside a lab namespace (as 'ip netns exec' does): HOST is a node (A, B, ...),
 a client (c1, ...; 'client' means c1) or 'sw' (the switch).  The exit status is the
@@ -266,36 +242,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("live", metavar="NODES", help="live nodes, e.g. A,C")
     add_json_flag(a)
 
-    a = action("probe", "probe the traffic IP from a client", PROBE, run_probe)
-    a.add_argument(
-        "--connections", type=int, metavar="N", default=1000, help="flows (default 1000)"
-    )
-    kind = a.add_mutually_exclusive_group()
-    kind.add_argument("--udp", action="store_true", help="UDP echo instead of TCP/HTTP")
-    kind.add_argument("--icmp", action="store_true", help="ICMP echo instead of TCP/HTTP")
-    a.add_argument("--target", metavar="ADDR", help="traffic IP (default) or a node's address")
-    a.add_argument("--ipv6", action="store_true", help="the IPv6 traffic IP ('lab up --ipv6')")
-    a.add_argument(
-        "--client", default="c1", metavar="HOST", help="client to probe from (default c1)"
-    )
-    a.add_argument(
-        "--concurrency", type=int, metavar="N", default=200, help="flows in flight (default 200)"
-    )
-    a.add_argument(
-        "--timeout",
-        type=float,
-        metavar="SECONDS",
-        default=3.0,
-        help="per flow, seconds (default 3)",
-    )
-    a.add_argument(
-        "--port-seed", type=int, metavar="N", help="seed of the source ports (default random)"
-    )
-    a.add_argument("--sources", type=int, metavar="K", help="client addresses to rotate over")
-    a.add_argument("--check", action="store_true", help="exit 1 unless every flow was as expected")
-    add_json_flag(a)
+    from multihost.cli import lab_chaos, lab_cluster, lab_demo, lab_probe
 
-    from multihost.cli import lab_chaos, lab_cluster, lab_demo
+    lab_probe.register_actions(action, _state)
 
     lab_cluster.register_actions(action, _state)
     lab_chaos.register_actions(action, _state)
@@ -482,65 +431,6 @@ def run_set_live(args: argparse.Namespace) -> int:
         for name, share in shares.items():
             print(f"  {name} owns {share} of the buckets")
     return 0
-
-
-def run_probe(args: argparse.Namespace) -> int:
-    from multihost.lab.probe import run_probe as probe
-
-    labbuild.require_root()
-    state = _state(args)
-    proto = "udp" if args.udp else "icmp" if args.icmp else "tcp"
-
-    def progress(done: int, total: int) -> None:
-        print(f"\rprobe: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-
-    result = probe(
-        state,
-        proto,
-        args.connections,
-        target=args.target,
-        client=args.client,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        port_seed=args.port_seed,
-        sources=args.sources,
-        progress=progress,
-        family=6 if args.ipv6 else 4,
-    )
-    if args.json:
-        print_json(result.to_dict())
-    else:
-        print(
-            f"{result.connections} {proto} flows to {result.target} in {result.seconds:.1f}s "
-            f"({result.rate:.0f}/s), live {','.join(result.live) or '(none)'}"
-        )
-        names = sorted(set(result.answered) | set(result.predicted))
-        band = result.band
-        rows = [
-            [
-                n,
-                str(result.answered.get(n, 0)),
-                str(result.predicted.get(n, 0)),
-                str(result.shares.get(n, "-")),
-                "{}..{}".format(*band[n]) if n in band else "-",
-            ]
-            for n in names
-        ]
-        print(render_table(["NODE", "ANSWERED", "PREDICTED", "SHARE", "99.9% BAND"], rows))
-        print(
-            f"failed {result.failed}, reset {result.reset}, timeout {result.timeout}, "
-            f"mispredicted {result.mispredicted}, duplicated {result.duplicated}"
-            + (
-                f", outside the band: {','.join(result.outside_band)}"
-                if result.outside_band
-                else ""
-            )
-        )
-        for err, n in sorted(result.errors.items()):
-            print(f"  {n} x {err}")
-        for ex in result.examples:
-            print(f"  e.g. {ex['flow']} answered by {ex['node']}, expected {ex['expected']}")
-    return 1 if args.check and not result.ok else 0
 
 
 def run_exec(args: argparse.Namespace) -> int:
