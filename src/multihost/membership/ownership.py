@@ -14,8 +14,10 @@ Must not: keep protocol state, read clocks, or know the wire format.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -37,13 +39,27 @@ def empty(buckets: int) -> BoolArray:
     return _readonly(np.zeros(buckets, dtype=bool))
 
 
-@functools.lru_cache(maxsize=512)
+#: Bytes of share masks kept (least recently used first out): 512 masks of the 8-slot table
+#: (40,320 buckets), 46 of the 16-slot one (720,720).
+SHARE_CACHE_BYTES: Final = 512 * 65_536
+_shares: OrderedDict[tuple[PreferenceTable, frozenset[int], int], BoolArray] = OrderedDict()
+
+
 def share_mask(table: PreferenceTable, live: frozenset[int], slot: int) -> BoolArray:
     """Buckets ``slot`` owns in ``table`` when exactly ``live`` slots are live (empty if not
-    live)."""
+    live).  Cached within :data:`SHARE_CACHE_BYTES`."""
     if slot not in live:
         return empty(table.buckets)
-    return _readonly(np.asarray(table.owners(live) == slot, dtype=bool))
+    key = (table, live, slot)
+    mask = _shares.get(key)
+    if mask is not None:
+        _shares.move_to_end(key)
+        return mask
+    mask = _readonly(np.asarray(table.owners(live) == slot, dtype=bool))
+    _shares[key] = mask
+    while len(_shares) > max(16, SHARE_CACHE_BYTES // table.buckets):
+        _shares.popitem(last=False)
+    return mask
 
 
 def mask_of(slots: Iterable[int]) -> int:
