@@ -85,3 +85,27 @@ def test_whohas_sixteen_members(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bad_weights(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     assert main(["simulate", "--members", "A,B", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_status_text_shows_the_table_and_weights() -> None:
+    from multihost.cli.status import to_text
+
+    st = {
+        "node": "A",
+        "slot": 0,
+        "cluster": "big",
+        "mode": "membership",
+        "boot_id": "00",
+        "uptime_s": 1.0,
+        "live": ["A", "B"],
+        "table": {
+            "name": "factorial-8/weights-0:2,1:1",
+            "slots": 2,
+            "buckets": 40320,
+            "sha256": "0" * 64,
+            "weights": {"A": 2, "B": 1},
+        },
+        "groups": {},
+    }
+    text = to_text(st)
+    assert "table factorial-8/weights-0:2,1:1: 40320 buckets over 2 slots; weights A=2, B=1" in text
