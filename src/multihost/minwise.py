@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from multihost.assignment import AssignmentError, OrderingTable, OwnerArray, check_live
+from multihost.assignment import (
+    AssignmentError,
+    OrderingTable,
+    OwnerArray,
+    check_live,
+    permutation_rows,
+)
 
 MIN_SLOTS = 1
 MAX_SLOTS = 16  # a slot is one nibble in the data files
@@ -170,7 +176,7 @@ def check_permutations(orderings: Orderings) -> None:
             f"want a non-empty (M, n<={MAX_EXHAUSTIVE_SLOTS}) array, got {arr.shape}"
         )
     n = arr.shape[1]
-    bad = np.flatnonzero(~np.all(np.sort(arr, axis=1) == np.arange(n), axis=1))
+    bad = np.flatnonzero(~permutation_rows(arr))
     if bad.size:
         raise MinwiseError(f"row {int(bad[0])} is not a permutation of 0..{n - 1}")
 

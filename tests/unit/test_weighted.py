@@ -77,3 +77,18 @@ def test_identity_names_weights_and_differs_from_unweighted() -> None:
     c = table_identity(cluster_table(((0, 1), (1, 1), (2, 1))))
     assert a.name == "factorial-8/weights-0:2,1:1"
     assert len({a.sha256, b.sha256, c.sha256}) == 3
+
+
+def test_permutation_rows_without_sorting() -> None:
+    from multihost.assignment import permutation_rows
+
+    rows = np.array(
+        [[0, 1, 2], [2, 1, 0], [0, 0, 2], [0, 1, 3], [-1, 1, 0], [1, 2, 0], [2, 2, 2]],
+        dtype=np.int8,
+    )
+    assert permutation_rows(rows).tolist() == [True, True, False, False, False, True, False]
+    rng = np.random.default_rng(3)
+    perms = np.argsort(rng.random((500, 16)), axis=1).astype(np.int8)
+    assert permutation_rows(perms).all()
+    perms[7, 3] = perms[7, 4]
+    assert permutation_rows(perms).tolist().count(False) == 1

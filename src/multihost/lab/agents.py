@@ -206,8 +206,11 @@ def start_agents(
         state.processes.remove(rec)
         state.save()
     running: dict[str, Any] = {}
+    # Every agent starts at once: on a 2-vCPU host 16 of them (each loading its table and
+    # program) need more than one agent's READY_TIMEOUT.
+    ready_timeout = READY_TIMEOUT + 2.5 * len(topology.nodes)
     for node in topology.nodes:
-        status = wait_ready(state, node.name)
+        status = wait_ready(state, node.name, timeout=ready_timeout)
         running[node.name] = status.get("dataplane", {}).get("backend")
     info["dataplane"] = running  # node -> the backend its agent runs
     state.agents = info
