@@ -47,6 +47,9 @@ MAX_EXHAUSTIVE_SLOTS = 20  # the exhaustive check holds (n, 2**n) counts in memo
 TABLES = "tables"
 MANIFEST = "manifest.json"
 FORMAT = "multihost-minwise-1"
+#: Owner arrays a :class:`MinwiseTable` keeps (one byte per bucket): 256 live sets up to 12
+#: slots, 46 of the 16-slot table (720,720 buckets).
+CACHE_BYTES = 32 << 20
 
 Orderings = npt.NDArray[np.int8]
 
@@ -323,11 +326,14 @@ class MinwiseTable(OrderingTable):
 
     ``OrderingTable`` caches one owner array per live set without bound, which is fine for 8
     slots (255 sets x 40 KB) but not for 16 (65,535 sets x 720 KB); this keeps the
-    ``cache_size`` most recent.  Ownership semantics are those of ``OrderingTable``.
+    ``cache_size`` most recent (default: 256, within :data:`CACHE_BYTES`).  Ownership
+    semantics are those of ``OrderingTable``.
     """
 
-    def __init__(self, slots: int, *, cache_size: int = 256) -> None:
+    def __init__(self, slots: int, *, cache_size: int | None = None) -> None:
         super().__init__(family(slots), name=f"minwise-{slots}")
+        if cache_size is None:  # 256 live sets, at most CACHE_BYTES of owner arrays
+            cache_size = max(16, min(256, CACHE_BYTES // self.buckets))
         self._bounded = functools.lru_cache(maxsize=cache_size)(self._compute_owners)
 
     def owners(self, live: frozenset[int]) -> OwnerArray:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from multihost.lab import build, faults
-from multihost.lab.build import LabState
+from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
 from multihost.lab.probe import ProbeResult, run_probe
@@ -33,14 +33,32 @@ def _lab(nodes: int, backend: str, weights: dict[str, int] | None = None) -> Ite
     prefix = f"mhtB{secrets.token_hex(2)}-"
     try:
         topo = describe(nodes, prefix=prefix, weights=weights)
-        # 16 agents share 2 vCPUs with 16 nginx: a 200 ms heartbeat keeps false failovers out
-        state = build.build(topo, backend=backend, heartbeat_ms=200 if nodes > 8 else None)
+        # the lab's default heartbeat: 25 ms x nodes above 8 (agents.default_heartbeat_ms)
+        state = build.build(topo, backend=backend)
         assert set(state.agents["dataplane"].values()) == {backend}
-        wait_converged(state, topo.members, timeout=120)
+        _converge(state, topo.members)
         yield state
     finally:
         clean(prefix)
         assert not state_dir(prefix).exists()
+
+
+def _converge(state: LabState, live: tuple[str, ...]) -> None:
+    """wait_converged, and on a timeout what every agent says (owned, live, epochs, lease)."""
+    try:
+        wait_converged(state, live, timeout=120)
+    except LabError as e:
+        seen = {}
+        for n in state.topology.members:
+            st = agent_status(state, n, timeout=5.0)
+            seen[n] = st and (
+                st["groups"]["web"]["owned"]["buckets"],
+                ",".join(st["live"]),
+                st.get("epoch"),
+                st.get("applied_epoch"),
+                st["kernel"]["lease_held"],
+            )
+        raise AssertionError(f"{e}: {seen}") from None
 
 
 def _probe(state: LabState, live: tuple[str, ...]) -> ProbeResult:
@@ -58,7 +76,7 @@ def _fail_and_recover(state: LabState, victim: str) -> None:
     before = _probe(state, members)
     faults.fail(state, victim, "crash")
     rest = tuple(m for m in members if m != victim)
-    wait_converged(state, rest, timeout=120)
+    _converge(state, rest)
     after = _probe(state, rest)
     moved = [
         i for i, (b, a) in enumerate(zip(before.by_flow, after.by_flow, strict=True)) if b != a
@@ -66,7 +84,7 @@ def _fail_and_recover(state: LabState, victim: str) -> None:
     assert all(before.by_flow[i] == victim for i in moved)  # only the victim's flows moved
     assert len(moved) == before.answered[victim]  # ... all of them
     faults.recover(state, victim)
-    wait_converged(state, members, timeout=120)
+    _converge(state, members)
     again = _probe(state, members)
     assert again.by_flow == before.by_flow  # recovery moves exactly those back
 

@@ -179,7 +179,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="agents without heartbeats: ownership follows 'lab set-live' (release, then take)",
     )
     a.add_argument(
-        "--heartbeat-ms", type=int, metavar="MS", help="agents' heartbeat interval (default 100)"
+        "--heartbeat-ms",
+        type=int,
+        metavar="MS",
+        help="agents' heartbeat interval (default 100; 25 x nodes above 8 nodes)",
     )
     a.add_argument(
         "--dead-after-ms",
