@@ -9,14 +9,19 @@ incarnation, or an incarnation already superseded).  A configuration-digest mism
 *not* decided here: the sender is then known and authenticated, and the core records it
 as ``mismatch``.
 
-Must not: mutate peer records, read clocks or log; it returns a verdict.
+:class:`RefusalLogs` decides which refusals deserve a log line (once each): another
+incarnation of our own name (a duplicate node), a version-1 sender.
+
+Must not: mutate peer records, read clocks or emit anything itself; it returns verdicts
+and the :class:`~.effects.Log` values the core emits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from multihost.membership.effects import Log
 from multihost.membership.state import PeerRecord
 from multihost.membership.wire import Heartbeat, WireError, decode
 
@@ -57,3 +62,23 @@ def admit(
     if hb.boot in peer.old_boots:
         return Refused("replay", hb.sender)
     return Admitted(hb, peer, new_boot=True)
+
+
+@dataclass
+class RefusalLogs:
+    """Refusals already logged: boot ids of impostors (our name, another boot id) and
+    senders of version-1 heartbeats.  ``own_boot``: this node's boot id."""
+
+    own_boot: bytes
+    impostors: set[bytes] = field(default_factory=set)
+    old_senders: set[str | None] = field(default_factory=set)
+
+    def logs(self, r: Refused) -> list[Log]:
+        """The log lines ``r`` deserves (each impostor and old sender once)."""
+        if r.boot is not None and r.boot != self.own_boot and r.boot not in self.impostors:
+            self.impostors.add(r.boot)
+            return [Log("error", "duplicate-node-name", {"boot": r.boot.hex()})]
+        if r.reason == "old-version" and r.sender not in self.old_senders:
+            self.old_senders.add(r.sender)
+            return [Log("error", "old-wire-version", {"sender": r.sender, "detail": r.detail})]
+        return []

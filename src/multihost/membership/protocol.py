@@ -26,7 +26,7 @@ from typing import Final
 
 import numpy as np
 
-from multihost.membership.admission import Refused, admit
+from multihost.membership.admission import RefusalLogs, Refused, admit
 from multihost.membership.claims import ClaimInputs, compute, group_inputs
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import (
@@ -70,6 +70,10 @@ from multihost.membership.wire import BOOT_ID_SIZE, encode
 
 ALIVE: Final = MemberState.ALIVE
 INF: Final = float("inf")
+# Repeats (min_send_gap apart) of the heartbeat announcing a view without a member we
+# declared dead: a peer serving what we now take may exempt us as suspect until it sees
+# that view (docs/membership.md, "Fault patterns"); one lost datagram must not hide it.
+DEATH_ANNOUNCEMENTS: Final = 2
 
 
 class MembershipCore:
@@ -114,16 +118,15 @@ class MembershipCore:
         self._suspended: dict[str, bool] = {g.name: False for g in self._my_groups}
         self._view: frozenset[str] = frozenset({self._me})
         self._table = config.ownership_table
-        none = empty(self._table.buckets)
-        self._claims: dict[str, BoolArray] = {g.name: none for g in self._my_groups}
+        self._claims = {g.name: empty(self._table.buckets) for g in self._my_groups}
         self._claim_keys: dict[str, ClaimInputs] = {}
         self._epoch = 0
         self._applied_epoch = 0
         self._states: list[KernelState] = [KernelState(0, 0, 0)]  # [0] is confirmed
         self._quorum_ok = not config.quorum or len(config.members) == 1
         self._grace_until = now + self._da + self._hold
-        self._impostors: set[bytes] = set()
-        self._old_senders: set[str | None] = set()  # version-1 senders logged once
+        self._refusals = RefusalLogs(self._boot)
+        self._announce = 0  # early heartbeats still to send after a member-dead
         self._sent = 0
         self._received = 0
         self._accepted = 0
@@ -287,14 +290,7 @@ class MembershipCore:
         cfg = self.config
         verdict = admit(datagram, cfg.key, cfg.cluster, self._me, self._peers)
         if isinstance(verdict, Refused):
-            if verdict.boot not in (None, self._boot, *self._impostors):
-                assert verdict.boot is not None
-                self._impostors.add(verdict.boot)
-                out.append(Log("error", "duplicate-node-name", {"boot": verdict.boot.hex()}))
-            if verdict.reason == "old-version" and verdict.sender not in self._old_senders:
-                self._old_senders.add(verdict.sender)
-                fields = {"sender": verdict.sender, "detail": verdict.detail}
-                out.append(Log("error", "old-wire-version", fields))
+            out += self._refusals.logs(verdict)
             self._reject(verdict.reason, verdict.sender, out)
             return
         hb, peer = verdict.hb, verdict.peer
@@ -356,6 +352,7 @@ class MembershipCore:
                 if old is ALIVE:
                     p.departed_at = now
                     out.append(Log("warning", "member-dead", {"member": p.name}))
+                    self._announce = DEATH_ANNOUNCEMENTS
         view = frozenset({self._me, *(p.name for p in self._peers.values() if p.state is ALIVE)})
         if view != self._view:
             self._view = view
@@ -498,3 +495,6 @@ class MembershipCore:
             self._leases.refresh(p, self._sent_at)
         self._last_send = now
         self._next_send = now + self.config.interval
+        if self._announce:  # the new view, repeated: a lossy link must not hide it
+            self._announce -= 1
+            self._soon(now)
