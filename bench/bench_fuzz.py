@@ -29,6 +29,7 @@ from collections import Counter
 from multihost.membership.wire import (
     MAC_SIZE,
     MAX_SIZE,
+    SLOTS,
     Ack,
     Heartbeat,
     WireError,
@@ -41,16 +42,16 @@ KEY = b"fuzz-key-0123456789abcdef0123456"
 
 
 def genuine(rng: random.Random) -> Heartbeat:
-    slots = rng.sample(range(8), rng.randrange(0, 9))
+    slots = rng.sample(range(SLOTS), rng.randrange(0, SLOTS + 1))
     return Heartbeat(
         cluster="c" * rng.randrange(1, 20),
         sender=f"n{rng.randrange(100)}",
-        slot=rng.randrange(8),
+        slot=rng.randrange(SLOTS),
         boot=rng.randbytes(8),
         seq=rng.randrange(1, 2**64),
         digest=rng.randbytes(rng.choice((0, 16, 32, 64))),
-        view=rng.randrange(256),
-        applied_view=rng.randrange(256),
+        view=rng.randrange(1 << SLOTS),
+        applied_view=rng.randrange(1 << SLOTS),
         applied_epoch=rng.randrange(2**64),
         held_groups=rng.randrange(2 ** rng.choice((1, 8, 64, 512))),
         suspended_groups=rng.randrange(2 ** rng.choice((1, 8, 64))),

@@ -45,6 +45,7 @@ from multihost.metrics import Metrics, Snapshot
 from multihost.ownership import ownership, release_step, targets
 from multihost.preflight import load, ruleset_spec
 from multihost.simulation import fraction_text
+from multihost.tablechoice import table_identity
 from multihost.transparency import TransparencyConfig
 
 #: Housekeeping ticks (seconds) between reads of the nft counters (status, metrics).
@@ -403,6 +404,7 @@ class Agent:
                 "members": list(g.members),
                 "hash": g.hash.value,
                 "live": list(o.live),
+                "buckets": self.cfg.buckets,
                 "shares": {m: fraction_text(f) for m, f in o.shares(self.cfg.slots).items()},
                 "target_buckets": o.assignment.count(slot) if self.node.name in o.live else 0,
                 "owned": {
@@ -433,6 +435,10 @@ class Agent:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "live": list(live),
+            "table": {
+                **table_identity(self.cfg.table).as_dict(),
+                "weights": {n.name: n.weight for n in self.cfg.nodes},
+            },
             "groups": groups,
             "return_groups": returns,
             "dataplane": self.dataplane.describe()

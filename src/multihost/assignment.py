@@ -80,6 +80,10 @@ class PreferenceTable(Protocol):
         """Owner slot of every bucket (``NO_OWNER`` when ``live`` is empty); read-only."""
         ...
 
+    def __hash__(self) -> int:
+        """Tables are hashable (by identity): caches are keyed by them."""
+        ...
+
 
 class OrderingTable:
     """A preference table given explicitly: row ``b`` is bucket ``b``'s ordering of slots."""
@@ -88,9 +92,7 @@ class OrderingTable:
         arr = np.array(orderings, dtype=np.int8)
         if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
             raise AssignmentError(f"orderings must be a non-empty 2-D array, got {arr.shape}")
-        nslots = arr.shape[1]
-        expected = np.arange(nslots, dtype=np.int8)
-        if not np.all(np.sort(arr, axis=1) == expected):
+        if not is_permutation_rows(arr):
             raise AssignmentError("every row must be a permutation of range(slots)")
         arr.setflags(write=False)
         self._orderings = arr
@@ -131,6 +133,27 @@ class OrderingTable:
                     break
         out.setflags(write=False)
         return out
+
+
+def permutation_rows(arr: npt.NDArray[np.integer]) -> npt.NDArray[np.bool_]:
+    """Per row of a 2-D array of ``n`` columns: is it a permutation of ``range(n)``?  (Values
+    in range, and the OR of ``1 << value`` over the row has all ``n`` bits: ``n`` values
+    covering ``n`` bits are distinct.)  O(rows x n), no sort."""
+    n = arr.shape[1]
+    if n > 62:  # the bits would not fit an int64: fall back to sorting
+        return np.asarray(np.all(np.sort(arr, axis=1) == np.arange(n), axis=1))
+    ok = np.ones(arr.shape[0], dtype=bool)
+    bits = np.zeros(arr.shape[0], dtype=np.int64)
+    for column in np.asarray(arr).T:  # n passes over contiguous columns
+        col = column.astype(np.int64)
+        inside = (col >= 0) & (col < n)
+        ok &= inside
+        bits |= np.left_shift(1, np.where(inside, col, 0))
+    return np.asarray(ok & (bits == (1 << n) - 1))
+
+
+def is_permutation_rows(arr: npt.NDArray[np.integer]) -> bool:
+    return bool(np.all(permutation_rows(arr)))
 
 
 def check_live(live: Iterable[int], slots: int) -> None:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from multihost.assignment import OrderingTable
+from multihost.assignment import PreferenceTable
 from multihost.flowhash import HashMode
-from multihost.tablechoice import identity, table_for
+from multihost.tablechoice import cluster_table, table_identity, table_size_slots
 
 if TYPE_CHECKING:
     from multihost.backends import BackendConfig
@@ -47,8 +47,10 @@ def default_dead_after_ms(interval_ms: int) -> int:
     return 2 * interval_ms + max(DEAD_AFTER_SLACK_MS, interval_ms // 4)
 
 
-# Node slots (heartbeat mask bits, table slots): the wire format carries 8.
-MAX_SLOTS = 8
+# Node slots (heartbeat mask bits, table slots): the wire format (version 2) carries 16.
+MAX_SLOTS = 16
+# A node of weight k holds k virtual slots of the table; a table has at most 16 slots.
+MAX_TABLE_SLOTS = 16
 
 METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
 
@@ -156,6 +158,7 @@ class NodeConfig:
     name: str
     address: IPAddress
     slot: int
+    weight: int = 1  # virtual slots of the table it holds (multihost.weighted)
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,24 @@ class Config:
         return next(g for g in self.groups if g.name == ret.front)
 
     @property
-    def table_slots(self) -> int:
-        """Slots the cluster's table must have: the highest configured slot + 1."""
-        return max(n.slot for n in self.nodes) + 1
+    def weights(self) -> tuple[tuple[int, int], ...]:
+        """``(slot, weight)`` of every node, by slot."""
+        return tuple(sorted((n.slot, n.weight) for n in self.nodes))
 
     @property
-    def table(self) -> OrderingTable:
+    def weighted(self) -> bool:
+        return any(n.weight != 1 for n in self.nodes)
+
+    @property
+    def table_slots(self) -> int:
+        """Slots the cluster's table is chosen by: the highest configured slot + 1, or with
+        weights the sum of the weights (virtual slots)."""
+        return table_size_slots(self.weights)
+
+    @property
+    def table(self) -> PreferenceTable:
         """The preference table of every group (:mod:`multihost.tablechoice`)."""
-        return table_for(self.table_slots)
+        return cluster_table(self.weights)
 
     @property
     def buckets(self) -> int:
@@ -210,7 +223,7 @@ class Config:
     def digest(self) -> bytes:
         """16-byte digest of everything that decides bucket ownership."""
         canon = {
-            "table": identity(self.table_slots).as_dict(),
+            "table": table_identity(self.table).as_dict(),
             "seed": self.cluster.hash_seed,
             "nodes": sorted((n.name, n.slot) for n in self.nodes),
             "groups": sorted(
@@ -486,6 +499,13 @@ def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
                 " cluster.interface)",
             )
         slot = r.int_in("slot", 0, MAX_SLOTS - 1)
+        weight: int = r.get("weight", int, 1)
+        if not 1 <= weight <= MAX_TABLE_SLOTS:
+            raise r.err(
+                "weight",
+                f"{weight} is outside 1..{MAX_TABLE_SLOTS}: a node of weight k holds k of the"
+                f" table's at most {MAX_TABLE_SLOTS} slots (default 1)",
+            )
         r.used.add("backend_gateway")  # parsed with [[backend]] by multihost.backends
         r.finish()
         for prev in out:
@@ -495,7 +515,19 @@ def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
                 raise r.err("slot", f"slot {slot} is already node {prev.name!r}'s")
             if prev.address == address:
                 raise r.err("address", f"{address} is already node {prev.name!r}'s")
-        out.append(NodeConfig(name, address, slot))
+        out.append(NodeConfig(name, address, slot, weight))
+    total = sum(n.weight for n in out)
+    if total > MAX_TABLE_SLOTS:
+        i = next(
+            i for i in range(len(out)) if sum(n.weight for n in out[: i + 1]) > MAX_TABLE_SLOTS
+        )
+        raise ConfigError(
+            source,
+            f"node[{i}].weight",
+            f"the weights of all nodes add up to {total} ("
+            + ", ".join(f"{n.name}={n.weight}" for n in out)
+            + f"); the cluster table (every group's) holds at most {MAX_TABLE_SLOTS} slots",
+        )
     return tuple(out)
 
 
@@ -542,6 +574,7 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
             raise r.err("members", "needs at least one member")
         if len(members) > MAX_SLOTS:
             raise r.err("members", f"{len(members)} members, at most {MAX_SLOTS}")
+
         for j, m in enumerate(members):
             key = f"{path}.members[{j}]"
             if not isinstance(m, str) or m not in names:

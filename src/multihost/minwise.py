@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from multihost.assignment import AssignmentError, OrderingTable, OwnerArray, check_live
+from multihost.assignment import (
+    AssignmentError,
+    OrderingTable,
+    OwnerArray,
+    check_live,
+    permutation_rows,
+)
 
 MIN_SLOTS = 1
 MAX_SLOTS = 16  # a slot is one nibble in the data files
@@ -41,6 +47,9 @@ MAX_EXHAUSTIVE_SLOTS = 20  # the exhaustive check holds (n, 2**n) counts in memo
 TABLES = "tables"
 MANIFEST = "manifest.json"
 FORMAT = "multihost-minwise-1"
+#: Owner arrays a :class:`MinwiseTable` keeps (one byte per bucket): 256 live sets up to 12
+#: slots, 46 of the 16-slot table (720,720 buckets).
+CACHE_BYTES = 32 << 20
 
 Orderings = npt.NDArray[np.int8]
 
@@ -170,7 +179,7 @@ def check_permutations(orderings: Orderings) -> None:
             f"want a non-empty (M, n<={MAX_EXHAUSTIVE_SLOTS}) array, got {arr.shape}"
         )
     n = arr.shape[1]
-    bad = np.flatnonzero(~np.all(np.sort(arr, axis=1) == np.arange(n), axis=1))
+    bad = np.flatnonzero(~permutation_rows(arr))
     if bad.size:
         raise MinwiseError(f"row {int(bad[0])} is not a permutation of 0..{n - 1}")
 
@@ -317,11 +326,14 @@ class MinwiseTable(OrderingTable):
 
     ``OrderingTable`` caches one owner array per live set without bound, which is fine for 8
     slots (255 sets x 40 KB) but not for 16 (65,535 sets x 720 KB); this keeps the
-    ``cache_size`` most recent.  Ownership semantics are those of ``OrderingTable``.
+    ``cache_size`` most recent (default: 256, within :data:`CACHE_BYTES`).  Ownership
+    semantics are those of ``OrderingTable``.
     """
 
-    def __init__(self, slots: int, *, cache_size: int = 256) -> None:
+    def __init__(self, slots: int, *, cache_size: int | None = None) -> None:
         super().__init__(family(slots), name=f"minwise-{slots}")
+        if cache_size is None:  # 256 live sets, at most CACHE_BYTES of owner arrays
+            cache_size = max(16, min(256, CACHE_BYTES // self.buckets))
         self._bounded = functools.lru_cache(maxsize=cache_size)(self._compute_owners)
 
     def owners(self, live: frozenset[int]) -> OwnerArray:

@@ -31,7 +31,7 @@ from multihost.config import (
 from multihost.dataplane.ruleset import GroupSpec, ReturnSpec, RulesetError, RulesetSpec
 from multihost.macaddr import format_mac, multicast_mac
 from multihost.membership.config import MembershipConfig, MembershipConfigError
-from multihost.tablechoice import backend_problem
+from multihost.tablechoice import BACKEND_MAX_SLOTS, backend_problem
 
 #: ``sun_path`` of ``struct sockaddr_un`` holds 108 bytes, one of them the NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -100,6 +100,7 @@ def membership_config(cfg: Config, node: str, key: bytes) -> MembershipConfig:
         lease_margin=c.lease_margin_ms / 1000,
         jitter=c.heartbeat_jitter_ms / 1000,
         strict_transitions=False,
+        table=cfg.table,
     )
 
 
@@ -173,22 +174,51 @@ def _host_limits(cfg: Config) -> None:
 
 def _table(cfg: Config) -> None:
     """The cluster table must fit the data plane (``dataplane = "auto"`` may fall back to
-    nft, so it is held to nft's limit: set ``"xdp"`` explicitly for bigger tables)."""
-    backend = "xdp" if cfg.cluster.dataplane == "xdp" else "nft"
+    nft, so it is held to nft's limit: set ``"xdp"`` explicitly for bigger tables).  A group
+    too big is named first (its members, or their weights), then the node whose slot or
+    weight takes the table past the limit."""
+    dp = cfg.cluster.dataplane
+    backend = "xdp" if dp == "xdp" else "nft"
+    where = "" if dp == "nft" else f' (cluster.dataplane = "{dp}")'
+    weight = {n.name: n.weight for n in cfg.nodes}
+    for i, g in enumerate(cfg.groups):
+        size = sum(weight[m] for m in g.members)
+        problem = backend_problem(size, backend)
+        if problem is not None:
+            what = f"{len(g.members)} members"
+            if size != len(g.members):
+                what += f" of total weight {size}"
+            raise ConfigError(
+                cfg.source,
+                f"traffic_ip_group[{i}].members",
+                f"group {g.name!r} has {what}: {problem}{where}",
+            )
+    if dp == "xdp":
+        from multihost.dataplane.xdplayout import limits_problem
+
+        naddr = sum(len(g.addresses) for g in cfg.groups)
+        too_big = limits_problem(len(cfg.groups), cfg.buckets, naddr)
+        if too_big is not None:
+            raise ConfigError(cfg.source, too_big[0], f'dataplane = "xdp": {too_big[1]}')
     problem = backend_problem(cfg.table_slots, backend)
-    if problem is not None:
-        top = max(cfg.nodes, key=lambda n: n.slot)
-        index = cfg.nodes.index(top)
+    if problem is None:
+        return
+    if cfg.weighted:
+        order = sorted(cfg.nodes, key=lambda n: n.slot)
+        limit = BACKEND_MAX_SLOTS[backend]
+        top = next(n for k, n in enumerate(order) if sum(m.weight for m in order[: k + 1]) > limit)
+        weights = ", ".join(f"{n.name}={n.weight}" for n in order)
         raise ConfigError(
             cfg.source,
-            f"node[{index}].slot",
-            f"slot {top.slot} (node {top.name!r}): {problem}"
-            + (
-                ""
-                if cfg.cluster.dataplane == "nft"
-                else f' (cluster.dataplane = "{cfg.cluster.dataplane}")'
-            ),
+            f"node[{cfg.nodes.index(top)}].weight",
+            f"the weights add up to {cfg.table_slots} ({weights}): {problem}{where}",
         )
+    top = max(cfg.nodes, key=lambda n: n.slot)
+    raise ConfigError(
+        cfg.source,
+        f"node[{cfg.nodes.index(top)}].slot",
+        f"slot {top.slot} (node {top.name!r}): {problem}{where}",
+    )
 
 
 def check(cfg: Config, key: bytes | None = None) -> None:

@@ -1,8 +1,8 @@
 """Pure simulation of a traffic IP group through fail/recover events.
 
-Owns: parsing ``fail:NAME`` / ``recover:NAME`` events and ``--slots``, naming slots by
-member (its configured slot, or its position when none is given),
-and turning each step into shares, moved fraction and transfers between named members.
+Owns: parsing ``fail:NAME`` / ``recover:NAME`` events, ``--slots`` and ``--weights``,
+naming slots by member (its configured slot, or its position when none is given), and
+turning each step into shares, moved fraction and transfers between named members.
 Must not: print, read files or touch the kernel (``cli.simulate`` renders the result).
 """
 
@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from multihost.assignment import (
-    MAX_SLOTS,
     Assignment,
     PreferenceTable,
     assign,
-    default_table,
     moved_buckets,
     transfers,
 )
+from multihost.tablechoice import MAX_TABLE_SLOTS, TableChoiceError, cluster_table, table_identity
+
+MAX_SLOTS = MAX_TABLE_SLOTS  # node slots 0..15 (the heartbeat's 16-bit masks)
 
 
 class SimulationError(ValueError):
@@ -59,6 +60,8 @@ class Simulation:
     members: tuple[str, ...]
     steps: tuple[Step, ...]
     slots: tuple[int, ...] = ()  # members[i] occupies slots[i]
+    weights: tuple[int, ...] = ()  # members[i] has weight weights[i] (virtual slots)
+    table: str = ""  # the table's name (tablechoice.table_identity)
 
 
 def parse_members(text: str, option: str = "--members") -> tuple[str, ...]:
@@ -93,6 +96,45 @@ def parse_slots(text: str, members: Sequence[str], option: str = "--slots") -> t
     return slots
 
 
+def parse_weights(text: str, members: Sequence[str], option: str = "--weights") -> tuple[int, ...]:
+    """``"A=2,B=1"``: each member's weight (integer >= 1; members not named weigh 1), in
+    ``--members`` order; their sum is at most :data:`MAX_SLOTS` (the table's slots)."""
+    weights = dict.fromkeys(members, 1)
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise SimulationError(
+                f"{option} {part!r}: expected MEMBER=WEIGHT with a member of {','.join(members)}"
+            )
+        try:
+            w = int(value)
+        except ValueError:
+            raise SimulationError(
+                f"{option} {part!r}: weight {value!r} is not an integer"
+            ) from None
+        if w < 1:
+            raise SimulationError(f"{option} {part!r}: weight {w} must be at least 1")
+        weights[name] = w
+    total = sum(weights.values())
+    if total > MAX_SLOTS:
+        raise SimulationError(
+            f"{option} {text!r}: the weights add up to {total}; a table holds at most"
+            f" {MAX_SLOTS} slots"
+        )
+    return tuple(weights[m] for m in members)
+
+
+def member_table(slots: Sequence[int], weights: Sequence[int] | None = None) -> PreferenceTable:
+    """The table a cluster of these members (at ``slots``, of ``weights``) uses, chosen as
+    the agents choose it (:func:`multihost.tablechoice.cluster_table`)."""
+    w = list(weights) if weights is not None else [1] * len(slots)
+    try:
+        return cluster_table(tuple(sorted(zip(slots, w, strict=True))))
+    except TableChoiceError as e:
+        raise SimulationError(str(e)) from None
+
+
 def parse_event(text: str) -> Event:
     kind, sep, member = text.partition(":")
     if not sep or kind not in ("fail", "recover") or not member:
@@ -105,15 +147,19 @@ def simulate(
     events: Sequence[Event],
     table: PreferenceTable | None = None,
     slots: Sequence[int] | None = None,
+    weights: Sequence[int] | None = None,
 ) -> Simulation:
     """Run ``events`` from the all-live state; member ``members[i]`` occupies slot
-    ``slots[i]`` (default: slot ``i``), as ``[[node]].slot`` places it in a cluster."""
-    tbl = table if table is not None else default_table()
-    if len(members) > tbl.slots:
-        raise SimulationError(f"{len(members)} members, the table has {tbl.slots} slots")
+    ``slots[i]`` (default: slot ``i``), as ``[[node]].slot`` places it in a cluster, with
+    weight ``weights[i]`` (default 1).  ``table``: the cluster's (default: the one the
+    agents would choose for these slots and weights)."""
     slot_list = list(range(len(members))) if slots is None else list(slots)
     if len(slot_list) != len(members):
         raise SimulationError(f"{len(slot_list)} slots given for {len(members)} members")
+    weight_list = [1] * len(members) if weights is None else list(weights)
+    tbl = table if table is not None else member_table(slot_list, weight_list)
+    if len(members) > tbl.slots:
+        raise SimulationError(f"{len(members)} members, the table has {tbl.slots} slots")
     for s in slot_list:
         if not 0 <= s < tbl.slots:
             raise SimulationError(f"slot {s} is outside 0..{tbl.slots - 1}")
@@ -140,7 +186,14 @@ def simulate(
         after = assign((slot[m] for m in live), tbl)
         steps.append(_step(str(ev), slot, before, after))
         before = after
-    return Simulation(tbl.buckets, tuple(members), tuple(steps), tuple(slot_list))
+    return Simulation(
+        tbl.buckets,
+        tuple(members),
+        tuple(steps),
+        tuple(slot_list),
+        tuple(weight_list),
+        table_identity(tbl).name,
+    )
 
 
 def _step(event: str, slot: Mapping[str, int], before: Assignment, after: Assignment) -> Step:

@@ -16,6 +16,12 @@ min-wise family of ``lcm(1..n)`` orderings (:mod:`multihost.minwise`), one bucke
 ordering (no replication: shares are exact fractions of the hash space whatever the bucket
 count, so copies would only add elements).
 
+Weights (:mod:`multihost.weighted`): when some ``[[node]].weight`` is not 1, node ``slot``
+holds ``weight`` consecutive *virtual* slots (nodes in ascending slot order), and the table
+is chosen by the virtual slot count ``V = sum of weights`` exactly as above (``V <= 8``:
+factorial-8, else min-wise ``lcm(1..V)``), wrapped in a :class:`WeightedTable`.  With every
+weight 1 nothing changes (node slot = table slot).
+
 Limits: nft keeps owned buckets in a bitmap set with a 16-bit key, so at most 65,536
 buckets, i.e. ``n <= 12`` (27,720).  XDP arrays take up to ``MAX_BUCKETS`` (2**20), so
 ``n <= 16`` (720,720).
@@ -34,7 +40,8 @@ import numpy as np
 
 from multihost import minwise
 from multihost.assignment import MAX_SLOTS as FACTORIAL_SLOTS
-from multihost.assignment import OrderingTable, factorial_table
+from multihost.assignment import OrderingTable, PreferenceTable, factorial_table
+from multihost.weighted import WeightedTable, virtual_slots
 
 MAX_TABLE_SLOTS = 16  # the largest shipped min-wise family
 NFT_MAX_BUCKETS = 1 << 16  # nft bitmap set: 16-bit key
@@ -80,9 +87,48 @@ def table_for(slots: int) -> OrderingTable:
 
 
 @functools.cache
+def weighted_table(weights: tuple[tuple[int, int], ...]) -> WeightedTable:
+    """The cluster table for nodes given as ``(slot, weight)`` pairs: the table of
+    ``sum(weights)`` virtual slots, each node holding ``weight`` of them."""
+    virtual = virtual_slots(weights)
+    total = sum(len(v) for v in virtual.values())
+    base = table_for(total)
+    return WeightedTable(base, virtual, base_name=base.name)
+
+
+def cluster_table(weights: tuple[tuple[int, int], ...]) -> PreferenceTable:
+    """The table of a cluster whose nodes are ``(slot, weight)``: unweighted (every weight 1)
+    the table of ``max(slot) + 1`` slots, else :func:`weighted_table`."""
+    if all(w == 1 for _, w in weights):
+        return table_for(max(s for s, _ in weights) + 1)
+    return weighted_table(tuple(sorted(weights)))
+
+
+def table_size_slots(weights: tuple[tuple[int, int], ...]) -> int:
+    """The slot count the table is chosen by (what the backend limits apply to): the
+    highest slot + 1 without weights, the sum of the weights with them."""
+    if all(w == 1 for _, w in weights):
+        return max(s for s, _ in weights) + 1
+    return sum(w for _, w in weights)
+
+
+@functools.cache
 def identity(slots: int) -> TableIdentity:
     """Name, slot count, bucket count and sha256 of the orderings of :func:`table_for`."""
-    t = table_for(slots)
+    return table_identity(table_for(slots))
+
+
+@functools.cache
+def table_identity(t: PreferenceTable) -> TableIdentity:
+    """The identity of a cluster table (a weighted one: its base's orderings and the
+    virtual slots of every node)."""
+    if isinstance(t, WeightedTable):
+        base = table_identity(t.base)
+        h = hashlib.sha256(bytes.fromhex(base.sha256))
+        h.update(repr(sorted(t.virtual.items())).encode())
+        return TableIdentity(t.name, t.slots, t.buckets, h.hexdigest())
+    if not isinstance(t, OrderingTable):
+        raise TypeError(f"no identity for table {t!r}")
     digest = hashlib.sha256(np.ascontiguousarray(t.orderings, dtype=np.int8).tobytes())
     return TableIdentity(t.name, t.slots, t.buckets, digest.hexdigest())
 

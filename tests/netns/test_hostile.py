@@ -45,6 +45,7 @@ from multihost.membership.effects import ClaimsChanged, Rejected, ViewChanged
 from multihost.membership.protocol import MembershipCore
 from multihost.membership.wire import MAC_SIZE, MAX_SIZE, Heartbeat, WireError, decode, encode, mac
 from tests.netns.nsutil_rogue import ETH_P_ARP, ROGUE_ADDR, Rogue, arp_frame
+from tests.wire_v1 import encode_v1
 
 DEAD_AFTER_MS = 1000
 T = TypeVar("T")
@@ -158,6 +159,8 @@ def test_spoofed_and_replayed_heartbeats_are_rejected_and_counted(
         (_sign(b"XXXX" + body[4:], key), "bad-magic", None),
         (_sign(body[:4] + b"\x09" + body[5:], key), "wrong-version", None),
         (_sign(body + b"\0", key), "malformed", None),
+        # the previous release's format (8-bit masks): refused, named, logged once
+        (encode_v1(dataclasses.replace(real, seq=far), key), "old-version", None),
     ]
     for _ in range(20):  # garbage: what it must count is whatever decode says
         junk = rng.randbytes(rng.randrange(0, 1300))
@@ -204,6 +207,7 @@ def test_spoofed_and_replayed_heartbeats_are_rejected_and_counted(
     wait_until(more_accepted, 10, "20 more heartbeats accepted by every agent")
     for n, text in log_since(lab, sizes).items():
         assert "view-changed" not in text and "member-" not in text, (n, text)
+        assert text.count("old-wire-version") == 1, (n, text)
     assert deltas() == expected  # nothing more trickled in
 
 

@@ -57,8 +57,10 @@ def _spec(mode: HashMode, seed: int) -> RulesetSpec:
     return RulesetSpec(BUCKETS, seed, (GroupSpec("web", (VIP4, VIP6), mode),))
 
 
-def _random_state(rng: random.Random) -> tuple[GroupBuckets, dict[int, BucketState]]:
-    states = [rng.choice(list(BucketState)) for _ in range(BUCKETS)]
+def _random_state(
+    rng: random.Random, buckets: int = BUCKETS
+) -> tuple[GroupBuckets, dict[int, BucketState]]:
+    states = [rng.choice(list(BucketState)) for _ in range(buckets)]
     sets: dict[str, set[int]] = {"owned": set(), "draining": set(), "incoming": set()}
     names = {
         BucketState.OWNED: "owned",
@@ -91,6 +93,46 @@ def _random_flow(rng: random.Random) -> Flow:
 def _mac(ns: str) -> bytes:
     out = ns_run(ns, "cat", "/sys/class/net/x0/address").stdout.strip()
     return bytes.fromhex(out.replace(":", ""))
+
+
+@pytest.mark.parametrize("buckets", [27_720, 720_720])
+def test_large_tables_per_group_match_the_model(netns: str, pin_dir: Path, buckets: int) -> None:
+    """The min-wise tables of 12 and 16 slots (lcm(1..n) buckets): two groups, so the
+    second group's table lives past the first's two halves, and buckets above 65,535."""
+    rng = random.Random(f"xdp-big-{buckets}")
+    seed = rng.getrandbits(32)
+    other = ipaddress.ip_address("198.18.0.101")
+    spec = RulesetSpec(
+        buckets,
+        seed,
+        (GroupSpec("api", (other,)), GroupSpec("web", (VIP4, VIP6), HashMode.FOUR_TUPLE)),
+    )
+    gb_api, _ = _random_state(rng, buckets)
+    gb_first, _ = _random_state(rng, buckets)
+    gb, states = _random_state(rng, buckets)
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    os.sched_setaffinity(0, {0})
+    try:
+        dp.install({"api": gb_api, "web": gb_first})
+        dp.update({"api": gb_api, "web": gb})  # into the other half of the double buffer
+        high = 0
+        mismatches: list[str] = []
+        for _ in range(3000):
+            flow = _random_flow(rng)
+            retval, _, _ = dp.test_run(xf.frame(flow, flags=xf.SYN))
+            want_bucket = flow_bucket(flow, buckets, seed, HashMode.FOUR_TUPLE)
+            high += want_bucket > 0xFFFF
+            bucket, state = dp.last_hashed(1, 0)
+            want = xf.expected(flow, states[want_bucket], flags=xf.SYN)
+            want_ret = xf.XDP_PASS if xf.passes(want) else xf.XDP_DROP
+            if (bucket, retval, state) != (want_bucket, want_ret, states[want_bucket]):
+                mismatches.append(f"{flow}: bucket {bucket}/{want_bucket}, ret {retval}/{want_ret}")
+        assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:3]}"
+        assert high > 0 or buckets <= 0xFFFF
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        dp.remove()
+    assert not pin_dir.exists()
 
 
 @pytest.mark.parametrize("mode", list(HashMode))

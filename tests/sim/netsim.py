@@ -25,12 +25,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from multihost.assignment import default_table
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
-from multihost.membership.ownership import BUCKETS, EMPTY, BoolArray, share_mask
+from multihost.membership.ownership import BoolArray, empty
+from multihost.membership.ownership import share_mask as table_share_mask
 from multihost.membership.protocol import MembershipCore
 
 KEY = b"sim-cluster-key-0123456789abcdef"
+# The table of clusters with at most 8 slots (factorial-8), for tests of such clusters;
+# NetSim itself uses its configs' table (``sim.table``, ``sim.buckets``, ``sim.empty``).
+BUCKETS = default_table().buckets
+EMPTY = empty(BUCKETS)
+
+
+def share_mask(live: frozenset[int], slot: int) -> BoolArray:
+    """``slot``'s share under ``live`` in the table of clusters of at most 8 slots."""
+    return table_share_mask(default_table(), live, slot)
+
+
 INF = float("inf")
 # Timing of make_configs() and NetParams() defaults, for bounds in tests.
 INTERVAL = 1.0
@@ -145,6 +158,10 @@ class NetSim:
         self.rng = random.Random(seed)
         self.params = params if params is not None else NetParams()
         self.nodes = {n: SimNode(n, c) for n, c in configs.items()}
+        # The checks use the first node's table (nodes with another one are a mismatch).
+        self.table = next(iter(configs.values())).ownership_table
+        self.buckets = self.table.buckets
+        self.empty = empty(self.buckets)
         self.groups = sorted({g for c in configs.values() for g in c.groups})
         self.allow_mutual_suspicion = allow_mutual_suspicion
         self.now = 0.0
@@ -273,7 +290,7 @@ class NetSim:
         if self.allow_mutual_suspicion:  # the core re-validates its claims on every call
             vid = self._view_id(core.view - core.suspects)  # peers it hears
             for g, mask in core.claims.items():
-                arr = node.validated.setdefault(g, np.full(BUCKETS, -1, dtype=np.int32))
+                arr = node.validated.setdefault(g, np.full(self.buckets, -1, dtype=np.int32))
                 arr[mask] = vid
 
     def _view_id(self, view: frozenset[str]) -> int:
@@ -340,7 +357,7 @@ class NetSim:
             holders = [(n, n.kernel.masks[g]) for n in up if g in n.kernel.masks]
             if len(holders) < 2:
                 continue
-            total = np.zeros(BUCKETS, dtype=np.uint8)
+            total = np.zeros(self.buckets, dtype=np.uint8)
             for _, mask in holders:
                 total += mask
             if int(total.max()) <= 1:
@@ -372,7 +389,7 @@ class NetSim:
 
     def coverage(self, group: str) -> npt.NDArray[np.int64]:
         """How many up nodes serve each bucket of ``group``."""
-        total = np.zeros(BUCKETS, dtype=np.int64)
+        total = np.zeros(self.buckets, dtype=np.int64)
         for n in self.nodes.values():
             if n.up and group in n.kernel.masks:
                 total += n.kernel.masks[group]
@@ -418,8 +435,8 @@ class NetSim:
         nodes = [n for n in self.nodes.values() if n.up and n.name in n.config.groups[group]]
         live = frozenset(n.config.slot for n in nodes if n.name not in draining)
         for n in nodes:
-            expected = share_mask(live, n.config.slot)
-            if not np.array_equal(n.kernel.masks.get(group, EMPTY), expected):
+            expected = table_share_mask(self.table, live, n.config.slot)
+            if not np.array_equal(n.kernel.masks.get(group, self.empty), expected):
                 return False
         return True
 
@@ -450,7 +467,7 @@ class OutageWatch:
             if n.up:
                 keep = self.kept.setdefault(n.name, {})
                 for g, mask in n.kernel.masks.items():
-                    keep[g] = keep.get(g, EMPTY) | mask
+                    keep[g] = keep.get(g, self.sim.empty) | mask
         for name in list(self.kept):
             if not self.sim.nodes[name].up:
                 del self.kept[name]
@@ -464,7 +481,7 @@ class OutageWatch:
             del self.kept[node.name]
             self.since.pop(node.name, None)
             return
-        missing = any(np.any(m & ~new.masks.get(g, EMPTY)) for g, m in keep.items())
+        missing = any(np.any(m & ~new.masks.get(g, self.sim.empty)) for g, m in keep.items())
         if missing:
             self.since.setdefault(node.name, now)
         elif node.name in self.since:

@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 from multihost.membership.config import MembershipConfig
-from multihost.membership.ownership import BUCKETS, EMPTY, BoolArray, share_mask
+from multihost.membership.ownership import BoolArray
 from tests.sim.netsim import (
+    BUCKETS,
     DEAD_AFTER,
+    EMPTY,
     SETTLE,
     Kernel,
     NetParams,
@@ -29,6 +31,7 @@ from tests.sim.netsim import (
     SimNode,
     make_configs,
     settle,
+    share_mask,
 )
 
 # Agent-like timing (seconds): 100 ms heartbeats, the default dead_after, a LAN's delays.

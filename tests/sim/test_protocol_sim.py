@@ -17,7 +17,6 @@ import pytest
 
 from multihost.membership import leasebook, leases
 from multihost.membership.effects import ClaimsChanged, Rejected, ViewChanged
-from multihost.membership.ownership import EMPTY
 from multihost.membership.state import (
     TRANSITIONS,
     IllegalTransitionError,
@@ -30,6 +29,7 @@ from multihost.membership.wire import Ack, Heartbeat, decode, encode
 from tests.sim.netsim import (
     DEAD_AFTER,
     DELAY_MAX,
+    EMPTY,
     INTERVAL,
     KEY,
     SETTLE,

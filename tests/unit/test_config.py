@@ -103,7 +103,7 @@ def test_find_local_node() -> None:
         ),
         ('key_file = "key"', 'key_file = "key"\nheartbeat = 1', "cluster.heartbeat", "unknown key"),
         ("slot = 3", "slot = 0", "node[1].slot", "already node 'A'"),
-        ("slot = 3", "slot = 8", "node[1].slot", "outside 0..7"),
+        ("slot = 3", "slot = 16", "node[1].slot", "outside 0..15"),
         ('address = "198.18.0.12"', 'address = "198.18.0.11"', "node[1].address", "already"),
         ('address = "198.18.0.12"', 'address = "nope"', "node[1].address", "not an IP address"),
         (
@@ -158,9 +158,9 @@ def test_toml_syntax_error() -> None:
 def test_missing_sections() -> None:
     with pytest.raises(ConfigError, match="cluster"):
         parse_config("", "x.toml")
-    nine = MINIMAL.replace('members = ["A", "B"]', "members = [" + ",".join(['"A"'] * 9) + "]")
-    with pytest.raises(ConfigError, match="at most 8"):
-        parse_config(nine)
+    many = MINIMAL.replace('members = ["A", "B"]', "members = [" + ",".join(['"A"'] * 17) + "]")
+    with pytest.raises(ConfigError, match="at most 16"):
+        parse_config(many)
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

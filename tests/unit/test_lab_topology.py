@@ -24,7 +24,7 @@ from multihost.lab.topology import (
 )
 from multihost.macaddr import is_multicast_mac, parse_mac
 
-ALL_SIZES = [(n, c) for n in range(1, 9) for c in range(1, 9)]
+ALL_SIZES = [(n, c) for n in range(1, 17) for c in range(1, 9)]
 
 
 @pytest.mark.parametrize(("nodes", "clients"), ALL_SIZES)
@@ -41,7 +41,7 @@ def test_addresses_names_and_macs_obey_the_hard_rules(nodes: int, clients: int) 
     macs = [parse_mac(h.mac) for h in topo.hosts]
     assert len(set(macs)) == len(macs)
     assert not any(is_multicast_mac(m) or not m[0] & 0x02 for m in macs)  # local unicast
-    assert topo.members == tuple("ABCDEFGH"[:nodes])
+    assert topo.members == tuple("ABCDEFGHIJKLMNOP"[:nodes])
     assert all(len(c.addresses) == 1 + topology.EXTRA_SOURCES for c in topo.clients)
 
 
@@ -50,6 +50,21 @@ def test_buckets_match_the_model_and_the_group_mac_matches_the_group() -> None:
     assert topo.buckets == default_table().buckets == 40320
     assert topo.group_mac == "01:00:5e:40:00:01"
     assert topo.port == 80
+
+
+@pytest.mark.parametrize(("nodes", "buckets"), [(8, 40320), (9, 2520), (12, 27720), (16, 720720)])
+def test_buckets_follow_the_cluster_table(nodes: int, buckets: int) -> None:
+    topo = describe(nodes, prefix="mhtU-")
+    assert topo.buckets == topo.table.buckets == buckets
+    assert Topology.from_dict(topo.to_dict()) == topo
+
+
+def test_weighted_lab_records_weights_and_its_table() -> None:
+    topo = describe(3, prefix="mhtU-", weights={"A": 2})
+    assert topo.weights == (2, 1, 1) and topo.summary()["weights"] == {"A": 2, "B": 1, "C": 1}
+    assert Topology.from_dict(topo.to_dict()) == topo
+    assert topo.table.owners(frozenset({0, 1, 2})).tolist().count(0) == 40320 // 2
+    assert describe(3, prefix="mhtU-", weights={"A": 1}).weights == ()  # all 1: unweighted
 
 
 def test_seed_is_random_unless_given() -> None:
@@ -96,7 +111,10 @@ def test_from_dict_rejects_a_record_that_breaks_the_rules() -> None:
     ("kwargs", "message"),
     [
         ({"nodes": 0}, "nodes"),
-        ({"nodes": 9}, "nodes"),
+        ({"nodes": 17}, "nodes"),
+        ({"nodes": 3, "weights": {"A": 0}}, "weights"),
+        ({"nodes": 3, "weights": {"A": 15}}, "weights add up to 17"),
+        ({"nodes": 3, "weights": {"Z": 2}}, "no node 'Z'"),
         ({"nodes": 2, "clients": 0}, "clients"),
         ({"nodes": 2, "prefix": "mh"}, "prefix"),
         ({"nodes": 2, "prefix": "m/h-"}, "prefix"),
@@ -122,7 +140,9 @@ def test_prefix_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
 def test_netns_pattern_is_prefix_exact() -> None:
     pat = netns_pattern("mhtA-")
     assert pat.match("mhtA-sw") and pat.match("mhtA-H") and pat.match("mhtA-c8")
-    for other in ("mhtA-scratch", "mhtA-AB", "mhtA-c9", "mhtA-", "xmhtA-A", "mhtA-A ", "mhtAB-A"):
+    assert pat.match("mhtA-P")
+    for other in ("mhtA-scratch", "mhtA-AB", "mhtA-c9", "mhtA-", "xmhtA-A", "mhtA-A ", "mhtAB-A",
+                  "mhtA-Q"):  # fmt: skip
         assert not pat.match(other), other
     assert not netns_pattern("mh-").match("mhtA-A")
 

@@ -192,7 +192,7 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ),
     ("node-name", setk("node", 1, "name", "B!"), "node[1].name", "'B!'"),
     ("node-address", setk("node", 1, "address", "nope"), "node[1].address", "not an IP"),
-    ("node-slot-range", setk("node", 1, "slot", 8), "node[1].slot", "outside 0..7"),
+    ("node-slot-range", setk("node", 1, "slot", 16), "node[1].slot", "outside 0..15"),
     ("node-slot-dup", setk("node", 1, "slot", 0), "node[1].slot", "already node 'A'"),
     ("node-name-dup", setk("node", 1, "name", "A"), "node[1].name", "defined twice"),
     (
@@ -201,7 +201,7 @@ CASES: list[tuple[str, Mutation, str, str]] = [
         "node[1].address",
         "already node 'A'",
     ),
-    ("node-unknown", setk("node", 0, "weight", 2), "node[0].weight", "unknown key"),
+    ("node-unknown", setk("node", 0, "colour", 2), "node[0].colour", "unknown key"),
     ("no-nodes", drop("node"), "node", "at least one"),
     (
         "tig-addresses-empty",

@@ -68,7 +68,7 @@ def test_digest_carries_the_table_identity(monkeypatch: pytest.MonkeyPatch) -> N
     cfg = parse_config(MINIMAL, "m.toml")
     before = cfg.digest()
     other = TableIdentity("minwise-8", 8, 840, "0" * 64)
-    monkeypatch.setattr(config_mod, "identity", lambda slots: other)
+    monkeypatch.setattr(config_mod, "table_identity", lambda table: other)
     assert cfg.digest() != before
 
 

@@ -382,7 +382,7 @@ def test_whohas_config_conflicts(
     [
         (["--members", "B,D", "--slots", "1"], "1 slots for 2 members"),
         (["--members", "B,D", "--slots", "1,1"], "slot 1 is given twice"),
-        (["--members", "B,D", "--slots", "1,9"], "slot 9 is outside 0..7"),
+        (["--members", "B,D", "--slots", "1,16"], "slot 16 is outside 0..15"),
         (["--members", "B,D", "--slots", "x,y"], "expected slot numbers"),
         (["--members", "B,D"], "--seed is required with --members"),
         ([], "either --config FILE or --members"),

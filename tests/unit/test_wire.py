@@ -17,11 +17,14 @@ from multihost.membership.wire import (
     MAX_SIZE,
     MAX_U64,
     MIN_SIZE,
+    SLOTS,
+    VERSION,
     WIRE_REASONS,
     Ack,
     Heartbeat,
     WireError,
     decode,
+    decode_v1,
     encode,
     mac,
 )
@@ -44,8 +47,33 @@ SAMPLE = Heartbeat(
     acks={0: Ack(b"\xaa" * 8, 41), 1: Ack(b"\xbb" * 8, 40)},
 )
 
-# Layout v1 of SAMPLE under KEY; changing it is a wire-format change (bump VERSION).
+# Layout v2 of SAMPLE under KEY; changing it is a wire-format change (bump VERSION).
 GOLDEN = bytes.fromhex(
+    "4d486862"
+    "02"
+    "01"
+    "02"
+    "01"
+    "01"
+    "04"
+    "05"
+    "20"  # magic version flags slot lengths
+    "0007"
+    "0007"
+    "0003"  # view, applied_view, ack_mask: 16 bits each
+    "0102030405060708000000000000002a0000000000000007"
+    "70726f64"
+    "7765622d32"
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    "05"
+    "02"
+    "aaaaaaaaaaaaaaaa0000000000000029"
+    "bbbbbbbbbbbbbbbb0000000000000028"
+)
+
+# Version 1 (8-bit masks) of SAMPLE under KEY: what a node of the previous release sends.
+# It must keep being recognised (and refused, naming its sender).
+GOLDEN_V1 = bytes.fromhex(
     "4d4868620101020707030101040520"
     "0102030405060708000000000000002a0000000000000007"
     "70726f64"
@@ -83,8 +111,67 @@ def test_golden_bytes() -> None:
     assert decode(data, KEY) == SAMPLE
 
 
+# Slots beyond 8: slot 13, view and applied view with bit 15, acks of slots 9 and 15.
+SAMPLE16 = dataclasses.replace(
+    SAMPLE,
+    slot=13,
+    view=0b1010_0000_0000_0011,
+    applied_view=0b1000_0000_0000_0001,
+    acks={9: Ack(b"\xcc" * 8, 5), 15: Ack(b"\xdd" * 8, 6)},
+)
+GOLDEN16 = bytes.fromhex(
+    "4d486862"
+    "02"
+    "01"
+    "0d"
+    "01"
+    "01"
+    "04"
+    "05"
+    "20"
+    "a003"
+    "8001"
+    "8200"
+    "0102030405060708000000000000002a0000000000000007"
+    "70726f64"
+    "7765622d32"
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    "05"
+    "02"
+    "cccccccccccccccc0000000000000005"
+    "dddddddddddddddd0000000000000006"
+)
+
+
+def test_golden_bytes_sixteen_slots() -> None:
+    data = encode(SAMPLE16, KEY)
+    assert data[:-MAC_SIZE] == GOLDEN16
+    assert decode(data, KEY) == SAMPLE16
+
+
+def test_version_one_is_recognised_and_refused_naming_the_sender() -> None:
+    assert VERSION == 2 and SLOTS == 16
+    datagram = sign(GOLDEN_V1)
+    assert decode_v1(datagram, KEY) == SAMPLE  # the old layout, byte for byte
+    with pytest.raises(WireError) as info:
+        decode(datagram, KEY)
+    assert info.value.reason == "old-version"
+    assert info.value.sender == "web-2"
+    assert "version 1" in info.value.detail and "version 2" in info.value.detail
+    # Only authenticated: with another key it is bad-mac like any forgery.
+    assert reason(datagram, b"another-key-entirely") == "bad-mac"
+    # A version-1 body that is malformed is still refused (malformed), never accepted.
+    assert reason(sign(GOLDEN_V1 + b"\0")) == "malformed"
+
+
+def test_version_one_decoder_refuses_version_two() -> None:
+    with pytest.raises(WireError) as info:
+        decode_v1(encode(SAMPLE, KEY), KEY)
+    assert info.value.reason == "wrong-version"
+
+
 def test_round_trip_minimal_and_unicode() -> None:
-    hb = Heartbeat(cluster="c", sender="ñødé-ü", slot=7, boot=b"\0" * 8, seq=1, digest=b"")
+    hb = Heartbeat(cluster="c", sender="ñødé-ü", slot=15, boot=b"\0" * 8, seq=1, digest=b"")
     assert decode(encode(hb, KEY), KEY) == hb
 
 
@@ -96,12 +183,12 @@ def test_largest_message_fits() -> None:
         boot=b"b" * 8,
         seq=MAX_U64,
         digest=b"d" * MAX_DIGEST_BYTES,
-        view=0xFF,
-        applied_view=0xFF,
+        view=0xFFFF,
+        applied_view=0xFFFF,
         applied_epoch=MAX_U64,
         held_groups=(1 << (8 * MAX_HELD_BYTES)) - 1,
         suspended_groups=(1 << (8 * MAX_HELD_BYTES)) - 1,
-        acks={s: Ack(b"a" * 8, MAX_U64) for s in range(8)},
+        acks={s: Ack(b"a" * 8, MAX_U64) for s in range(SLOTS)},
     )
     data = encode(hb, KEY)
     assert len(data) <= MAX_SIZE
@@ -114,17 +201,19 @@ heartbeats = st.builds(
     Heartbeat,
     cluster=names,
     sender=names,
-    slot=st.integers(0, 7),
+    slot=st.integers(0, SLOTS - 1),
     boot=st.binary(min_size=8, max_size=8),
     seq=u64,
     digest=st.binary(max_size=MAX_DIGEST_BYTES),
-    view=st.integers(0, 255),
-    applied_view=st.integers(0, 255),
+    view=st.integers(0, 0xFFFF),
+    applied_view=st.integers(0, 0xFFFF),
     applied_epoch=u64,
     held_groups=st.integers(0, (1 << 512) - 1),
     suspended_groups=st.integers(0, (1 << 512) - 1),
     draining=st.booleans(),
-    acks=st.dictionaries(st.integers(0, 7), st.builds(Ack, st.binary(min_size=8, max_size=8), u64)),
+    acks=st.dictionaries(
+        st.integers(0, SLOTS - 1), st.builds(Ack, st.binary(min_size=8, max_size=8), u64)
+    ),
 )
 
 
@@ -138,15 +227,16 @@ def test_round_trip(hb: Heartbeat) -> None:
     [
         {"cluster": ""},
         {"sender": "x" * (MAX_NAME_BYTES + 1)},
-        {"slot": 8},
+        {"slot": 16},
         {"boot": b"short"},
         {"seq": -1},
         {"seq": MAX_U64 + 1},
         {"digest": b"d" * (MAX_DIGEST_BYTES + 1)},
-        {"view": 256},
+        {"view": 1 << 16},
+        {"applied_view": 1 << 16},
         {"held_groups": -1},
         {"suspended_groups": 1 << (8 * MAX_HELD_BYTES)},
-        {"acks": {8: Ack(b"a" * 8, 1)}},
+        {"acks": {16: Ack(b"a" * 8, 1)}},
         {"acks": {0: Ack(b"a", 1)}},
     ],
 )
@@ -188,24 +278,32 @@ def test_bad_magic_is_checked_after_the_mac() -> None:
     assert reason(bytes(body) + encode(SAMPLE, KEY)[-MAC_SIZE:]) == "bad-mac"
 
 
-def test_wrong_version() -> None:
+@pytest.mark.parametrize("version", [0, 3, 9, 255])
+def test_wrong_version(version: int) -> None:
     body = bytearray(body_of(SAMPLE))
-    body[4] = 2
+    body[4] = version
     assert reason(sign(bytes(body))) == "wrong-version"
 
 
-# Header offsets: 4 version, 5 flags, 6 slot, 10 held_len, 11 suspended_len, 12 cluster_len,
-# 13 sender_len, 14 digest_len.
+def test_a_version_two_body_labelled_version_one_is_refused() -> None:
+    body = bytearray(body_of(SAMPLE))
+    body[4] = 1  # parsed with the old layout: lengths disagree, still never accepted
+    assert reason(sign(bytes(body))) in ("malformed", "truncated", "old-version")
+
+
+# Header offsets (v2): 4 version, 5 flags, 6 slot, 7 held_len, 8 suspended_len,
+# 9 cluster_len, 10 sender_len, 11 digest_len, 12 view, 14 applied_view, 16 ack_mask.
 @pytest.mark.parametrize(
     ("offset", "value", "expected"),
     [
         (5, 0x80, "malformed"),  # unknown flag
-        (6, 8, "malformed"),  # slot out of range
-        (12, 0, "malformed"),  # empty cluster name
-        (13, MAX_NAME_BYTES + 1, "malformed"),  # sender name too long
-        (14, MAX_DIGEST_BYTES + 1, "malformed"),  # digest length
-        (10, MAX_HELD_BYTES + 1, "malformed"),  # held bitmap length
-        (11, 60, "truncated"),  # suspended bitmap longer than the datagram
+        (6, 16, "malformed"),  # slot out of range
+        (9, 0, "malformed"),  # empty cluster name
+        (10, MAX_NAME_BYTES + 1, "malformed"),  # sender name too long
+        (11, MAX_DIGEST_BYTES + 1, "malformed"),  # digest length
+        (7, MAX_HELD_BYTES + 1, "malformed"),  # held bitmap length
+        (8, 60, "truncated"),  # suspended bitmap longer than the datagram
+        (16, 0xFF, "truncated"),  # ack mask bits 8..15 all set: 8 more acks needed
     ],
 )
 def test_malformed_header_fields(offset: int, value: int, expected: str) -> None:
@@ -218,7 +316,7 @@ def test_malformed_trailing_bytes_and_bad_utf8() -> None:
     assert reason(sign(body_of(SAMPLE) + b"\0")) == "malformed"
     hb = dataclasses.replace(SAMPLE, cluster="ab")
     body = bytearray(body_of(hb))
-    header = struct.calcsize(">4sBBBBBBBBBBB8sQQ")
+    header = struct.calcsize(">4sBBBBBBBBHHH8sQQ")
     body[header] = 0xFF  # first byte of the cluster name
     assert reason(sign(bytes(body))) == "malformed"
 

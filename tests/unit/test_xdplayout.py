@@ -76,3 +76,8 @@ def test_limits_name_the_key() -> None:
     )
     problem = limits_problem(1, 40320, MAX_ADDRS + 1)
     assert problem is not None and "traffic IPs" in problem[1]
+    assert limits_problem(MAX_GROUPS, 40320, 1) is None  # the 8-slot table: every group fits
+    assert limits_problem(46, 720720, 1) is None
+    problem = limits_problem(47, 720720, 1)
+    assert problem is not None and problem[0] == "traffic_ip_group"
+    assert "at most 46 groups" in problem[1]

@@ -15,6 +15,7 @@ from multihost.backends import BackendConfig
 from multihost.cli.common import EXIT_USAGE, Formatter, add_json_flag, print_json
 from multihost.config import Config, ConfigError, timing_warnings
 from multihost.macaddr import format_mac, multicast_mac
+from multihost.tablechoice import table_identity
 
 DESCRIPTION = """\
 Validate a multihost configuration file (TOML) and its key file.  Nothing on the host is
@@ -78,8 +79,12 @@ def summary(cfg: Config) -> dict[str, object]:
         "hash_seed": f"{c.hash_seed:#010x}",
         "dataplane": c.dataplane,
         "buckets": cfg.buckets,
+        "table": table_identity(cfg.table).as_dict(),
         "digest": cfg.digest().hex(),
-        "nodes": {n.name: {"address": str(n.address), "slot": n.slot} for n in cfg.nodes},
+        "nodes": {
+            n.name: {"address": str(n.address), "slot": n.slot, "weight": n.weight}
+            for n in cfg.nodes
+        },
         "groups": {
             g.name: {
                 "addresses": [str(a) for a in g.addresses],
@@ -168,8 +173,14 @@ def run(args: argparse.Namespace) -> int:
         f" hold {c.takeover_hold_ms} ms, lease margin {c.lease_margin_ms} ms,"
         f" jitter {c.heartbeat_jitter_ms} ms"
     )
+    t = table_identity(cfg.table)
+    print(
+        f"  table {t.name}: {t.buckets} buckets over {t.slots} slots"
+        f" (sha256 {t.sha256[:16]}...), digest {s['digest']}"
+    )
     for n in cfg.nodes:
-        print(f"  node {n.name}: {n.address} slot {n.slot}")
+        weight = f" weight {n.weight}" if cfg.weighted else ""
+        print(f"  node {n.name}: {n.address} slot {n.slot}{weight}")
     for g in cfg.groups:
         addrs = ", ".join(str(a) for a in g.addresses)
         print(f"  group {g.name}: {addrs} members {','.join(g.members)} hash {g.hash.value}")
@@ -181,11 +192,11 @@ def run(args: argparse.Namespace) -> int:
             f"  return group {r.name} for {r.front}: gateway {addrs} on {r.interface},"
             f" hash {r.hash.value}"
         )
-    t = cfg.transparency
-    if t is not None and any(g.transparent for g in cfg.groups):
+    tp = cfg.transparency
+    if tp is not None and any(g.transparent for g in cfg.groups):
         print(
-            f"  transparency: socket mark {t.fwmark:#x}, rule priority {t.rule_priority}"
-            f" -> table {t.table} (local default dev lo)"
+            f"  transparency: socket mark {tp.fwmark:#x}, rule priority {tp.rule_priority}"
+            f" -> table {tp.table} (local default dev lo)"
         )
     for b in cfg.backends:
         print(f"  backend {b.name} on {b.interface}: replies from")

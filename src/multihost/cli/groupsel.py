@@ -12,18 +12,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from multihost import preflight
+from multihost.assignment import PreferenceTable
 from multihost.cli.common import UsageError
 from multihost.config import Config, ConfigError, IPAddress
 from multihost.flowhash import HashMode
-from multihost.simulation import SimulationError, parse_members, parse_slots
+from multihost.simulation import (
+    SimulationError,
+    member_table,
+    parse_members,
+    parse_slots,
+    parse_weights,
+)
 
 
 @dataclass(frozen=True)
 class Group:
-    """One group's members, each at its slot, and how its flows are hashed."""
+    """One group's members, each at its slot with its weight, the cluster table, and how
+    its flows are hashed."""
 
     members: tuple[str, ...]
     slots: Mapping[str, int]
+    table: PreferenceTable
+    weights: Mapping[str, int]
     mode: HashMode = HashMode.FOUR_TUPLE
     seed: int | None = None
     name: str | None = None  # None: the --members form
@@ -49,12 +59,18 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_members_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--members", metavar="A,B,...", help="1-8 member names (instead of --config)")
+    p.add_argument("--members", metavar="A,B,...", help="1-16 member names (instead of --config)")
     p.add_argument(
         "--slots",
         metavar="S,S,...",
         help="the slot of each --members entry, e.g. 1,3 for members B,D of a 4-node"
         " cluster (default: position in --members, 0,1,2,...)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="A=K,...",
+        help="member weights (integer >= 1, default 1): a member of weight K holds K of the"
+        " table's slots and K times the share; the sum is at most 16",
     )
 
 
@@ -76,9 +92,18 @@ def from_members(args: argparse.Namespace, mode: HashMode, seed: int | None) -> 
     try:
         members = parse_members(args.members)
         slots = parse_slots(args.slots, members) if args.slots else tuple(range(len(members)))
+        weights = parse_weights(args.weights or "", members)
+        table = member_table(slots, weights)
     except SimulationError as e:
         raise UsageError(str(e)) from None
-    return Group(members, dict(zip(members, slots, strict=True)), mode, seed)
+    return Group(
+        members,
+        dict(zip(members, slots, strict=True)),
+        table,
+        dict(zip(members, weights, strict=True)),
+        mode,
+        seed,
+    )
 
 
 def from_config(path: str, group: str | None, destination: IPAddress | None = None) -> Group:
@@ -91,9 +116,12 @@ def from_config(path: str, group: str | None, destination: IPAddress | None = No
     ret = next((r for r in cfg.returns if r.name == group), None)
     if ret is not None:  # a reply (back end -> client): hashed on the client side
         front = cfg.front_of(ret)
+        weights = {n.name: n.weight for n in cfg.nodes}
         return Group(
             members=front.members,
             slots={m: cfg.slots[m] for m in front.members},
+            table=cfg.table,
+            weights={m: weights[m] for m in front.members},
             mode=ret.hash,
             seed=cfg.cluster.hash_seed,
             name=ret.name,
@@ -124,9 +152,12 @@ def from_config(path: str, group: str | None, destination: IPAddress | None = No
     if destination is not None and destination not in chosen.addresses:
         addrs = ", ".join(str(a) for a in chosen.addresses)
         note = f"{destination} is not a traffic IP of group {chosen.name!r} ({addrs})"
+    weight = {n.name: n.weight for n in cfg.nodes}
     return Group(
         members=chosen.members,
         slots={m: cfg.slots[m] for m in chosen.members},
+        table=cfg.table,
+        weights={m: weight[m] for m in chosen.members},
         mode=chosen.hash,
         seed=cfg.cluster.hash_seed,
         name=chosen.name,

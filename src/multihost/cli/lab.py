@@ -35,18 +35,20 @@ from multihost.lab.topology import (
     NETNS_DIR,
     PREFIX_ENV,
     SwitchMode,
+    Topology,
     TopologyError,
     default_prefix,
     describe,
     validate_prefix,
 )
-from multihost.tablechoice import table_for
+from multihost.simulation import SimulationError, parse_weights
+from multihost.tablechoice import backend_problem, table_identity
 
 FILES = f"""\
 files:
   /run/multihost-lab/PREFIX/state.json   what the lab created and started (PIDs, start times)
   /run/multihost-lab/PREFIX/             nginx configs and logs, UDP echo logs
-  /run/netns/PREFIX{{sw,A..H,c1..c8}}      the lab's network namespaces
+  /run/netns/PREFIX{{sw,A..P,c1..c8}}      the lab's network namespaces
   /run/netns/PREFIX{{bsw,b1,b2,rt}}        back-end switch, back ends, router
 
 environment:
@@ -111,6 +113,7 @@ traffic IP only through its static neighbour entry (--router-neigh static, the d
 examples:
   multihost lab up --nodes 4
   multihost lab up --nodes 8 --clients 2 --seed 0x5eed1234 --json
+  multihost lab up --nodes 12 --weights A=2,B=2
   multihost lab up --transparent --return routes
   multihost lab up --transparent --return gateway --proxy haproxy
   multihost lab up --routed
@@ -205,7 +208,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="agents without heartbeats: ownership follows 'lab set-live' (release, then take)",
     )
     a.add_argument(
-        "--heartbeat-ms", type=int, metavar="MS", help="agents' heartbeat interval (default 100)"
+        "--heartbeat-ms",
+        type=int,
+        metavar="MS",
+        help="agents' heartbeat interval (default 100; 25 x nodes above 8 nodes)",
     )
     a.add_argument(
         "--dead-after-ms",
@@ -257,6 +263,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=[m.value for m in NeighMode],
         help="how the router learns the traffic IP's MAC (with --routed; default static)",
     )
+    a.add_argument(
+        "--weights",
+        metavar="A=K,...",
+        help="[[node]].weight of nodes (integer >= 1, default 1): a node of weight K serves K"
+        " times the share; the sum is at most 16 (12 with nft or auto)",
+    )
     add_json_flag(a)
 
     desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
@@ -301,6 +313,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("cmd", metavar="-- CMD", nargs=argparse.REMAINDER, help="command and args")
 
 
+def _weights(text: str | None, nodes: int) -> dict[str, int] | None:
+    if not text:
+        return None
+    names = [chr(ord("A") + i) for i in range(max(0, min(nodes, MAX_NODES)))]
+    try:
+        weights = parse_weights(text, names)
+    except SimulationError as e:
+        raise UsageError(str(e)) from None
+    return dict(zip(names, weights, strict=True))
+
+
+def _check_table(topo: Topology, backend: str) -> None:
+    """The agents would refuse a table too big for their data plane: say so before building
+    (``auto`` is held to nft's limit, as ``check-config`` holds it)."""
+    size = sum(topo.node_weights) if topo.weighted else len(topo.nodes)
+    problem = backend_problem(size, "xdp" if backend == "xdp" else "nft")
+    if problem is not None:
+        what = f"--weights add up to {size}" if topo.weighted else f"--nodes {size}"
+        raise UsageError(f"{what}: {problem} (--backend {backend})")
+
+
 def run_up(args: argparse.Namespace) -> int:
     for flag, value, needs in (
         ("--return", args.return_mode, args.transparent),
@@ -321,7 +354,9 @@ def run_up(args: argparse.Namespace) -> int:
         routed=args.routed,
         router_neigh=NeighMode(args.router_neigh or "static"),
         proxy=Proxy(args.proxy) if args.proxy else None,
+        weights=_weights(args.weights, args.nodes),
     )
+    _check_table(topo, args.backend)
     started = time.monotonic()
 
     def progress(step: str) -> None:
@@ -372,7 +407,8 @@ def _print_overview(state: labbuild.LabState) -> None:
         + (f", heartbeats {topo.group6} (MAC {topo.group6_mac})" if topo.group6 else "")
     )
     print(
-        f"  seed {topo.seed_text}, {topo.buckets} buckets, hash {topo.hash_mode}, "
+        f"  seed {topo.seed_text}, {topo.buckets} buckets ({table_identity(topo.table).name}),"
+        f" hash {topo.hash_mode}, "
         f"switch {topo.switch.netns} ({topo.switch.mode.value})"
     )
     print(f"  live: {','.join(state.live) or '(none)'}\n")
@@ -470,7 +506,7 @@ def run_set_live(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown node {unknown[0]!r} (nodes: {','.join(state.topology.members)})")
     labbuild.set_live(state, live)
-    a = assign(slots_of(state.live, state.topology.members), table_for(len(state.topology.members)))
+    a = assign(slots_of(state.live, state.topology.members), state.topology.table)
     members = state.topology.members
     shares = {members[s]: str(a.share(s)) for s in sorted(a.live)}
     if args.json:

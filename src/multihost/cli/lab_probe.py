@@ -30,9 +30,12 @@ answered by another node are 'mispredicted'.  --target NODE-ADDRESS probes one n
 (every flow is then expected from that node).  Progress goes to stderr.
 
 --json prints {{"connections", "answered": {{"A": n, ...}}, "failed", "reset", "timeout",
-"mispredicted", "duplicated", "unanswered_by_expected": {{"A": n, ...}}, ...}}: reset =
-refused or reset, failed = anything else unexpected, duplicated = flows answered by more
-than one node (UDP, ICMP), unanswered_by_expected = flows not answered, by predicted node.
+"mispredicted", "duplicated", "unanswered_by_expected": {{"A": n, ...}}, "shares", "band",
+"outside_band", ...}}: reset = refused or reset, failed = anything else unexpected,
+duplicated = flows answered by more than one node (UDP, ICMP), unanswered_by_expected =
+flows not answered, by predicted node; shares = each live node's exact share of the traffic
+IP's buckets, band = the central 99.9 % of Binomial(connections, share), outside_band =
+nodes whose count is not.
 
 In a transparent lab ('lab up --transparent', TCP) the node is the proxy's X-Multihost-Node
 header and the JSON adds "transparency": {{"return", "backends": {{"b1": n, ...}},
@@ -135,11 +138,26 @@ def run_probe(args: argparse.Namespace, state: LabState) -> int:
             f"({result.rate:.0f}/s), live {','.join(result.live) or '(none)'}"
         )
         names = sorted(set(result.answered) | set(result.predicted))
-        rows = [[n, str(result.answered.get(n, 0)), str(result.predicted.get(n, 0))] for n in names]
-        print(render_table(["NODE", "ANSWERED", "PREDICTED"], rows))
+        band = result.band
+        rows = [
+            [
+                n,
+                str(result.answered.get(n, 0)),
+                str(result.predicted.get(n, 0)),
+                str(result.shares.get(n, "-")),
+                "{}..{}".format(*band[n]) if n in band else "-",
+            ]
+            for n in names
+        ]
+        print(render_table(["NODE", "ANSWERED", "PREDICTED", "SHARE", "99.9% BAND"], rows))
         print(
             f"failed {result.failed}, reset {result.reset}, timeout {result.timeout}, "
             f"mispredicted {result.mispredicted}, duplicated {result.duplicated}"
+            + (
+                f", outside the band: {','.join(result.outside_band)}"
+                if result.outside_band
+                else ""
+            )
         )
         for err, n in sorted(result.errors.items()):
             print(f"  {n} x {err}")

@@ -33,11 +33,17 @@ transfers (from, to, share).
 
 With --config FILE the group's members sit in their configured [[node]].slot (the group is
 --group, or the only one), exactly as the agents assign it.  With --members, member i (in
---members order) occupies slot i unless --slots gives each member's slot.
+--members order) occupies slot i unless --slots gives each member's slot, and weighs 1
+unless --weights says otherwise (a member of weight k holds k table slots: k times the
+share).  The table is chosen as the agents choose it: all 8! orderings (40,320 buckets) up
+to 8 slots, the exactly min-wise family of lcm(1..n) orderings for 9..16 (n = the highest
+slot + 1, or the sum of the weights).
 
 examples (the feature brief's worked example):
   multihost simulate --members A,B,C,D --event fail:D --event fail:C --event recover:D
   multihost simulate --config /etc/multihost/multihost.toml --group web --event fail:B
+  multihost simulate --members A,B,C,D,E,F,G,H,I,J,K,L --event fail:L --json
+  multihost simulate --members A,B,C --weights A=2 --event fail:A
 """
 
 
@@ -64,7 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def to_json(sim: Simulation) -> dict[str, Any]:
     return {
         "buckets": sim.buckets,
+        "table": sim.table,
         "slots": dict(zip(sim.members, sim.slots, strict=True)),
+        "weights": dict(zip(sim.members, sim.weights, strict=True)),
         "steps": [
             {
                 "event": st.event,
@@ -83,7 +91,12 @@ def to_json(sim: Simulation) -> dict[str, Any]:
 
 def to_text(sim: Simulation) -> str:
     placed = ",".join(f"{m}@{s}" for m, s in zip(sim.members, sim.slots, strict=True))
-    out: list[str] = [f"hash space: {sim.buckets} buckets, members (at slot) {placed}"]
+    out: list[str] = [
+        f"hash space: {sim.buckets} buckets (table {sim.table}), members (at slot) {placed}"
+    ]
+    if any(w != 1 for w in sim.weights):
+        weights = ",".join(f"{m}={w}" for m, w in zip(sim.members, sim.weights, strict=True))
+        out.append(f"weights: {weights}")
     for st in sim.steps:
         out.append("")
         out.append(f"== {st.event}: live {','.join(st.live) or '(none)'}")
@@ -105,14 +118,20 @@ def to_text(sim: Simulation) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    conflicts(args, {"--slots": args.slots})
+    conflicts(args, {"--slots": args.slots, "--weights": args.weights})
     if args.config:
         group = from_config(args.config, args.group)
     else:
         group = from_members(args, HashMode.FOUR_TUPLE, None)
     try:
         events = [parse_event(e) for e in args.event]
-        sim = simulate(group.members, events, slots=[group.slots[m] for m in group.members])
+        sim = simulate(
+            group.members,
+            events,
+            table=group.table,
+            slots=[group.slots[m] for m in group.members],
+            weights=[group.weights[m] for m in group.members],
+        )
     except SimulationError as e:
         raise UsageError(str(e)) from None
     if args.json:

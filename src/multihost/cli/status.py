@@ -67,6 +67,17 @@ def to_text(st: dict[str, Any]) -> str:
         f"live: {','.join(st['live']) or '(none)'}"
         + (f"   epoch {st['epoch']}" if "epoch" in st else ""),
     ]
+    table = st.get("table")
+    if table:
+        weights = table.get("weights") or {}
+        lines.append(
+            f"table {table['name']}: {table['buckets']} buckets over {table['slots']} slots"
+            + (
+                "; weights " + ", ".join(f"{m}={w}" for m, w in weights.items())
+                if any(w != 1 for w in weights.values())
+                else ""
+            )
+        )
     members = st.get("members")
     if members:
         rows = [

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from multihost.assignment import PreferenceTable, default_table
+from multihost.assignment import PreferenceTable, assign
 from multihost.cli.common import Formatter, OperationError, UsageError, add_json_flag, print_json
 from multihost.cli.groupsel import (
     Group,
@@ -25,7 +25,8 @@ from multihost.cli.groupsel import (
 from multihost.control import ControlError, request
 from multihost.flowhash import RETURN_MODES, Flow, FlowError, HashMode, flow_bucket, parse_flow
 from multihost.ownership import bucket_owner
-from multihost.simulation import SimulationError, parse_members
+from multihost.simulation import SimulationError, fraction_text, parse_members
+from multihost.tablechoice import table_identity
 
 DESCRIPTION = """\
 Compute the bucket the nftables rule 'jhash ... mod B seed S' gives a flow and the member
@@ -137,7 +138,7 @@ def lookup(
     group: Group, live: Iterable[str], flow: Flow, table: PreferenceTable | None = None
 ) -> tuple[int, str | None]:
     """The flow's bucket and its owner among the ``live`` members of ``group``."""
-    tbl = table or default_table()
+    tbl = table or group.table
     assert group.seed is not None
     bucket = flow_bucket(flow, tbl.buckets, group.seed, group.mode)
     return bucket, bucket_owner(group.slots, group.members, live, bucket, tbl)
@@ -146,7 +147,12 @@ def lookup(
 def run(args: argparse.Namespace) -> int:
     conflicts(
         args,
-        {"--slots": args.slots, "--seed": args.seed, "--hash": args.hash},
+        {
+            "--slots": args.slots,
+            "--seed": args.seed,
+            "--hash": args.hash,
+            "--weights": args.weights,
+        },
     )
     try:
         flow = parse_flow(args.flow, args.proto)
@@ -175,9 +181,11 @@ def run(args: argparse.Namespace) -> int:
         live, source = agent_live(group, args.socket)
     else:
         live, source = group.members, {"live_source": "all"}
-    table = group.config.table if group.config is not None else default_table()
+    table = group.table
     bucket, owner = lookup(group, live, flow, table)
     live_members = [m for m in group.members if m in set(live)]
+    own = assign(frozenset(group.slots[m] for m in live_members), table)
+    shares = {m: fraction_text(own.share(group.slots[m])) for m in live_members}
     if args.json:
         out: dict[str, Any] = {"bucket": bucket, "buckets": table.buckets, "owner": owner}
         out.update(
@@ -185,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             group=group.name,
             live=live_members,
             slots=dict(group.slots),
+            table=table_identity(table).name,
+            weights=dict(group.weights),
+            shares=shares,
             seed=f"{group.seed:#010x}",
             hash=group.mode.value,
             **source,
@@ -196,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     who = f"owner {owner} (slot {group.slots[owner]})" if owner else "owner (none: no member live)"
-    print(f"bucket {bucket} of {table.buckets}: {who}")
+    print(f"bucket {bucket} of {table.buckets} (table {table_identity(table).name}): {who}")
     where = {
         "agent": f"the agent on node {source.get('agent_node')} ({source.get('socket')})",
         "--live": "--live",
@@ -206,6 +217,14 @@ def run(args: argparse.Namespace) -> int:
         f"  {'group ' + group.name + ', ' if group.name else ''}live "
         f"{','.join(live_members) or '(none)'} from {where}; hash {group.mode.value}"
         f" seed {group.seed:#010x}"
+    )
+    weighted = any(w != 1 for w in group.weights.values())
+    print(
+        "  shares "
+        + ", ".join(
+            f"{m} {s}" + (f" (weight {group.weights[m]})" if weighted else "")
+            for m, s in shares.items()
+        )
     )
     if group.note:
         print(f"  note: {group.note}")

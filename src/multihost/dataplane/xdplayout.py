@@ -76,6 +76,9 @@ MAX_IFACES = 64
 UDP_FLOW_ENTRIES = 65536
 #: Largest bucket space one group may use (issue: arrays up to 720,720 buckets).
 MAX_BUCKETS = 1 << 20
+#: Largest ``mh_buckets`` (every group's two halves): 512 groups of the 8-slot table
+#: (40,320 buckets) fit, and 46 groups of the 16-slot one (720,720).
+MAX_BUCKET_BYTES = 64 << 20
 
 
 class BucketState(IntEnum):
@@ -257,6 +260,15 @@ def limits_problem(groups: int, buckets: int, addresses: int) -> tuple[str, str]
         return "traffic_ip_group", f"{groups} groups: the XDP program takes at most {MAX_GROUPS}"
     if buckets > MAX_BUCKETS:
         return "buckets", f"{buckets} buckets: the XDP program takes at most {MAX_BUCKETS}"
+    size = bucket_elements([buckets] * groups) * BUCKETS_PER_ELEMENT
+    if size > MAX_BUCKET_BYTES:
+        fit = MAX_BUCKET_BYTES // (2 * _round8(buckets))
+        return (
+            "traffic_ip_group",
+            f"{groups} groups of {buckets:,} buckets need {size:,} bytes of bucket tables"
+            f" (two per group); the XDP program takes at most {MAX_BUCKET_BYTES:,}, so at"
+            f" most {fit} groups with this table",
+        )
     if addresses > MAX_ADDRS:
         return (
             "traffic_ip_group",

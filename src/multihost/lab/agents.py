@@ -76,13 +76,14 @@ def config_text(
         lines.append(f'bpf_pin_root = "{pin_root}"')
     lines.append("")
     bn = topo.backnet
-    for slot, n in enumerate(topo.nodes):
+    for slot, (n, weight) in enumerate(zip(topo.nodes, topo.node_weights, strict=True)):
         lines += [
             "[[node]]",
             f'name = "{n.name}"',
             f'address = "{n.address6 if topo.ipv6 else n.address}"',
             f"slot = {slot}",
             *([f'backend_gateway = "{bn.gateway(n.name)}"'] if bn is not None else []),
+            *([f"weight = {weight}"] if topo.weighted else []),
             "",
         ]
     members = ", ".join(f'"{n.name}"' for n in topo.nodes)
@@ -162,6 +163,15 @@ def _manual(state: LabState) -> bool:
     return bool(state.agents.get("manual", True))
 
 
+def default_heartbeat_ms(nodes: int) -> int:
+    """The lab's heartbeat interval: the product's 100 ms up to 8 nodes, 25 ms per node
+    beyond (12 nodes: 300 ms, 16: 400 ms).  Every agent hears every other one, so an
+    agent's work grows with the node count, the lab's with its square; all of them share
+    this host (2 vCPUs on CI), and 16 agents at 100 ms would take more than both (agents
+    starved past dead_after declare each other dead)."""
+    return 100 if nodes <= 8 else 25 * nodes
+
+
 def start_agents(
     topology: Topology,
     state: LabState,
@@ -176,9 +186,9 @@ def start_agents(
 ) -> dict[str, Any]:
     """Write config + key, start one agent per node, wait until all answer.
 
-    ``interval_ms``/``dead_after_ms``: heartbeat timing (default: the configuration's
-    defaults, 100 ms and 4 intervals); ``metrics``: each agent serves Prometheus metrics on
-    ``127.0.0.1:METRICS_PORT`` inside its node's namespace; ``backend``: the agents'
+    ``interval_ms``/``dead_after_ms``: heartbeat timing (default: :func:`default_heartbeat_ms`
+    and the configuration's default dead_after); ``metrics``: each agent serves Prometheus
+    metrics on ``127.0.0.1:METRICS_PORT`` inside its node's namespace; ``backend``: the agents'
     ``cluster.dataplane`` (``auto``, ``xdp`` or ``nft``).
     """
     from multihost.lab.build import _spawn
@@ -194,7 +204,7 @@ def start_agents(
         config_text(
             topology,
             key,
-            interval_ms=interval_ms or 100,
+            interval_ms=interval_ms or default_heartbeat_ms(len(topology.nodes)),
             dead_after_ms=dead_after_ms,
             metrics_address=f"127.0.0.1:{METRICS_PORT}" if metrics else None,
             quorum=quorum,
@@ -250,8 +260,11 @@ def start_agents(
         state.processes.remove(rec)
         state.save()
     running: dict[str, Any] = {}
+    # Every agent starts at once: on a 2-vCPU host 16 of them (each loading its table and
+    # program) need more than one agent's READY_TIMEOUT.
+    ready_timeout = READY_TIMEOUT + 2.5 * len(topology.nodes)
     for node in topology.nodes:
-        status = wait_ready(state, node.name)
+        status = wait_ready(state, node.name, timeout=ready_timeout)
         running[node.name] = status.get("dataplane", {}).get("backend")
     info["dataplane"] = running  # node -> the backend its agent runs
     state.agents = info

@@ -41,7 +41,6 @@ from multihost.lab import agents, faults
 from multihost.lab.build import LabError, LabState
 from multihost.lab.topology import Topology
 from multihost.lab.worker import NetnsWorker
-from multihost.tablechoice import table_for
 
 PORT_RANGE = (10000, 61000)
 Row = dict[str, Any]
@@ -68,7 +67,7 @@ def owned_mask(status: dict[str, Any], buckets: int, group: str = "web") -> npt.
 
 def expected_owners(topo: Topology, live: Sequence[str]) -> npt.NDArray[np.int8]:
     """Owner slot of every bucket for ``live`` (the model), -1 for none."""
-    return assign(slots_of(list(live), topo.members), table_for(len(topo.members))).owners
+    return assign(slots_of(list(live), topo.members), topo.table).owners
 
 
 def ownership_problem(state: LabState, live: Sequence[str], *, quiet: bool = False) -> str | None:

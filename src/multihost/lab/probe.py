@@ -5,7 +5,9 @@ Owns: choosing the flows (distinct, explicitly bound source ports drawn from a r
 of each flow (the traffic IP: :func:`multihost.flowhash.flow_bucket` with the lab's seed,
 then the owner for the live set in the state file; a node's own address: that node),
 running :mod:`multihost.lab.probe_worker` inside the client namespace, and tallying its
-per-flow results into a :class:`ProbeResult` (the ``lab probe --json`` object).
+per-flow results into a :class:`ProbeResult` (the ``lab probe --json`` object), with each
+live node's exact share of the traffic IP's hash space and the binomial 99.9 % band of its
+count (:func:`binomial_band`).
 
 Must not: send traffic itself (the worker does, inside the lab), target anything but the
 traffic IP or a node's address, or change the lab.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import random
 import subprocess
@@ -23,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,6 @@ from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab import backprobe
 from multihost.lab.build import LabError, LabState
 from multihost.lab.topology import Host, Topology, TopologyError
-from multihost.tablechoice import table_for
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 PORT_RANGE = (10000, 61000)
@@ -64,6 +67,20 @@ class ProbeResult:
     transparency: dict[str, Any] | None = None
     #: ``flows=True``: one object per connection.
     flows: list[dict[str, Any]] | None = None
+    #: per live node: its exact share of the traffic IP's buckets (the table's)
+    shares: dict[str, Fraction] = field(default_factory=dict)
+    #: per flow (in plan order): the node that answered (None: no answer)
+    by_flow: list[str | None] = field(default_factory=list)
+
+    @property
+    def band(self) -> dict[str, tuple[int, int]]:
+        """Per live node: the central 99.9 % of Binomial(connections, share)."""
+        return {m: binomial_band(self.connections, float(p)) for m, p in self.shares.items()}
+
+    @property
+    def outside_band(self) -> list[str]:
+        """Live nodes whose answered count lies outside its band."""
+        return [m for m, (lo, hi) in self.band.items() if not lo <= self.answered.get(m, 0) <= hi]
 
     @property
     def rate(self) -> float:
@@ -94,6 +111,9 @@ class ProbeResult:
             "target": self.target,
             "predicted": dict(sorted(self.predicted.items())),
             "live": self.live,
+            "shares": {m: _fraction(f) for m, f in self.shares.items()},
+            "band": {m: list(b) for m, b in self.band.items()},
+            "outside_band": self.outside_band,
             "errors": self.errors,
             "examples": self.examples,
             "port_seed": self.port_seed,
@@ -102,6 +122,35 @@ class ProbeResult:
             "unanswered_by_expected": dict(sorted(self.unanswered_by_expected.items())),
             **extra,
         }
+
+
+def _fraction(f: Fraction) -> str:
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def binomial_band(n: int, p: float, level: float = 0.999) -> tuple[int, int]:
+    """The smallest ``lo`` and largest ``hi`` with P(X < lo) <= (1 - level)/2 and
+    P(X > hi) <= (1 - level)/2 for X ~ Binomial(n, p) (exact, summed in log space)."""
+    if p <= 0.0:
+        return 0, 0
+    if p >= 1.0:
+        return n, n
+    tail = (1.0 - level) / 2
+    lp, lq = math.log(p), math.log1p(-p)
+    pmf = [
+        math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp
+                 + (n - k) * lq)
+        for k in range(n + 1)
+    ]  # fmt: skip
+    lo, below = 0, 0.0
+    while below + pmf[lo] <= tail:
+        below += pmf[lo]
+        lo += 1
+    hi, above = n, 0.0
+    while above + pmf[hi] <= tail:
+        above += pmf[hi]
+        hi -= 1
+    return lo, hi
 
 
 def plan_flows(
@@ -148,7 +197,7 @@ def expected_nodes(
         return [node.name] * len(flows)
     if target not in topo.vips:
         raise LabError(f"target {target} is neither a traffic IP nor a node's address")
-    table = table_for(len(topo.members))
+    table = topo.table
     if table.buckets != topo.buckets:
         raise LabError(f"lab has {topo.buckets} buckets, the model {table.buckets}")
     owners = assign(slots_of(live, topo.members), table)
@@ -228,6 +277,9 @@ def run_probe(
     result = ProbeResult(proto, target, connections, live=list(state.live), port_seed=seed)
     result.predicted = dict(Counter(e or "(none)" for e in expected))
     before = backprobe.snapshot(state) if proto == "tcp" else None
+    if target in topo.vips:
+        owners = assign(slots_of(state.live, topo.members), topo.table)
+        result.shares = {topo.members[s]: owners.share(s) for s in sorted(owners.live)}
     started = time.monotonic()
     rows = _run_worker(
         src.netns,
@@ -273,6 +325,7 @@ def _tally(
     expected: list[str | None],
 ) -> None:
     seen: set[int] = set()
+    result.by_flow = [None] * len(flows)
     answered: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     lost: Counter[str] = Counter()
@@ -282,6 +335,7 @@ def _tally(
         outcome = row["outcome"]
         if outcome == "answered":
             answered[row["node"]] += 1
+            result.by_flow[i] = row["node"]
             if row["dups"]:
                 result.duplicated += 1
             if row["node"] != expected[i]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multihost.assignment import PreferenceTable
 from multihost.lab.backnet import (
     BackNet,
     NeighMode,
@@ -55,6 +56,7 @@ from multihost.lab.backnet import (
 from multihost.lab.hosts import Host, host_dict, host_from
 from multihost.lab.switch import Switch, SwitchMode
 from multihost.macaddr import format_mac, multicast_mac
+from multihost.tablechoice import MAX_TABLE_SLOTS, cluster_table
 
 __all__ = ["Host", "Switch", "SwitchMode", "Topology", "TopologyError", "describe"]
 
@@ -77,15 +79,16 @@ GROUP_RANGE6 = ipaddress.IPv6Network("ff15::/16")
 SUBNET6 = ipaddress.IPv6Network("2001:db8::/64")
 DEFAULT_VIP6 = "2001:db8::100"
 DEFAULT_GROUP6 = "ff15::1"
-#: ``multihost.assignment.default_table().buckets`` (8! orderings); a unit test checks it.
+#: ``multihost.assignment.default_table().buckets`` (8! orderings): labs of up to 8 nodes;
+#: bigger (or weighted) labs use their cluster table's (``Topology.table``).
 BUCKETS = 40320
 HTTP_PORT = 80
 ECHO_PORT = 7
-MAX_NODES = 8
+MAX_NODES = 16  # node slots 0..15 (heartbeat version 2)
 MAX_CLIENTS = 8
 #: Extra source addresses per client, so ICMP probes (address-only hash) spread over nodes.
 EXTRA_SOURCES = 16
-NODE_NAMES = "ABCDEFGH"
+NODE_NAMES = "ABCDEFGHIJKLMNOP"
 HASH_MODE = "4-tuple"
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]{0,18}-$")
@@ -112,7 +115,7 @@ def validate_prefix(prefix: str) -> str:
 
 def netns_pattern(prefix: str) -> re.Pattern[str]:
     """Exactly the namespace names a lab with ``prefix`` can create (and nothing longer)."""
-    names = r"(?:sw|bsw|rt|[A-H]|c[1-8]|b[1-8])"
+    names = r"(?:sw|bsw|rt|[A-P]|c[1-8]|b[1-8])"
     return re.compile(rf"^{re.escape(validate_prefix(prefix))}{names}$")
 
 
@@ -145,6 +148,21 @@ class Topology:
     backnet: BackNet | None = None
     #: A routed lab's upstream router between the clients and the switch (``--routed``).
     router: Router | None = None
+    #: ``[[node]].weight`` of each node in slot order (empty: every node weighs 1).
+    weights: tuple[int, ...] = ()
+
+    @property
+    def node_weights(self) -> tuple[int, ...]:
+        return self.weights or (1,) * len(self.nodes)
+
+    @property
+    def weighted(self) -> bool:
+        return any(w != 1 for w in self.node_weights)
+
+    @property
+    def table(self) -> PreferenceTable:
+        """The cluster table the agents choose for this lab (node ``i`` in slot ``i``)."""
+        return cluster_table(tuple(enumerate(self.node_weights)))
 
     @property
     def ipv6(self) -> bool:
@@ -245,6 +263,7 @@ class Topology:
             "group6_mac": self.group6_mac,
             "ipv6": self.ipv6,
             "members": list(self.members),
+            "weights": dict(zip(self.members, self.node_weights, strict=True)),
             "seed": self.seed_text,
             "buckets": self.buckets,
             "prefix": self.prefix,
@@ -288,6 +307,7 @@ class Topology:
             "group6": self.group6,
             "backnet": None if self.backnet is None else self.backnet.to_dict(),
             "router": None if self.router is None else self.router.to_dict(),
+            "weights": list(self.weights),
         }
 
     @classmethod
@@ -311,6 +331,7 @@ class Topology:
                 group6=None if d.get("group6") is None else str(d["group6"]),
                 backnet=None if d.get("backnet") is None else BackNet.from_dict(d["backnet"]),
                 router=None if d.get("router") is None else Router.from_dict(d["router"]),
+                weights=tuple(int(w) for w in d.get("weights", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TopologyError(f"malformed topology record: {e!r}") from None
@@ -337,6 +358,7 @@ def describe(
     routed: bool = False,
     router_neigh: NeighMode = NeighMode.STATIC,
     proxy: Proxy | None = None,
+    weights: dict[str, int] | None = None,
 ) -> Topology:
     """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
 
@@ -344,11 +366,26 @@ def describe(
     ``ipv6``: dual stack with IPv6 heartbeats (the module's addressing plan);
     ``transparent``: a back-end network with this return mode (:mod:`multihost.lab.backnet`);
     ``proxy``: the nodes' transparent proxy (default: :func:`backnet.default_proxy`);
-    ``routed``: the clients sit behind a router (``router_neigh``: how it learns the VIP).
+    ``routed``: the clients sit behind a router (``router_neigh``: how it learns the VIP);
+    ``weights``: node name -> ``[[node]].weight`` (others weigh 1).
     """
     prefix = validate_prefix(default_prefix() if prefix is None else prefix)
     if not 1 <= nodes <= MAX_NODES:
         raise TopologyError(f"nodes: {nodes} is outside 1..{MAX_NODES}")
+    names = NODE_NAMES[:nodes]
+    node_weights: tuple[int, ...] = ()
+    if weights:
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise TopologyError(f"weights: no node {unknown[0]!r} (nodes: {','.join(names)})")
+        node_weights = tuple(weights.get(n, 1) for n in names)
+        if min(node_weights) < 1:
+            raise TopologyError(f"weights: {weights} has a weight below 1")
+        if sum(node_weights) > MAX_TABLE_SLOTS:
+            raise TopologyError(
+                f"weights add up to {sum(node_weights)}; a table holds at most"
+                f" {MAX_TABLE_SLOTS} slots"
+            )
     if not 1 <= clients <= MAX_CLIENTS:
         raise TopologyError(f"clients: {clients} is outside 1..{MAX_CLIENTS}")
     if seed is None:
@@ -370,7 +407,7 @@ def describe(
             prefixlen=net.prefixlen,
             addresses6=(str(SUBNET6.network_address + 0x11 + i),) if ipv6 else (),
         )
-        for i, name in enumerate(NODE_NAMES[:nodes])
+        for i, name in enumerate(names)
     )
     client_hosts = tuple(
         Host(
@@ -430,6 +467,8 @@ def describe(
         backnet=backnet,
         router=describe_router(prefix, NeighMode(router_neigh)) if routed else None,
         hash_mode=HASH_MODE if backnet is None else front_hash(backnet.mode, backnet.proxy),
+        weights=node_weights if any(w != 1 for w in node_weights) else (),
+        buckets=cluster_table(tuple(enumerate(node_weights or (1,) * nodes))).buckets,
     )
     check(topo)
     return topo
@@ -438,6 +477,18 @@ def describe(
 def check(topo: Topology) -> None:
     """Raise :class:`TopologyError` unless ``topo`` obeys the lab's hard rules."""
     validate_prefix(topo.prefix)
+    if topo.weights:
+        if len(topo.weights) != len(topo.nodes) or min(topo.weights) < 1:
+            raise TopologyError(f"weights {list(topo.weights)}: one integer >= 1 per node")
+        if sum(topo.weights) > MAX_TABLE_SLOTS:
+            raise TopologyError(
+                f"weights add up to {sum(topo.weights)}; a table holds at most"
+                f" {MAX_TABLE_SLOTS} slots"
+            )
+    if topo.buckets != topo.table.buckets:
+        raise TopologyError(
+            f"{topo.buckets} buckets, but the cluster table has {topo.table.buckets}"
+        )
     if not 0 <= topo.seed <= 0xFFFFFFFF:
         raise TopologyError(f"seed {topo.seed:#x} is not a 32-bit value")
     try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from multihost.membership.ownership import EMPTY, BoolArray, GroupLayout, claim_mask, slots_in
+from multihost.assignment import PreferenceTable
+from multihost.membership.ownership import BoolArray, GroupLayout, claim_mask, empty, slots_in
 from multihost.membership.state import MemberState, PeerRecord
 
 
@@ -64,8 +65,8 @@ def group_inputs(
     return ClaimInputs("", frozenset(live), tuple(adverts), frozen)
 
 
-def compute(slot: int, key: ClaimInputs, current: BoolArray) -> BoolArray:
-    """The claims ``key`` gives (while frozen: no bucket beyond ``current``)."""
+def compute(table: PreferenceTable, slot: int, key: ClaimInputs, current: BoolArray) -> BoolArray:
+    """The claims ``key`` gives in ``table`` (while frozen: no bucket beyond ``current``)."""
     if key.blocked:
-        return EMPTY
-    return claim_mask(slot, key.live, key.adverts, current if key.frozen else None)
+        return empty(table.buckets)
+    return claim_mask(table, slot, key.live, key.adverts, current if key.frozen else None)

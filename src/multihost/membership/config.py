@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 
+from multihost.assignment import PreferenceTable
 from multihost.membership.wire import MAX_DIGEST_BYTES, MAX_NAME_BYTES, SLOTS
+from multihost.tablechoice import TableChoiceError, table_for
 
 MIN_KEY_BYTES = 16
 
@@ -38,7 +40,10 @@ def _check_name(value: str, what: str) -> None:
 class MembershipConfig:
     """Everything the core needs; times are in seconds of the caller's monotonic clock.
 
-    * ``members``: member name -> slot 0..7 (unique); ``node`` must be one of them.
+    * ``members``: member name -> slot 0..15 (unique); ``node`` must be one of them.
+    * ``table``: the cluster's preference table over the member slots (default: the one
+      :func:`multihost.tablechoice.table_for` picks for the highest slot); every group is
+      assigned in it.
     * ``groups``: traffic IP group name -> member names; each group is assigned over the
       slots of its members only (other slots are permanently dead for it).
     * ``interval``: heartbeat period.  ``dead_after``: silence after which a member is dead
@@ -72,6 +77,7 @@ class MembershipConfig:
     lease_margin: float = 0.05
     jitter: float = 0.005
     strict_transitions: bool = True
+    table: PreferenceTable | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.cluster, "cluster name")
@@ -82,7 +88,9 @@ class MembershipConfig:
         for name, slot in members.items():
             _check_name(name, "member name")
             if not isinstance(slot, int) or not 0 <= slot < SLOTS:
-                raise MembershipConfigError(f"member {name!r}: slot {slot!r} outside 0..7")
+                raise MembershipConfigError(
+                    f"member {name!r}: slot {slot!r} outside 0..{SLOTS - 1}"
+                )
         slots = list(members.values())
         dup = next((s for s in slots if slots.count(s) > 1), None)
         if dup is not None:
@@ -129,12 +137,29 @@ class MembershipConfig:
             )
         if self.jitter >= self.interval:
             raise MembershipConfigError(f"jitter {self.jitter} must be below the interval")
+        table = self.table
+        if table is None:
+            try:
+                table = table_for(max(slots) + 1)
+            except TableChoiceError as e:
+                raise MembershipConfigError(f"slot {max(slots)}: {e}") from None
+        if max(slots) >= table.slots:
+            raise MembershipConfigError(
+                f"slot {max(slots)} is outside the table's 0..{table.slots - 1}"
+            )
+        object.__setattr__(self, "table", table)
         object.__setattr__(self, "members", MappingProxyType(members))
         object.__setattr__(self, "groups", MappingProxyType(groups))
 
     @property
     def slot(self) -> int:
         return self.members[self.node]
+
+    @property
+    def ownership_table(self) -> PreferenceTable:
+        """The table (always set after validation)."""
+        assert self.table is not None
+        return self.table
 
     @property
     def min_send_gap(self) -> float:
@@ -144,8 +169,11 @@ class MembershipConfig:
     @cached_property
     def wire_digest(self) -> bytes:
         """SHA-256 over the caller's digest and the safety-relevant fields (see module doc)."""
-        h = hashlib.sha256(b"multihost-membership-v1\0")
+        h = hashlib.sha256(b"multihost-membership-v2\0")
         h.update(len(self.config_digest).to_bytes(1, "big") + self.config_digest)
+        t = self.ownership_table
+        name = getattr(t, "name", type(t).__name__)
+        h.update(f"table\0{name}\0{t.slots}\0{t.buckets}\n".encode())
         for name in sorted(self.members):
             h.update(f"member\0{name}\0{self.members[name]}\n".encode())
         for gname in sorted(self.groups):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from multihost.membership.state import PeerRecord
+from multihost.membership.wire import ALL_SLOTS
 
 NEVER: Final = float("-inf")  # an expiry that has always passed
 
@@ -176,7 +177,7 @@ def advertised(states: Iterable[KernelState]) -> tuple[int, int]:
     intersection of the live sets covers the share under each of them.
     """
     states = list(states)
-    live, held = 0xFF, 0
+    live, held = ALL_SLOTS, 0
     for st in states:
         if st.held:
             live &= st.eligible

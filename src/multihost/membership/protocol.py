@@ -26,7 +26,7 @@ from typing import Final
 
 import numpy as np
 
-from multihost.membership.admission import Refused, admit
+from multihost.membership.admission import RefusalLogs, Refused, admit
 from multihost.membership.claims import ClaimInputs, compute, group_inputs
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import (
@@ -50,14 +50,15 @@ from multihost.membership.leases import (
 )
 from multihost.membership.outgoing import outgoing
 from multihost.membership.ownership import (
-    EMPTY,
     BoolArray,
     GroupLayout,
     claims_bound,
+    empty,
     layout_groups,
     mask_of,
 )
 from multihost.membership.state import (
+    MISMATCH_HINT,
     IllegalTransitionError,
     MemberEvent,
     MemberState,
@@ -116,14 +117,15 @@ class MembershipCore:
         self._fresh = {g.name: 1 for g in self._my_groups}
         self._suspended: dict[str, bool] = {g.name: False for g in self._my_groups}
         self._view: frozenset[str] = frozenset({self._me})
-        self._claims: dict[str, BoolArray] = {g.name: EMPTY for g in self._my_groups}
+        self._table = config.ownership_table
+        self._claims = {g.name: empty(self._table.buckets) for g in self._my_groups}
         self._claim_keys: dict[str, ClaimInputs] = {}
         self._epoch = 0
         self._applied_epoch = 0
         self._states: list[KernelState] = [KernelState(0, 0, 0)]  # [0] is confirmed
         self._quorum_ok = not config.quorum or len(config.members) == 1
         self._grace_until = now + self._da + self._hold
-        self._impostors: set[bytes] = set()
+        self._refusals = RefusalLogs(self._boot)
         self._announce = 0  # early heartbeats still to send after a member-dead
         self._sent = 0
         self._received = 0
@@ -288,10 +290,7 @@ class MembershipCore:
         cfg = self.config
         verdict = admit(datagram, cfg.key, cfg.cluster, self._me, self._peers)
         if isinstance(verdict, Refused):
-            if verdict.boot not in (None, self._boot, *self._impostors):
-                assert verdict.boot is not None
-                self._impostors.add(verdict.boot)
-                out.append(Log("error", "duplicate-node-name", {"boot": verdict.boot.hex()}))
+            out += self._refusals.logs(verdict)
             self._reject(verdict.reason, verdict.sender, out)
             return
         hb, peer = verdict.hb, verdict.peer
@@ -306,7 +305,8 @@ class MembershipCore:
         if change == "config-digest-match":
             out.append(Log("info", change, {"member": peer.name}))
         elif change is not None:
-            out.append(Log("error", change, {"member": peer.name, "theirs": hb.digest.hex()}))
+            fields = {"member": peer.name, "theirs": hb.digest.hex(), "hint": MISMATCH_HINT}
+            out.append(Log("error", change, fields))
         if hb.digest != self._digest:
             self._reject("digest-mismatch", peer.name, out)
             event = MemberEvent.HEARD_MISMATCH
@@ -455,7 +455,7 @@ class MembershipCore:
         )
 
     def _compute(self, g: GroupLayout, key: ClaimInputs) -> BoolArray:
-        return compute(self._slot, key, self._claims[g.name])
+        return compute(self._table, self._slot, key, self._claims[g.name])
 
     # ---------------------------------------------------------- leases, holds
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from multihost.membership.wire import Heartbeat
+from multihost.membership.wire import SLOTS, Heartbeat
 
 
 class MemberState(enum.Enum):
@@ -75,6 +75,11 @@ def next_state(state: MemberState, event: MemberEvent) -> MemberState:
 
 
 OLD_BOOTS_KEPT: Final = 8
+#: Logged with ``config-digest-mismatch``: what can differ, and how to find out.
+MISMATCH_HINT: Final = (
+    "another configuration or bucket table (members, slots, weights, groups, timing, or the"
+    " table chosen for them): compare 'multihost check-config' (table, digest) on both nodes"
+)
 
 
 @dataclass
@@ -151,7 +156,7 @@ class PeerRecord:
 
     def record_acks(self, hb: Heartbeat, now: float) -> None:
         """Track, per slot, since when its heartbeats (with our digest) stopped acking it."""
-        for s in range(8):
+        for s in range(SLOTS):
             if s in hb.acks:
                 self.noack_since.pop(s, None)
             else:
@@ -182,9 +187,8 @@ def peer_status(
     p: PeerRecord, members: Mapping[str, int], lease_expires: float | None, suspect: bool = False
 ) -> MemberStatus:
     """The status snapshot of ``p`` (``members`` maps names to slots, to name its view)."""
-    names = {s: n for n, s in members.items()}
     hb = p.latest
-    view = frozenset(names[s] for s in range(8) if hb and hb.view >> s & 1 and s in names)
+    view = frozenset(n for n, s in members.items() if hb and hb.view >> s & 1)
     return MemberStatus(
         name=p.name,
         slot=p.slot,

@@ -1,15 +1,20 @@
 """Heartbeat wire format: a versioned binary layout authenticated with HMAC-SHA256.
 
 Owns: :class:`Heartbeat` (the decoded message), :func:`encode`, :func:`decode` and the typed
-:class:`WireError` with its closed set of reasons.  Layout (big-endian, see
+:class:`WireError` with its closed set of reasons.  Layout of version 2 (big-endian, see
 ``docs/membership.md`` for the table)::
 
-    header  magic "MHhb", version, flags, slot, view, applied_view, ack_mask, held_len,
-            suspended_len, cluster_len, sender_len, digest_len, boot id (8), seq (u64),
-            applied epoch (u64)
+    header  magic "MHhb", version (2), flags, slot, held_len, suspended_len, cluster_len,
+            sender_len, digest_len, view (u16), applied_view (u16), ack_mask (u16),
+            boot id (8), seq (u64), applied epoch (u64)
     body    cluster, sender, digest, held-groups bitmap, suspended-groups bitmap,
             one (boot, seq) ack per ack_mask bit (ascending slots)
     mac     HMAC-SHA256(key, everything before it), 32 bytes
+
+Slot masks are 16 bits wide (slots 0..15).  Version 1 (8-bit masks, 8 slots) is
+*recognised and refused*: an authenticated version-1 heartbeat raises ``old-version``
+naming its sender (:func:`decode_v1` parses it for that, and for the golden test; no
+version-1 message ever becomes a :class:`Heartbeat` the core acts on).
 
 The MAC is the last 32 bytes of every version (the framing invariant), and it is checked
 *before* anything else is parsed: unauthenticated bytes never reach the parser, and any
@@ -30,11 +35,14 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
 MAGIC: Final = b"MHhb"
-VERSION: Final = 1
+VERSION: Final = 2
+OLD_VERSION: Final = 1  # recognised only to be refused with a clear reason
 MAC_SIZE: Final = 32
 MAX_SIZE: Final = 1024
 BOOT_ID_SIZE: Final = 8
-SLOTS: Final = 8
+SLOTS: Final = 16
+ALL_SLOTS: Final = (1 << SLOTS) - 1  # every slot mask bit
+SLOTS_V1: Final = 8
 MAX_NAME_BYTES: Final = 63
 MAX_DIGEST_BYTES: Final = 64
 MAX_HELD_BYTES: Final = 64  # room for 512 traffic IP groups
@@ -46,21 +54,25 @@ FLAG_DRAINING: Final = 0x01
 FLAG_HANDOVER: Final = 0x02
 KNOWN_FLAGS: Final = FLAG_DRAINING | FLAG_HANDOVER
 
-WireReason = Literal["bad-mac", "truncated", "oversize", "bad-magic", "wrong-version", "malformed"]
+WireReason = Literal[
+    "bad-mac", "truncated", "oversize", "bad-magic", "wrong-version", "old-version", "malformed"
+]
 WIRE_REASONS: Final[tuple[str, ...]] = get_args(WireReason)
 
-_HEADER: Final = struct.Struct(">4sBBBBBBBBBBB8sQQ")
+_HEADER: Final = struct.Struct(">4sBBBBBBBBHHH8sQQ")
+_HEADER_V1: Final = struct.Struct(">4sBBBBBBBBBBB8sQQ")
 _ACK: Final = struct.Struct(">8sQ")
-MIN_SIZE: Final = _HEADER.size + MAC_SIZE
+MIN_SIZE: Final = _HEADER_V1.size + MAC_SIZE  # the shorter header (version 1)
 
 
 class WireError(Exception):
     """A datagram that is not a valid heartbeat; ``reason`` is one of :data:`WIRE_REASONS`."""
 
-    def __init__(self, reason: WireReason, detail: str = "") -> None:
+    def __init__(self, reason: WireReason, detail: str = "", sender: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason: WireReason = reason
         self.detail = detail
+        self.sender = sender  # old-version: the (authenticated) sender's name
 
 
 @dataclass(frozen=True)
@@ -136,8 +148,8 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
     _check_range(hb.slot, SLOTS - 1, "slot")
     _check_range(hb.seq, MAX_U64, "seq")
     _check_range(hb.applied_epoch, MAX_U64, "applied epoch")
-    _check_range(hb.view, 0xFF, "view mask")
-    _check_range(hb.applied_view, 0xFF, "applied view mask")
+    _check_range(hb.view, ALL_SLOTS, "view mask")
+    _check_range(hb.applied_view, ALL_SLOTS, "applied view mask")
     held = _bitmap(hb.held_groups, "held groups")
     suspended = _bitmap(hb.suspended_groups, "suspended groups")
     ack_mask = 0
@@ -156,14 +168,14 @@ def encode(hb: Heartbeat, key: bytes) -> bytes:
         VERSION,
         flags,
         hb.slot,
-        hb.view,
-        hb.applied_view,
-        ack_mask,
         len(held),
         len(suspended),
         len(cluster),
         len(sender),
         len(hb.digest),
+        hb.view,
+        hb.applied_view,
+        ack_mask,
         hb.boot,
         hb.seq,
         hb.applied_epoch,
@@ -196,9 +208,73 @@ def decode(data: bytes, key: bytes) -> Heartbeat:
 
 
 def _parse(body: bytes) -> Heartbeat:
+    magic, version = body[:4], body[4]
+    if magic != MAGIC:
+        raise WireError("bad-magic", magic.hex())
+    if version == OLD_VERSION:
+        old = _parse_v1(body)
+        raise WireError(
+            "old-version",
+            f"{old.sender!r} sends heartbeat version {OLD_VERSION} (8 slots); this node speaks"
+            f" version {VERSION} (16 slots): upgrade every member",
+            sender=old.sender,
+        )
+    if version != VERSION:
+        raise WireError("wrong-version", str(version))
+    if len(body) < _HEADER.size:
+        raise WireError("truncated", f"body {len(body)} < header {_HEADER.size}")
     (
-        magic,
-        version,
+        _magic,
+        _version,
+        flags,
+        slot,
+        held_len,
+        susp_len,
+        cluster_len,
+        sender_len,
+        digest_len,
+        view,
+        applied_view,
+        ack_mask,
+        boot,
+        seq,
+        epoch,
+    ) = _HEADER.unpack_from(body)
+    return _fields(
+        body,
+        header=_HEADER.size,
+        slots=SLOTS,
+        flags=flags,
+        slot=slot,
+        masks=(view, applied_view, ack_mask),
+        lengths=(cluster_len, sender_len, digest_len, held_len, susp_len),
+        boot=boot,
+        seq=seq,
+        epoch=epoch,
+    )
+
+
+def decode_v1(data: bytes, key: bytes) -> Heartbeat:
+    """Authenticate and parse a *version 1* datagram (8-bit slot masks).  Only for
+    recognising old senders (their name in the refusal) and the golden test: the core
+    never accepts one (:func:`decode` refuses it as ``old-version``)."""
+    raw = bytes(data)
+    if len(raw) < MIN_SIZE or len(raw) > MAX_SIZE:
+        raise WireError("truncated" if len(raw) < MIN_SIZE else "oversize", str(len(raw)))
+    body, tag = raw[:-MAC_SIZE], raw[-MAC_SIZE:]
+    if not hmac.compare_digest(mac(key, body), tag):
+        raise WireError("bad-mac")
+    if body[:4] != MAGIC:
+        raise WireError("bad-magic", body[:4].hex())
+    if body[4] != OLD_VERSION:
+        raise WireError("wrong-version", str(body[4]))
+    return _parse_v1(body)
+
+
+def _parse_v1(body: bytes) -> Heartbeat:
+    (
+        _magic,
+        _version,
         flags,
         slot,
         view,
@@ -212,14 +288,40 @@ def _parse(body: bytes) -> Heartbeat:
         boot,
         seq,
         epoch,
-    ) = _HEADER.unpack_from(body)
-    if magic != MAGIC:
-        raise WireError("bad-magic", magic.hex())
-    if version != VERSION:
-        raise WireError("wrong-version", str(version))
+    ) = _HEADER_V1.unpack_from(body)
+    return _fields(
+        body,
+        header=_HEADER_V1.size,
+        slots=SLOTS_V1,
+        flags=flags,
+        slot=slot,
+        masks=(view, applied_view, ack_mask),
+        lengths=(cluster_len, sender_len, digest_len, held_len, susp_len),
+        boot=boot,
+        seq=seq,
+        epoch=epoch,
+    )
+
+
+def _fields(
+    body: bytes,
+    *,
+    header: int,
+    slots: int,
+    flags: int,
+    slot: int,
+    masks: tuple[int, int, int],
+    lengths: tuple[int, int, int, int, int],
+    boot: bytes,
+    seq: int,
+    epoch: int,
+) -> Heartbeat:
+    """The checks and the variable part shared by both versions (after the header)."""
+    view, applied_view, ack_mask = masks
+    cluster_len, sender_len, digest_len, held_len, susp_len = lengths
     if flags & ~KNOWN_FLAGS:
         raise WireError("malformed", f"unknown flags {flags:#04x}")
-    if slot >= SLOTS:
+    if slot >= slots:
         raise WireError("malformed", f"slot {slot}")
     if not (1 <= cluster_len <= MAX_NAME_BYTES and 1 <= sender_len <= MAX_NAME_BYTES):
         raise WireError("malformed", "name length")
@@ -227,12 +329,12 @@ def _parse(body: bytes) -> Heartbeat:
         raise WireError("malformed", "digest or group bitmap length")
     n_acks = ack_mask.bit_count()
     variable = cluster_len + sender_len + digest_len + held_len + susp_len
-    expected = _HEADER.size + variable + n_acks * _ACK.size
+    expected = header + variable + n_acks * _ACK.size
     if len(body) < expected:
         raise WireError("truncated", f"body {len(body)} < {expected}")
     if len(body) > expected:
         raise WireError("malformed", f"{len(body) - expected} trailing bytes")
-    pos = _HEADER.size
+    pos = header
     try:
         cluster = body[pos : pos + cluster_len].decode("utf-8")
         pos += cluster_len
@@ -247,7 +349,7 @@ def _parse(body: bytes) -> Heartbeat:
     suspended = int.from_bytes(body[pos : pos + susp_len], "little")
     pos += susp_len
     acks: dict[int, Ack] = {}
-    for s in range(SLOTS):
+    for s in range(slots):
         if ack_mask & (1 << s):
             ack_boot, ack_seq = _ACK.unpack_from(body, pos)
             pos += _ACK.size
