@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the lab, the root tests and the benchmarks use.
 DEBS   := nftables iproute2 nginx-light iperf3 arping tcpdump keepalived wrk iptables \
-          conntrack ethtool procps kmod curl \
+          conntrack ethtool procps kmod curl stress-ng \
           clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev
 # The XDP program (dataplane = "xdp"): C source + generated layout header -> BTF object.
 BPF_DIR := src/multihost/dataplane/bpf

@@ -37,6 +37,7 @@ import argparse
 import ipaddress
 import json
 import os
+import socket
 import statistics
 import sys
 import time
@@ -83,7 +84,9 @@ class Variant:
     key: str
     label: str
     flows: str  # flow set name
-    kind: str  # "gen", "none", "ct", "nft", "xt", "xdp" (native), "xdpg" (generic XDP)
+    # "gen", "none", "ct", "nft", "xt", "xdp" (native), "xdpg" (generic XDP), "xdp0" (native,
+    # a program that only returns XDP_PASS: the floor of any XDP filter on the accepted path)
+    kind: str
     live: tuple[int, ...] = ()
     accepted: float = 1.0  # expected share of packets that reach the socket
 
@@ -115,6 +118,7 @@ VARIANTS = (
         _ALL,
         1 / 8,
     ),
+    Variant("xdp0", "(x0) floor: XDP program that only passes (native)", "random", "xdp0"),
     Variant("xdpg", "(x') XDP program (generic), owns every bucket", "random", "xdpg", _ALL),
     Variant("xdpgN", "(x') XDP program (generic), owns no bucket", "random", "xdpg", (), 0.0),
 )
@@ -204,6 +208,8 @@ class Bench:
         self.flows = flows
         self.cports: list[int] = []
         self.clients: dict[str, str] = {}
+        self.bpffs: Path | None = None  # a BPF filesystem of its own for the XDP pins
+        self.floor_fds: list[int] = []  # the floor programs and their links (closed: detached)
 
     # --- setup -------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
@@ -238,9 +244,16 @@ class Bench:
             elif v.kind == "xt":
                 for rule in xt_rules():
                     dp_net.ns_run(ns, "iptables", "-t", "mangle", "-A", "PREROUTING", *rule)
+            elif v.kind == "xdp0":
+                prog = bpfgen.load_action_program(2)
+                self.floor_fds.append(prog)
+                with netns_entered(ns):
+                    self.floor_fds.append(bpfgen.xdp_link(prog, socket.if_nametoindex("r0")))
             elif v.kind in XDP_KINDS:
                 mode = "native" if v.kind == "xdp" else "generic"
-                pins = Path("/sys/fs/bpf") / f"{ns}-pins"
+                if self.bpffs is None:  # a fresh machine has none mounted at /sys/fs/bpf
+                    self.bpffs = dp_net.mount_bpffs()
+                pins = self.bpffs / f"{ns}-pins"
                 x = XdpDataplane(spec(), "r0", pins, netns=ns, mode=mode)
                 self.xdp[v.key] = x
                 mine = owned(v.live) if v.kind == "xdp" else frozenset(range(BUCKETS))
@@ -264,9 +277,15 @@ class Bench:
         for x in self.xdp.values():
             x.remove()
         self.xdp.clear()
+        for fd in reversed(self.floor_fds):
+            bpfgen.close(fd)
+        self.floor_fds.clear()
         if self.gen is not None:
             self.gen.close()
         self.lab.close()
+        if self.bpffs is not None:
+            dp_net.unmount_bpffs(self.bpffs)
+            self.bpffs = None
 
     # --- one packet run ----------------------------------------------------------------
     def fire(self, v: Variant, repeat: int) -> bpfgen.RunResult:

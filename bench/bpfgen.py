@@ -43,6 +43,9 @@ from dataclasses import dataclass
 
 _SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD, BPF_PROG_RUN = 0, 2, 5, 10
+BPF_LINK_CREATE = 28
+BPF_XDP = 37  # attach type
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 BPF_MAP_TYPE_ARRAY = 2
 BPF_PROG_TYPE_XDP = 6
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
@@ -224,6 +227,19 @@ def _link(body: Sequence[bytes | _Jump], drop: Sequence[bytes]) -> bytes:
 def load_flow_program(counter_fd: int, flows_fd: int, mask: int, action: int) -> int:
     """Load :func:`flow_program` as an XDP program; returns its fd."""
     return _prog_load(flow_program(counter_fd, flows_fd, mask, action))
+
+
+def load_action_program(action: int) -> int:
+    """The XDP floor: a program that only returns ``action`` (2 = XDP_PASS, 1 = XDP_DROP)."""
+    return _prog_load(_mov_imm(0, action) + _EXIT, b"mhtB_floor")
+
+
+def xdp_link(prog_fd: int, ifindex: int, native: bool = True) -> int:
+    """Attach ``prog_fd`` to ``ifindex`` (of the calling thread's namespace) through a BPF
+    link; closing the returned fd detaches it."""
+    flags = XDP_FLAGS_DRV_MODE if native else XDP_FLAGS_SKB_MODE
+    attr = _attr(64, ("=I", 0, prog_fd), ("=I", 4, ifindex), ("=I", 8, BPF_XDP), ("=I", 12, flags))
+    return _bpf(BPF_LINK_CREATE, attr)
 
 
 def _prog_load(insns: bytes, name: bytes = b"mhtB_gen") -> int:

@@ -17,10 +17,12 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from multihost.dataplane.nft import netns_entered
 
@@ -65,6 +67,21 @@ def cleanup_stale() -> None:
         ours = name.startswith(PREFIX) and len(parts) >= 3 and parts[1].isdigit()
         if ours and not _alive(int(parts[1])):
             run("ip", "netns", "delete", name, check=False)
+
+
+def mount_bpffs() -> Path:
+    """A BPF filesystem of the benchmark's own, in a fresh temporary directory (a fresh
+    machine has none at /sys/fs/bpf; the host's mounts are not touched)."""
+    d = Path(tempfile.mkdtemp(prefix=f"{PREFIX}bpffs-"))
+    run("mount", "-t", "bpf", "bpf", str(d))
+    return d
+
+
+def unmount_bpffs(d: Path) -> None:
+    """Unmount (lazily: frees whatever is still pinned) and remove :func:`mount_bpffs`'s."""
+    run("umount", "-l", str(d), check=False)
+    with suppress(OSError):
+        d.rmdir()
 
 
 def read_in(ns: str, path: str) -> str:

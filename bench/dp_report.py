@@ -189,6 +189,7 @@ def markdown(result: dict[str, Any]) -> str:
             "none": "(a) no filter",
             "nft2": "(b) ruleset, 2 of 8 live",
             "xt": "(c) xt_cluster",
+            "xdpg": "(x') XDP program (generic), owns every bucket",
         }
         for key, e in tcp.items():
             add(

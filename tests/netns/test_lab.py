@@ -104,7 +104,7 @@ def test_every_node_serves_from_its_address_and_down_leaves_nothing(prefix: str)
     for node in topo.nodes:
         assert curl(client.netns, f"http://{node.address}/").splitlines()[0] == node.name
         res = run_probe(state, "tcp", 300, target=node.address, concurrency=100)
-        assert res.answered == {node.name: 300}
+        assert res.answered == {node.name: 300}, res.to_dict()
         assert (res.failed, res.reset, res.timeout, res.mispredicted) == (0, 0, 0, 0)
         assert res.predicted == {node.name: 300}
     udp = run_probe(state, "udp", 100, target=topo.nodes[1].address)

@@ -13,6 +13,7 @@ Every test also runs the simulator's strict safety check after every step.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -128,3 +129,22 @@ def test_a_newcomer_whose_first_heartbeat_was_lost_gets_no_newcomer_lease() -> N
         np.array_equal(sim.nodes[f"n{i}"].kernel.masks["all"], share_mask(frozenset(range(3)), i))
         for i in range(3)
     )
+
+
+def test_a_death_is_announced_three_times_min_send_gap_apart() -> None:
+    """The heartbeat with the new view goes out at the death and is repeated twice, so a
+    peer that still exempts us as suspect sees it despite one or two lost datagrams."""
+    sim = NetSim(fast(3), seed=1, params=LAN)
+    settle(sim, bound=1.0)
+    core = sim.core("n0")
+    gap = core.config.min_send_gap
+    sim.crash("n2")
+    sim.run_for(1.0, stop=lambda: "n2" not in core.view)
+    dead_at = sim.now
+    sim.run_for(2 * gap + 0.001)
+    mine = [t for t, src, _ in sim.captured if src == "n0" and t >= dead_at]
+    assert len(mine) == 3, (mine, dead_at)
+    assert mine[0] == dead_at
+    assert all(b - a >= gap - 1e-9 for a, b in itertools.pairwise(mine))
+    sim.run_for(core.config.interval / 2)  # then the regular period again
+    assert len([t for t, src, _ in sim.captured if src == "n0" and t >= dead_at]) == 3

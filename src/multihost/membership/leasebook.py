@@ -44,6 +44,7 @@ class LeaseBook:
         self._expiry: dict[str, float | None] = dict.fromkeys(peers)
         self._ok: dict[str, bool] = {}  # time-valid lease per alive peer, at the last update
         self.suspects: frozenset[str] = frozenset()  # alive, silent > interval + jitter
+        self._exempt_all: frozenset[str] = frozenset()  # suspects exempt in all our groups
 
     # ------------------------------------------------------------------ facts in
 
@@ -60,10 +61,13 @@ class LeaseBook:
         for name in sorted(suspects - self.suspects):
             out.append(Log("debug", "peer-suspect", {"member": name}))
         self.suspects = suspects
+        self._exempt_all = frozenset(
+            p.name for p in alive if p.name in suspects and self.exempt(p, need_all(p), now)
+        )
         for p in alive:
             ok = self.time_ok(p, now)
             lapsed = self._ok.get(p.name) and not ok
-            if lapsed and not self.exempt_all(p, now, need_all(p)):
+            if lapsed and p.name not in self._exempt_all:
                 out.append(Log("warning", "lease-lapsed", {"member": p.name}))
             self._ok[p.name] = ok
         return out
@@ -89,28 +93,27 @@ class LeaseBook:
         seen = (x for x in self._peers.values() if x is not p and x.state is ALIVE)
         return exempt(p, self._slot, self._boot, need=need, now=now, t=self._timing, witnesses=seen)
 
-    def exempt_all(self, p: PeerRecord, now: float, need: int) -> bool:
-        """:meth:`exempt` with ``need`` the fresh seq of every group of ours ``p`` is in."""
-        return p.name in self.suspects and self.exempt(p, need, now)
+    def exempt_all(self, p: PeerRecord) -> bool:
+        """:meth:`exempt` with the fresh seq of every group of ours ``p`` is in, at the last
+        :meth:`update` (computed there once per input: several questions use it)."""
+        return p.name in self._exempt_all
 
     @staticmethod
     def newcomer(p: PeerRecord, now: float) -> bool:
         """Within ``p``'s newcomer lease (heard from its seq 1): no lease or view of it needed."""
         return p.newcomer_until is not None and now < p.newcomer_until
 
-    def unheard_ok(self, p: PeerRecord, now: float, need: int) -> bool:
+    def unheard_ok(self, p: PeerRecord, now: float) -> bool:
         """May ``p``'s view lack us without suspending us?  A newcomer that has not heard us
         yet takes nothing of ours within its newcomer lease, nor (suspect, never acked us)
         while the exemption from its lease holds."""
-        return self.newcomer(p, now) or (not p.acked_us and self.exempt_all(p, now, need))
+        return self.newcomer(p, now) or (not p.acked_us and p.name in self._exempt_all)
 
-    def kernel_deadline(
-        self, alive: Iterable[PeerRecord], now: float, need_all: NeedAll, quorum_of: int | None
-    ) -> float | None:
+    def kernel_deadline(self, alive: Iterable[PeerRecord], quorum_of: int | None) -> float | None:
         """Until when the kernel may take new flows (None: no alive peer could take over).
         ``quorum_of``: the member count when quorum is on (a majority's leases stand in
         for every peer's)."""
         if quorum_of is not None:
             return quorum_lease(map(self.expiry, alive), quorum_of)
-        needed = (p for p in alive if not self.exempt_all(p, now, need_all(p)))
+        needed = (p for p in alive if p.name not in self._exempt_all)
         return kernel_lease(map(self.expiry, needed))

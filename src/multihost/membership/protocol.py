@@ -69,6 +69,10 @@ from multihost.membership.wire import BOOT_ID_SIZE, encode
 
 ALIVE: Final = MemberState.ALIVE
 INF: Final = float("inf")
+# Repeats (min_send_gap apart) of the heartbeat announcing a view without a member we
+# declared dead: a peer serving what we now take may exempt us as suspect until it sees
+# that view (docs/membership.md, "Fault patterns"); one lost datagram must not hide it.
+DEATH_ANNOUNCEMENTS: Final = 2
 
 
 class MembershipCore:
@@ -120,6 +124,7 @@ class MembershipCore:
         self._quorum_ok = not config.quorum or len(config.members) == 1
         self._grace_until = now + self._da + self._hold
         self._impostors: set[bytes] = set()
+        self._announce = 0  # early heartbeats still to send after a member-dead
         self._sent = 0
         self._received = 0
         self._accepted = 0
@@ -231,7 +236,7 @@ class MembershipCore:
         no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         quorum_of = len(self.config.members) if self.config.quorum else None
-        return self._leases.kernel_deadline(alive, self._now, self._need_all, quorum_of)
+        return self._leases.kernel_deadline(alive, quorum_of)
 
     @property
     def suspects(self) -> frozenset[str]:
@@ -347,6 +352,7 @@ class MembershipCore:
                 if old is ALIVE:
                     p.departed_at = now
                     out.append(Log("warning", "member-dead", {"member": p.name}))
+                    self._announce = DEATH_ANNOUNCEMENTS
         view = frozenset({self._me, *(p.name for p in self._peers.values() if p.state is ALIVE)})
         if view != self._view:
             self._view = view
@@ -377,7 +383,7 @@ class MembershipCore:
         views = [
             (p.name, p.heartbeat.view)
             for p in alive
-            if p.heartbeat and not leases.unheard_ok(p, now, self._need_all(p))
+            if p.heartbeat and not leases.unheard_ok(p, now)
         ]
         for g in self._my_groups:
             hb_views = (view for name, view in views if name in g.members)
@@ -489,3 +495,6 @@ class MembershipCore:
             self._leases.refresh(p, self._sent_at)
         self._last_send = now
         self._next_send = now + self.config.interval
+        if self._announce:  # the new view, repeated: a lossy link must not hide it
+            self._announce -= 1
+            self._soon(now)
