@@ -38,7 +38,7 @@ from multihost.dataplane.hostsetup import HostSetup
 from multihost.dataplane.responder import Responder
 from multihost.dataplane.transparent import TransparentSetup
 from multihost.handover import Handover
-from multihost.linkwatch import link_up
+from multihost.linkwatch import not_ready
 from multihost.logfmt import EventLog
 from multihost.macaddr import format_mac, multicast_mac
 from multihost.metrics import Metrics, Snapshot
@@ -308,7 +308,7 @@ class Agent:
             self.boot_id,
             self._loop.time(),
             names=[n.name for n in self.cfg.nodes],
-            link_up=lambda: link_up(self.cfg.cluster.interface),
+            link_up=lambda: not_ready(self.cfg.cluster.interface, self.cfg.uses_ipv6) is None,
         )
         self.heartbeats = HeartbeatLoop(
             self.cfg, self.node, self.membership, self.kernel, log=self.log, new_boot=self._new_boot

@@ -24,7 +24,7 @@ from multihost import preflight
 from multihost.agent_kernel import KernelSync
 from multihost.agent_membership import Actions, Confirm, Lease, MembershipGlue, Retarget
 from multihost.config import Config, NodeConfig
-from multihost.linkwatch import LinkWatch, link_up
+from multihost.linkwatch import LinkWatch, not_ready
 from multihost.logfmt import EventLog
 from multihost.mcast import destination, open_multicast
 
@@ -69,8 +69,8 @@ class HeartbeatLoop:
         loop.add_reader(self._sock.fileno(), self._on_heartbeats)
         self._links = LinkWatch()
         loop.add_reader(self._links.fileno(), self._on_link_event)
+        self._check_link()  # first: an agent started before DAD ended stays silent
         self._perform(self.glue.tick(loop.time()))
-        self._check_link()
 
     def close(self) -> None:
         if self._timer is not None:
@@ -124,10 +124,12 @@ class HeartbeatLoop:
         self._check_link()
 
     def _check_link(self) -> None:
-        """Fence while the cluster link is down; rejoin (a new incarnation) when it is up."""
+        """Fence while the cluster link is down or cannot carry replies yet (IPv6: DAD still
+        runs after the link came up); rejoin (a new incarnation) when it can."""
         assert self._loop is not None
-        if not link_up(self.cfg.cluster.interface):
-            self._perform(self.glue.link_down())
+        reason = not_ready(self.cfg.cluster.interface, self.cfg.uses_ipv6)
+        if reason is not None:
+            self._perform(self.glue.link_down(reason))
         elif self.glue.fenced:
             self._perform(self.glue.link_up(self._new_boot(), self._loop.time()))
 

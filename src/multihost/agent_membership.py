@@ -81,7 +81,8 @@ class Actions:
 
 class MembershipGlue:
     """The membership layer of one agent.  ``names``: members in configuration order;
-    ``link_up``: whether the cluster link carries traffic now (read at each claims change)."""
+    ``link_up``: whether the cluster link carries this node's traffic now (read at each
+    claims change; for IPv6 also: duplicate address detection has finished)."""
 
     def __init__(
         self,
@@ -125,14 +126,18 @@ class MembershipGlue:
     def set_handover(self, draining_flows: bool) -> None:
         self.core.set_handover(draining_flows)
 
-    def link_down(self) -> Actions:
+    def link_down(self, reason: str = "cluster link down") -> Actions:
         """The cluster link is down: this node hears nobody and would take every bucket, and
-        when the link returns it would answer flows others own.  So: serve nothing."""
+        when the link returns it would answer flows others own.  So: serve nothing, and send
+        no heartbeat (the old incarnation would tell the peers that this node is back and
+        takes its share).  Also while the link is up but cannot carry this node's replies
+        yet (IPv6 duplicate address detection; ``reason`` says why): the peers keep serving
+        its share until it rejoins as a new incarnation (:meth:`link_up`)."""
         out = Actions()
         if not self.fenced:
             self.fenced = True
             self.fences += 1
-            out.logs.append(Log("warning", "fenced", {"reason": "cluster link down"}))
+            out.logs.append(Log("warning", "fenced", {"reason": reason}))
             out.kernel.append(Retarget({}, "link down", release_all=True))
         return out
 
@@ -158,7 +163,8 @@ class MembershipGlue:
         out = Actions()
         for eff in effects:
             if isinstance(eff, Send):
-                out.sends.append(eff.payload)
+                if not self.fenced:  # a fenced node is silent: to its peers it is gone
+                    out.sends.append(eff.payload)
             elif isinstance(eff, ViewChanged):
                 self.view_changes += 1
                 self._view_changed_at = now

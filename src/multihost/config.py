@@ -220,6 +220,14 @@ class Config:
     def slots(self) -> dict[str, int]:
         return {n.name: n.slot for n in self.nodes}
 
+    @property
+    def uses_ipv6(self) -> bool:
+        """Whether the cluster interface carries IPv6 for the agent: IPv6 heartbeats or an
+        IPv6 traffic IP (then the link is ready only once DAD has finished: linkwatch.py)."""
+        return self.cluster.multicast_group.version == 6 or any(
+            a.version == 6 for g in self.groups for a in g.addresses
+        )
+
     def digest(self) -> bytes:
         """16-byte digest of everything that decides bucket ownership."""
         canon = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,42 @@ def test_a_failed_nodes_share_moves_and_comes_back(lab: LabState, how: str) -> N
         faults.recover(lab, "D")
     failover.wait_converged(lab, ["A", "B", "C", "D"], timeout=20)
     assert_clean(run_probe(lab, "tcp", 1000, port_seed=66, family=6), 1000, {"A", "B", "C", "D"})
+
+
+def test_a_node_whose_link_returns_takes_no_flow_before_it_can_answer_over_ipv6(
+    lab: LabState,
+) -> None:
+    """After its link comes back, a node's link-local address is tentative until DAD ends,
+    and the kernel sends no Neighbor Solicitation for a reply from a traffic IP meanwhile:
+    a SYN taken then is answered seconds later (chaos --ipv6: duplicates when the bucket
+    moved meanwhile).  With DAD stretched to >= 4 s, D must stay fenced until its
+    link-local address is usable, and be exact at once when it serves again."""
+    iface = lab.topology.host("D").interface
+    dad = f"net.ipv6.conf.{iface}.dad_transmits"
+    before = _ns(lab, "D", "sysctl", "-n", dad).strip()
+    _ns(lab, "D", "sysctl", "-qw", f"{dad}=4")
+    try:
+        faults.fail(lab, "D", "link")
+        try:
+            failover.wait_converged(lab, ["A", "B", "C"], timeout=20)
+        finally:
+            faults.recover(lab, "D")
+        up = time.monotonic()
+        while True:
+            status = failover.agent_status(lab, "D")
+            if status is not None and status["groups"]["web"]["owned"]["ranges"]:
+                break  # D takes new flows again
+            assert time.monotonic() - up < 30, "D never served again"
+            time.sleep(0.02)
+        took = time.monotonic() - up
+        tentative = _ns(lab, "D", "ip", "-6", "addr", "show", "dev", iface, "tentative")
+        assert not tentative.strip(), (took, tentative)
+        assert took > 2.0, took  # it did wait for DAD (>= 4 probes, 1 s apart)
+        failover.wait_converged(lab, ["A", "B", "C", "D"], timeout=20)
+        r = run_probe(lab, "tcp", 1000, port_seed=67, family=6)
+        assert_clean(r, 1000, {"A", "B", "C", "D"})
+    finally:
+        _ns(lab, "D", "sysctl", "-qw", f"{dad}={before}")
 
 
 def test_worked_example_over_ipv6(lab_backend: str) -> None:

@@ -70,6 +70,17 @@ def test_link_down_fences_once_and_link_up_rejoins_as_a_new_incarnation() -> Non
     assert up.logs[0].event == "rejoining"
 
 
+def test_a_fenced_node_sends_no_heartbeat_until_it_rejoins() -> None:
+    """Fenced with the link up (IPv6 DAD still running): a heartbeat of the old incarnation
+    would tell the peers the node is back, and they would hand it a share it cannot serve."""
+    g = glue([True])
+    assert g.tick(0.0).sends
+    down = g.link_down("IPv6 duplicate address detection running on eth0")
+    assert down.logs[0].fields == {"reason": "IPv6 duplicate address detection running on eth0"}
+    assert not [s for i in range(1, 20) for s in g.tick(i * 0.1).sends]
+    assert g.link_up(os.urandom(8), 2.0).sends  # the new incarnation announces itself
+
+
 def test_claims_arrive_as_retarget_then_confirm_and_a_dead_link_serves_nothing() -> None:
     link = [True]
     g = glue(link)
