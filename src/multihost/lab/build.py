@@ -46,6 +46,7 @@ from multihost.lab.topology import (
     TopologyError,
     state_dir,
 )
+from multihost.linkwatch import IF_INET6, dad_pending
 
 STATE_FORMAT = 1
 READY_TIMEOUT = 15.0
@@ -220,6 +221,7 @@ def build(
         ("configuring the switch", configure_switch),
         ("wiring hosts to the switch", wire_hosts),
         ("starting nginx and the UDP echo service", _start_services),
+        ("waiting for IPv6 duplicate address detection", wait_dad),
         ("starting the agents", _start_agents),
     ]
     if not with_agents:  # the bare network (tests of the switch itself)
@@ -443,6 +445,30 @@ def _start_services(state: LabState) -> None:
     from multihost.lab import services
 
     services.start_services(state)
+
+
+def wait_dad(state: LabState, timeout: float = 10.0) -> None:
+    """Until every node's cluster interface has a usable link-local address (dual stack).
+
+    An agent started while DAD runs stays fenced until it ends (``linkwatch.py``) and then
+    joins late, which moves its share through a handover right after ``lab up``; a booted
+    host has finished DAD long before its agent starts."""
+    if not state.topology.ipv6:
+        return
+    deadline = time.monotonic() + timeout
+    for h in state.topology.nodes:
+        while True:
+            text = subprocess.run(
+                ["ip", "netns", "exec", h.netns, "cat", IF_INET6],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            if not dad_pending(text, h.interface):
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"node {h.name}: DAD on {h.interface} did not end in {timeout:g}s")
+            time.sleep(0.05)
 
 
 def _start_agents(state: LabState) -> None:
