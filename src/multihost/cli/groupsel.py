@@ -116,19 +116,7 @@ def from_config(path: str, group: str | None, destination: IPAddress | None = No
     ret = next((r for r in cfg.returns if r.name == group), None)
     if ret is not None:  # a reply (back end -> client): hashed on the client side
         front = cfg.front_of(ret)
-        weights = {n.name: n.weight for n in cfg.nodes}
-        return Group(
-            members=front.members,
-            slots={m: cfg.slots[m] for m in front.members},
-            table=cfg.table,
-            weights={m: weights[m] for m in front.members},
-            mode=ret.hash,
-            seed=cfg.cluster.hash_seed,
-            name=ret.name,
-            addresses=ret.addresses,
-            config=cfg,
-            front=front.name,
-        )
+        return _configured(cfg, front.members, ret.hash, ret.name, ret.addresses, front=front.name)
     serving = next((g for g in cfg.groups if destination in g.addresses), None)
     note = None
     if group is not None:
@@ -152,16 +140,31 @@ def from_config(path: str, group: str | None, destination: IPAddress | None = No
     if destination is not None and destination not in chosen.addresses:
         addrs = ", ".join(str(a) for a in chosen.addresses)
         note = f"{destination} is not a traffic IP of group {chosen.name!r} ({addrs})"
+    return _configured(cfg, chosen.members, chosen.hash, chosen.name, chosen.addresses, note=note)
+
+
+def _configured(
+    cfg: Config,
+    members: tuple[str, ...],
+    mode: HashMode,
+    name: str,
+    addresses: tuple[IPAddress, ...],
+    *,
+    note: str | None = None,
+    front: str | None = None,
+) -> Group:
+    """A :class:`Group` of ``cfg``: its members at their configured slots and weights."""
     weight = {n.name: n.weight for n in cfg.nodes}
     return Group(
-        members=chosen.members,
-        slots={m: cfg.slots[m] for m in chosen.members},
+        members=members,
+        slots={m: cfg.slots[m] for m in members},
         table=cfg.table,
-        weights={m: weight[m] for m in chosen.members},
-        mode=chosen.hash,
+        weights={m: weight[m] for m in members},
+        mode=mode,
         seed=cfg.cluster.hash_seed,
-        name=chosen.name,
-        addresses=chosen.addresses,
+        name=name,
+        addresses=addresses,
         config=cfg,
         note=note,
+        front=front,
     )
