@@ -47,6 +47,7 @@ from multihost.lab.build import (
     _ipr,
     _spawn,
     configure_host,
+    nft_script,
     wait_listening,
 )
 from multihost.lab.topology import Host, Topology
@@ -117,18 +118,6 @@ table arp multihost_lab {
 """
 
 
-def nft(netns: str, script: str) -> None:
-    proc = subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise LabError(f"nft in {netns}: {proc.stderr.strip()}")
-
-
 def wire_router(state: LabState) -> None:
     """The router: its front port on the switch, a /24 link per client, forwarding on."""
     topo = state.topology
@@ -165,7 +154,7 @@ def wire_router(state: LabState) -> None:
             )
             ipr.link("set", index=link, state="up")
     sysctl(rt.netns, "net.ipv4.ip_forward", "1")
-    nft(rt.netns, ROUTER_NFT)
+    nft_script(rt.netns, ROUTER_NFT)
     for k, c in enumerate(topo.clients, 1):
         configure_host(c)
         with _ipr(c.netns) as ipr:
@@ -294,7 +283,7 @@ def node_counters(state: LabState) -> None:
     agents': ``transparent = true`` in the lab's configuration)."""
     bn = _backnet(state)
     for n in state.topology.nodes:
-        nft(n.netns, node_nft(bn))
+        nft_script(n.netns, node_nft(bn))
         if bn.proxy is Proxy.HAPROXY and bn.mode is ReturnMode.GATEWAY:
             # HAProxy binds the client's port too (with SO_REUSEADDR): a connection to a
             # back end from a client port whose last one sits in TIME_WAIT on this node may

@@ -269,6 +269,19 @@ def _index(ipr: Any, ifname: str) -> int:
     return int(found[0])
 
 
+def nft_script(netns: str, script: str) -> None:
+    """Load an nft ``script`` (``nft -f -``) inside ``netns``; LabError with nft's complaint."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise LabError(f"nft in {netns} failed: {proc.stderr.strip()[-300:]}")
+
+
 def create_namespaces(state: LabState) -> None:
     from pyroute2 import netns
 

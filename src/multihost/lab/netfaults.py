@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multihost.lab.agents import HEARTBEAT_PORT
-from multihost.lab.build import LabError, LabState
+from multihost.lab.build import LabError, LabState, nft_script
 
 TABLE = "mhchaos"
 SWITCH = "sw"
@@ -104,22 +104,10 @@ def render_node(spec: FaultSpec, node: str) -> str | None:
     return f"table inet {TABLE} {{\n{chains}}}\n"
 
 
-def _nft(netns: str, script: str) -> None:
-    proc = subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise LabError(f"nft in {netns} failed: {proc.stderr.strip()[-300:]}")
-
-
 def _replace(netns: str, family: str, table: str | None) -> None:
     """Atomically replace (or remove, with ``table`` None) our table in ``netns``."""
     script = f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
-    _nft(netns, script + (table or ""))
+    nft_script(netns, script + (table or ""))
 
 
 def apply(state: LabState, spec: FaultSpec) -> FaultSpec:
