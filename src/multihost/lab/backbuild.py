@@ -46,6 +46,7 @@ from multihost.lab.build import (
     _index,
     _ipr,
     _spawn,
+    add_veth,
     configure_host,
     nft_script,
     wait_listening,
@@ -124,13 +125,7 @@ def wire_router(state: LabState) -> None:
     rt = _router(state)
     sw = topo.switch
     with _ipr(sw.netns) as ipr:
-        ipr.link(
-            "add",
-            ifname=rt.switch_port,
-            kind="veth",
-            peer={"ifname": rt.interface, "net_ns_fd": rt.netns, "address": rt.mac},
-        )
-        port = _index(ipr, rt.switch_port)
+        port = add_veth(ipr, rt.switch_port, rt.interface, rt.netns, rt.mac)
         ipr.link("set", index=port, master=_index(ipr, sw.bridge))
         ipr.link("set", index=port, state="up")
     with _ipr(rt.netns) as ipr:
@@ -139,13 +134,7 @@ def wire_router(state: LabState) -> None:
         ipr.addr("add", index=dev, address=rt.address, prefixlen=_prefixlen(topo))
         ipr.link("set", index=dev, state="up")
         for k, c in enumerate(topo.clients, 1):
-            ipr.link(
-                "add",
-                ifname=c.switch_port,
-                kind="veth",
-                peer={"ifname": c.interface, "net_ns_fd": c.netns, "address": c.mac},
-            )
-            link = _index(ipr, c.switch_port)
+            link = add_veth(ipr, c.switch_port, c.interface, c.netns, c.mac)
             ipr.addr(
                 "add",
                 index=link,
@@ -222,13 +211,7 @@ def wire_backnet(state: LabState) -> None:
         ]
         ends += [(b.switch_port, b.netns, b.interface, b.mac) for b in bn.backends]
         for port, netns, ifname, mac in ends:
-            ipr.link(
-                "add",
-                ifname=port,
-                kind="veth",
-                peer={"ifname": ifname, "net_ns_fd": netns, "address": mac},
-            )
-            idx = _index(ipr, port)
+            idx = add_veth(ipr, port, ifname, netns, mac)
             ipr.link("set", index=idx, master=bridge)
             ipr.link("set", index=idx, state="up")
     for n in topo.nodes:

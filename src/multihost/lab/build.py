@@ -269,6 +269,17 @@ def _index(ipr: Any, ifname: str) -> int:
     return int(found[0])
 
 
+def add_veth(ipr: Any, port: str, ifname: str, netns: str, mac: str) -> int:
+    """A veth pair: ``port`` here, ``ifname`` (with ``mac``) in ``netns``; ``port``'s index."""
+    ipr.link(
+        "add",
+        ifname=port,
+        kind="veth",
+        peer={"ifname": ifname, "net_ns_fd": netns, "address": mac},
+    )
+    return _index(ipr, port)
+
+
 def nft_script(netns: str, script: str) -> None:
     """Load an nft ``script`` (``nft -f -``) inside ``netns``; LabError with nft's complaint."""
     proc = subprocess.run(
@@ -324,13 +335,7 @@ def wire_hosts(state: LabState) -> None:
     with _ipr(sw.netns) as ipr:
         bridge = _index(ipr, sw.bridge)
         for h in hosts:
-            ipr.link(
-                "add",
-                ifname=h.switch_port,
-                kind="veth",
-                peer={"ifname": h.interface, "net_ns_fd": h.netns, "address": h.mac},
-            )
-            port = _index(ipr, h.switch_port)
+            port = add_veth(ipr, h.switch_port, h.interface, h.netns, h.mac)
             ipr.link("set", index=port, master=bridge)
             if h.role == "node" and sw.node_ports_mrouter:
                 ipr.brport("set", index=port, multicast_router=2)
