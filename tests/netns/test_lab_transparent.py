@@ -165,9 +165,11 @@ def test_fail_and_recover_during_a_probe_lose_only_that_nodes_connections(
         done[0] = n
 
     def probe() -> None:
+        # paced (8,000 flows at <= 800/s: >= 10 s) so that the failure falls inside the
+        # probe however fast the machine; unpaced, a fast host finished before D was down
         try:
             r = run_probe(
-                lab, "tcp", 8000, port_seed=15, concurrency=16, timeout=5.0, flows=True,
+                lab, "tcp", 8000, port_seed=15, concurrency=16, timeout=5.0, flows=True, rate=800,
                 progress=progress,
             )  # fmt: skip
             results.append(r)

@@ -85,6 +85,14 @@ def register_actions(action: Action, state_of: StateOf) -> None:
         help="per flow, seconds (default 3)",
     )
     a.add_argument(
+        "--rate",
+        type=float,
+        metavar="PER_SECOND",
+        default=0.0,
+        help="start at most this many flows a second, tcp/udp (default 0: no limit); "
+        "keeps a probe running while you fail and recover nodes in another shell",
+    )
+    a.add_argument(
         "--port-seed", type=int, metavar="N", help="seed of the source ports (default random)"
     )
     a.add_argument("--sources", type=int, metavar="K", help="client addresses to rotate over")
@@ -126,6 +134,7 @@ def run_probe(args: argparse.Namespace, state: LabState) -> int:
         progress=progress,
         family=6 if args.ipv6 else 4,
         flows=args.flows,
+        rate=args.rate,
     )
     if args.json:
         print_json(result.to_dict())

@@ -228,11 +228,14 @@ def run_probe(
     progress: Progress | None = None,
     family: int = 4,
     flows: bool = False,
+    rate: float = 0.0,
 ) -> ProbeResult:
     """Probe ``target`` (default: the traffic IP of ``family``) with ``connections`` flows
     from ``client``; the target's family decides the client's source addresses.  ``flows``:
     list every connection in the result (its node, expected node, and in a transparent lab
-    its back end and the client address that back end saw)."""
+    its back end and the client address that back end saw).  ``rate`` (TCP/UDP): start at
+    most that many flows a second (0: as fast as ``concurrency`` allows), so that a probe
+    lasts long enough to span a fault injected while it runs."""
     topo = state.topology
     if proto not in PROTOCOLS:
         raise LabError(f"protocol {proto!r} is not one of {', '.join(PROTOCOLS)}")
@@ -240,6 +243,8 @@ def run_probe(
         raise LabError(f"concurrency: {concurrency} is outside 1..{MAX_CONCURRENCY}")
     if not 0 < timeout <= 60:
         raise LabError(f"timeout: {timeout} is outside (0, 60] seconds")
+    if rate < 0 or (rate and proto == "icmp"):
+        raise LabError(f"rate: {rate} must be >= 0, and is for tcp and udp probes only")
     src = topo.host(client)
     if src.role != "client":
         raise LabError(f"{client} is a node, not a client")
@@ -271,6 +276,7 @@ def run_probe(
         "concurrency": concurrency,
         "timeout": timeout,
         "dup_wait": 0.1,
+        "rate": rate,
         "interface": src.interface,
         "macs": {n.mac: n.name for n in topo.nodes},
     }
@@ -376,7 +382,7 @@ def _run_worker(
     srcdir = str(Path(multihost.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (srcdir, env.get("PYTHONPATH")) if p)
     argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "multihost.lab.probe_worker"]
-    limit = (total / concurrency + 2) * (timeout + 1) + 30
+    limit = (total / concurrency + 2) * (timeout + 1) + 30 + total / (request["rate"] or total)
     deadline = time.monotonic() + limit
     rows: list[dict[str, Any]] = []
     with subprocess.Popen(

@@ -6,6 +6,7 @@ multihost.lab.probe_worker``; reads one JSON request on stdin::
     {"proto": "tcp"|"udp"|"icmp", "target": "198.18.0.100", "port": 80,
      "flows": [["198.18.0.201", 40000], ...],   # (source address, source port | ICMP id)
      "concurrency": 200, "timeout": 3.0, "dup_wait": 0.1,
+     "rate": 0,                                 # TCP/UDP: flows started per second, 0 = no limit
      "interface": "eth0", "macs": {"02:6d:68:0a:00:01": "A", ...}}
 
 and prints one JSON line per flow, in completion order::
@@ -184,9 +185,13 @@ async def udp_one(i: int, flow: list[Any], req: dict[str, Any]) -> Result:
 async def run_async(req: dict[str, Any], emit: Emit) -> None:
     one = tcp_one if req["proto"] == "tcp" else udp_one
     sem = asyncio.Semaphore(max(1, int(req["concurrency"])))
+    rate = float(req.get("rate") or 0)
+    t0 = time.monotonic()
 
     async def guarded(i: int, flow: list[Any]) -> None:
         async with sem:
+            if rate > 0:  # flow i starts no earlier than i/rate seconds in
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
             emit(await one(i, flow, req))
 
     await asyncio.gather(*(guarded(i, f) for i, f in enumerate(req["flows"])))
