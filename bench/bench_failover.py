@@ -36,6 +36,7 @@ from bench import fo_common as fc
 from multihost.config import default_dead_after_ms
 from multihost.lab import failover, faults
 from multihost.lab.build import LabState
+from multihost.tablechoice import TABLE_KINDS
 
 PREFIX = "mhtFb-"
 TARGET_P50, TARGET_P99, TARGET_REPROGRAM = 250.0, 350.0, 20.0  # issue 11, at 100 ms
@@ -81,11 +82,17 @@ def trial(state: LabState, i: int, node: str, how: str) -> dict[str, Any]:
 
 
 def run(
-    trials: int, backend: str = "auto", prefix: str = PREFIX, heartbeat_ms: int = 100
+    trials: int,
+    backend: str = "auto",
+    prefix: str = PREFIX,
+    heartbeat_ms: int = 100,
+    table: str = "factorial",
 ) -> dict[str, Any]:
     info = fc.machine()
     rows: list[dict[str, Any]] = []
-    with fc.lab(prefix, 4, metrics=True, backend=backend, heartbeat_ms=heartbeat_ms) as state:
+    with fc.lab(
+        prefix, 4, metrics=True, backend=backend, heartbeat_ms=heartbeat_ms, table=table
+    ) as state:
         info["dataplane"] = state.agents.get("dataplane", {})
         members = list(state.topology.members)
         failover.wait_converged(state, members, quiet=True, timeout=60)
@@ -102,7 +109,11 @@ def run(
                 f"load {row['loadavg']}"
             )
     info["loadavg_end"] = fc.loadavg()
-    settings = {"heartbeat_ms": heartbeat_ms, "dead_after_ms": default_dead_after_ms(heartbeat_ms)}
+    settings = {
+        "heartbeat_ms": heartbeat_ms,
+        "dead_after_ms": default_dead_after_ms(heartbeat_ms),
+        "table": table,
+    }
     return {"machine": info, "settings": settings, "rows": rows}
 
 
@@ -162,14 +173,22 @@ def main() -> int:
     )
     ap.add_argument("--prefix", default=PREFIX, help=f"lab prefix, mhtF... (default {PREFIX})")
     ap.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval")
+    ap.add_argument(
+        "--table",
+        choices=TABLE_KINDS,
+        default="factorial",
+        help="the agents' [cluster] table (default factorial; minimal: 12 buckets for 4 nodes)",
+    )
     args = ap.parse_args()
-    data = run(args.trials, args.backend, args.prefix, args.heartbeat_ms)
+    data = run(args.trials, args.backend, args.prefix, args.heartbeat_ms, args.table)
     data["command"] = (
         f".venv/bin/python bench/bench_failover.py --trials {args.trials} --backend {args.backend}"
         + (f" --heartbeat-ms {args.heartbeat_ms}" if args.heartbeat_ms != 100 else "")
+        + (f" --table {args.table}" if args.table != "factorial" else "")
     )
     part = "default" if args.backend == "auto" else f"backend-{args.backend}"
-    fc.save_part(part if args.heartbeat_ms == 100 else f"{part}-hb{args.heartbeat_ms}", data)
+    part = part if args.heartbeat_ms == 100 else f"{part}-hb{args.heartbeat_ms}"
+    fc.save_part(part if args.table == "factorial" else f"{part}-{args.table}", data)
     print(report(data))
     for line in verdict(data):
         print(line)

@@ -81,9 +81,11 @@ def lab(
     metrics: bool = False,
     with_agents: bool = True,
     backend: str | None = None,
+    table: str = "factorial",
 ) -> Iterator[LabState]:
     """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens;
-    ``backend``: the data plane backend, passed on only when given (:func:`lab_backend`).
+    ``backend``: the data plane backend, passed on only when given (:func:`lab_backend`);
+    ``table``: the agents' ``[cluster] table``.
 
     ``$MULTIHOST_LAB_PREFIX`` (say ``mhG-``), when set, replaces the ``mhtF`` part:
     ``mhtFc-`` becomes ``mhGc-``, so people sharing a machine keep to their own labs.
@@ -93,7 +95,7 @@ def lab(
     clean(prefix)  # leftovers of an earlier, killed run of this very benchmark
     try:
         yield build.build(
-            describe(nodes, 1, prefix),
+            describe(nodes, 1, prefix, table_kind=table),
             with_agents=with_agents,
             heartbeat_ms=heartbeat_ms,
             dead_after_ms=dead_after_ms,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from multihost.assignment import PreferenceTable
 from multihost.flowhash import HashMode
-from multihost.tablechoice import cluster_table, table_identity, table_size_slots
+from multihost.tablechoice import TABLE_KINDS, cluster_table, table_identity, table_size_slots
 
 if TYPE_CHECKING:
     from multihost.backends import BackendConfig
@@ -83,6 +83,7 @@ class ClusterConfig:
     metrics_address: str | None = None  # "HOST:PORT"; None = off
     dataplane: str = "auto"  # "auto" | "xdp" | "nft" (see multihost.dataplane.backend)
     xdp_mode: str = "auto"  # "auto" (native, else generic) | "native" | "generic"
+    table: str = "factorial"  # "factorial" | "minimal" (see multihost.tablechoice)
     bpf_pin_root: Path = Path("/sys/fs/bpf/multihost")  # on a BPF filesystem
     # The other family's group, for the MAC of that family's traffic IPs (dual stack):
     multicast_group4: ipaddress.IPv4Address | None = None  # with an IPv6 multicast_group
@@ -204,7 +205,7 @@ class Config:
     @property
     def table(self) -> PreferenceTable:
         """The preference table of every group (:mod:`multihost.tablechoice`)."""
-        return cluster_table(self.weights)
+        return cluster_table(self.weights, self.cluster.table)
 
     @property
     def buckets(self) -> int:
@@ -477,6 +478,7 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         metrics_address=metrics,
         dataplane=_choice(r, "dataplane", DATAPLANES, "auto"),
         xdp_mode=_choice(r, "xdp_mode", XDP_MODES, "auto"),
+        table=_choice(r, "table", TABLE_KINDS, "factorial"),
         bpf_pin_root=Path(r.get("bpf_pin_root", str, "/sys/fs/bpf/multihost")),
         multicast_group4=g4 if isinstance(g4 := other.get(4), ipaddress.IPv4Address) else None,
         multicast_group6=g6 if isinstance(g6 := other.get(6), ipaddress.IPv6Address) else None,

@@ -125,12 +125,15 @@ def parse_weights(text: str, members: Sequence[str], option: str = "--weights") 
     return tuple(weights[m] for m in members)
 
 
-def member_table(slots: Sequence[int], weights: Sequence[int] | None = None) -> PreferenceTable:
-    """The table a cluster of these members (at ``slots``, of ``weights``) uses, chosen as
-    the agents choose it (:func:`multihost.tablechoice.cluster_table`)."""
+def member_table(
+    slots: Sequence[int], weights: Sequence[int] | None = None, kind: str = "factorial"
+) -> PreferenceTable:
+    """The ``kind`` table (``[cluster] table``) a cluster of these members (at ``slots``, of
+    ``weights``) uses, chosen as the agents choose it
+    (:func:`multihost.tablechoice.cluster_table`)."""
     w = list(weights) if weights is not None else [1] * len(slots)
     try:
-        return cluster_table(tuple(sorted(zip(slots, w, strict=True))))
+        return cluster_table(tuple(sorted(zip(slots, w, strict=True))), kind)
     except TableChoiceError as e:
         raise SimulationError(str(e)) from None
 

@@ -10,11 +10,15 @@ table; the other slots are permanently dead.  That is exact for every group: an 
 min-wise table is balanced for *every* live subset of its slots, a group's included.  So
 node ``slot`` *is* the table slot (and the heartbeat mask bit): no remapping.
 
-The choice: ``n <= 8`` keeps the factorial table (all ``8!`` orderings, 40,320 buckets: the
-data planes, goldens and benchmarks are unchanged); ``n = 9..16`` uses the shipped exactly
-min-wise family of ``lcm(1..n)`` orderings (:mod:`multihost.minwise`), one bucket per
-ordering (no replication: shares are exact fractions of the hash space whatever the bucket
-count, so copies would only add elements).
+The choice (``[cluster] table``, one of :data:`TABLE_KINDS`): ``"factorial"`` (the default)
+keeps, for ``n <= 8``, the factorial table (all ``8!`` orderings, 40,320 buckets: the table
+of every release before tables of other sizes existed, so a rolling upgrade keeps the bucket
+space); ``"minimal"`` uses, for ``n <= 8`` too, the smallest exact table, the shipped exactly
+min-wise family of ``lcm(1..n)`` orderings (:mod:`multihost.minwise`): 12 buckets for 4
+slots, 840 for 8, so the data planes hold a few dozen ranges rather than thousands.  For
+``n = 9..16`` both kinds use that family.  One bucket per ordering (no replication: shares
+are exact fractions of the hash space whatever the bucket count, so copies would only add
+elements).
 
 Weights (:mod:`multihost.weighted`): when some ``[[node]].weight`` is not 1, node ``slot``
 holds ``weight`` consecutive *virtual* slots (nodes in ascending slot order), and the table
@@ -44,6 +48,7 @@ from multihost.assignment import OrderingTable, PreferenceTable, factorial_table
 from multihost.weighted import WeightedTable, virtual_slots
 
 MAX_TABLE_SLOTS = 16  # the largest shipped min-wise family
+TABLE_KINDS = ("factorial", "minimal")  # [cluster] table; the first is the default
 NFT_MAX_BUCKETS = 1 << 16  # nft bitmap set: 16-bit key
 NFT_MAX_SLOTS = 12  # lcm(1..12) = 27,720 <= 65,536 < lcm(1..13) = 360,360
 XDP_MAX_SLOTS = 16  # lcm(1..16) = 720,720 <= xdplayout.MAX_BUCKETS
@@ -72,36 +77,46 @@ class TableIdentity:
         }
 
 
-def table_slots(slots: int) -> int:
+def _kind(kind: str) -> str:
+    if kind not in TABLE_KINDS:
+        raise TableChoiceError(f"table {kind!r} is not one of {', '.join(TABLE_KINDS)}")
+    return kind
+
+
+def table_slots(slots: int, kind: str = "factorial") -> int:
     """The slot count of the table for a cluster whose highest slot is ``slots - 1``."""
     if not 1 <= slots <= MAX_TABLE_SLOTS:
         raise TableChoiceError(f"{slots} slots: tables exist for 1..{MAX_TABLE_SLOTS}")
+    if _kind(kind) == "minimal":
+        return slots
     return FACTORIAL_SLOTS if slots <= FACTORIAL_SLOTS else slots
 
 
 @functools.cache
-def table_for(slots: int) -> OrderingTable:
-    """The cluster table for ``slots`` slots (see the module doc for the choice)."""
-    n = table_slots(slots)
-    return factorial_table(n) if n <= FACTORIAL_SLOTS else minwise.minwise_table(n)
+def table_for(slots: int, kind: str = "factorial") -> OrderingTable:
+    """The cluster table of ``kind`` for ``slots`` slots (see the module doc for the choice)."""
+    n = table_slots(slots, kind)
+    if kind == "factorial" and n <= FACTORIAL_SLOTS:
+        return factorial_table(n)
+    return minwise.minwise_table(n)
 
 
 @functools.cache
-def weighted_table(weights: tuple[tuple[int, int], ...]) -> WeightedTable:
+def weighted_table(weights: tuple[tuple[int, int], ...], kind: str = "factorial") -> WeightedTable:
     """The cluster table for nodes given as ``(slot, weight)`` pairs: the table of
     ``sum(weights)`` virtual slots, each node holding ``weight`` of them."""
     virtual = virtual_slots(weights)
     total = sum(len(v) for v in virtual.values())
-    base = table_for(total)
+    base = table_for(total, kind)
     return WeightedTable(base, virtual, base_name=base.name)
 
 
-def cluster_table(weights: tuple[tuple[int, int], ...]) -> PreferenceTable:
-    """The table of a cluster whose nodes are ``(slot, weight)``: unweighted (every weight 1)
-    the table of ``max(slot) + 1`` slots, else :func:`weighted_table`."""
+def cluster_table(weights: tuple[tuple[int, int], ...], kind: str = "factorial") -> PreferenceTable:
+    """The ``kind`` table of a cluster whose nodes are ``(slot, weight)``: unweighted (every
+    weight 1) the table of ``max(slot) + 1`` slots, else :func:`weighted_table`."""
     if all(w == 1 for _, w in weights):
-        return table_for(max(s for s, _ in weights) + 1)
-    return weighted_table(tuple(sorted(weights)))
+        return table_for(max(s for s, _ in weights) + 1, kind)
+    return weighted_table(tuple(sorted(weights)), kind)
 
 
 def table_size_slots(weights: tuple[tuple[int, int], ...]) -> int:

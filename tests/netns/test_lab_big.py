@@ -5,7 +5,8 @@
 TCP connections is answered once per flow by the node ``whohas``' model predicts, every
 node's count lies in the binomial 99.9 % band of its exact share; a crash of one member
 moves only the flows it answered (every other flow is answered by the same node as
-before), and its recovery restores every flow's node.
+before), and its recovery restores every flow's node.  A 4-node lab with ``table = "minimal"`` (12
+buckets) does the same on both data planes.
 
 Heavy on a 2-vCPU machine (16 agents, 16 nginx): one lab at a time.
 """
@@ -29,10 +30,12 @@ CONNECTIONS = 5000
 
 
 @contextlib.contextmanager
-def _lab(nodes: int, backend: str, weights: dict[str, int] | None = None) -> Iterator[LabState]:
+def _lab(
+    nodes: int, backend: str, weights: dict[str, int] | None = None, table: str = "factorial"
+) -> Iterator[LabState]:
     prefix = f"mhtB{secrets.token_hex(2)}-"
     try:
-        topo = describe(nodes, prefix=prefix, weights=weights)
+        topo = describe(nodes, prefix=prefix, weights=weights, table_kind=table)
         # the lab's default heartbeat: 25 ms x nodes above 8 (agents.default_heartbeat_ms)
         state = build.build(topo, backend=backend)
         assert set(state.agents["dataplane"].values()) == {backend}
@@ -117,3 +120,16 @@ def test_weighted_lab_shares_follow_the_weights() -> None:
             "D": "1/7",
         }
         _fail_and_recover(state, "A")  # the heaviest: all its virtual slots fail together
+
+
+@pytest.mark.parametrize("backend", ["nft", "xdp"])
+def test_minimal_table_lab_twelve_buckets_exact_and_a_failure_moves_only_its_share(
+    backend: str,
+) -> None:
+    with _lab(4, backend, table="minimal") as state:
+        assert state.topology.buckets == 12
+        st = agent_status(state, "B", timeout=5.0)
+        assert st is not None
+        assert (st["table"]["name"], st["table"]["buckets"]) == ("minwise-4", 12)
+        assert st["groups"]["web"]["owned"]["buckets"] == 3
+        _fail_and_recover(state, "C")

@@ -19,6 +19,7 @@ from multihost.tablechoice import (
     backend_problem,
     identity,
     table_for,
+    table_identity,
 )
 from tests.unit.test_config import MINIMAL
 
@@ -91,3 +92,55 @@ def test_preflight_takes_thirteen_slots_with_xdp() -> None:
     cfg = _with_top_slot(12, "xdp")
     preflight._table(cfg)  # within XDP's 16
     assert cfg.buckets == 360360
+
+
+# -- [cluster] table = "minimal": the smallest exact table for every slot count ---------------
+
+
+@pytest.mark.parametrize("n", range(1, 17))
+def test_the_minimal_table_has_lcm_buckets_and_is_exact_for_every_live_set(n: int) -> None:
+    t = table_for(n, "minimal")
+    assert (t.slots, t.buckets) == (n, minwise.lcm_upto(n))
+    if n > 8:
+        assert t is table_for(n)  # beyond 8 slots both kinds are the min-wise family
+    if n <= 8:
+        for mask in range(1, 1 << n):
+            live = frozenset(s for s in range(n) if mask >> s & 1)
+            a = assign(live, t)
+            assert all(a.count(s) * len(live) == t.buckets for s in live), sorted(live)
+
+
+def test_a_four_slot_minimal_table_is_twelve_buckets() -> None:
+    assert table_for(4, "minimal").buckets == 12
+    assert table_for(8, "minimal").buckets == 840
+
+
+def test_an_unknown_kind_is_refused() -> None:
+    with pytest.raises(TableChoiceError, match=r"'huge' is not one of factorial, minimal"):
+        table_for(4, "huge")
+
+
+def test_config_table_key_selects_the_kind_and_changes_the_digest() -> None:
+    fact = parse_config(MINIMAL, "m.toml")
+    mini = parse_config(MINIMAL.replace('key_file = "key"', 'key_file = "key"\ntable = "minimal"'))
+    assert fact.cluster.table == "factorial" and fact.buckets == 40320
+    assert mini.cluster.table == "minimal"
+    assert (table_identity(mini.table).name, mini.buckets) == (
+        "minwise-4",
+        12,
+    )  # slots 0 and 3: 4 slots
+    assert mini.digest() != fact.digest()  # nodes with different tables refuse each other
+
+
+def test_config_table_key_rejects_an_unknown_kind() -> None:
+    with pytest.raises(ConfigError, match=r"cluster\.table: 'small' is not one of"):
+        parse_config(MINIMAL.replace('key_file = "key"', 'key_file = "key"\ntable = "small"'))
+
+
+def test_minimal_weighted_table_is_chosen_by_the_sum_of_weights() -> None:
+    from multihost.tablechoice import cluster_table
+
+    t = cluster_table(((0, 2), (1, 1)), "minimal")  # 3 virtual slots
+    assert t.buckets == 6
+    a = assign(frozenset({0, 1}), t)
+    assert (a.count(0), a.count(1)) == (4, 2)

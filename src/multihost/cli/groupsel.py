@@ -23,6 +23,7 @@ from multihost.simulation import (
     parse_slots,
     parse_weights,
 )
+from multihost.tablechoice import TABLE_KINDS
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ def add_members_args(p: argparse.ArgumentParser) -> None:
         help="member weights (integer >= 1, default 1): a member of weight K holds K of the"
         " table's slots and K times the share; the sum is at most 16",
     )
+    p.add_argument(
+        "--table",
+        choices=TABLE_KINDS,
+        help="the table kind, as [cluster] table: factorial (default; 8! = 40,320 buckets"
+        " up to 8 slots) or minimal (lcm(1..n) buckets: 12 for 4 slots)",
+    )
 
 
 def conflicts(args: argparse.Namespace, options: Mapping[str, object]) -> None:
@@ -93,7 +100,7 @@ def from_members(args: argparse.Namespace, mode: HashMode, seed: int | None) -> 
         members = parse_members(args.members)
         slots = parse_slots(args.slots, members) if args.slots else tuple(range(len(members)))
         weights = parse_weights(args.weights or "", members)
-        table = member_table(slots, weights)
+        table = member_table(slots, weights, args.table or "factorial")
     except SimulationError as e:
         raise UsageError(str(e)) from None
     return Group(

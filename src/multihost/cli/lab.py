@@ -42,7 +42,7 @@ from multihost.lab.topology import (
     validate_prefix,
 )
 from multihost.simulation import SimulationError, parse_weights
-from multihost.tablechoice import backend_problem, table_identity
+from multihost.tablechoice import TABLE_KINDS, backend_problem, table_identity
 
 FILES = f"""\
 files:
@@ -114,6 +114,7 @@ examples:
   multihost lab up --nodes 4
   multihost lab up --nodes 8 --clients 2 --seed 0x5eed1234 --json
   multihost lab up --nodes 12 --weights A=2,B=2
+  multihost lab up --nodes 4 --table minimal
   multihost lab up --transparent --return routes
   multihost lab up --transparent --return gateway --proxy haproxy
   multihost lab up --routed
@@ -269,6 +270,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="[[node]].weight of nodes (integer >= 1, default 1): a node of weight K serves K"
         " times the share; the sum is at most 16 (12 with nft or auto)",
     )
+    a.add_argument(
+        "--table",
+        choices=TABLE_KINDS,
+        default="factorial",
+        help="the agents' [cluster] table: factorial (default: 8! = 40,320 buckets up to 8"
+        " slots) or minimal (lcm(1..n) buckets: 12 for 4 nodes, 840 for 8)",
+    )
     add_json_flag(a)
 
     desc = "Stop everything the lab started and delete its namespaces and state.\n\n" + FILES
@@ -355,6 +363,7 @@ def run_up(args: argparse.Namespace) -> int:
         router_neigh=NeighMode(args.router_neigh or "static"),
         proxy=Proxy(args.proxy) if args.proxy else None,
         weights=_weights(args.weights, args.nodes),
+        table_kind=args.table,
     )
     _check_table(topo, args.backend)
     started = time.monotonic()

@@ -118,7 +118,7 @@ def to_text(sim: Simulation) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    conflicts(args, {"--slots": args.slots, "--weights": args.weights})
+    conflicts(args, {"--slots": args.slots, "--weights": args.weights, "--table": args.table})
     if args.config:
         group = from_config(args.config, args.group)
     else:

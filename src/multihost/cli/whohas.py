@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             "--seed": args.seed,
             "--hash": args.hash,
             "--weights": args.weights,
+            "--table": args.table,
         },
     )
     try:

@@ -72,6 +72,8 @@ def config_text(
         lines.append(f"max_drain_ms = {max_drain_ms}")
     if backend != "auto":
         lines.append(f'dataplane = "{backend}"')
+    if topo.table_kind != "factorial":
+        lines.append(f'table = "{topo.table_kind}"')
     if pin_root is not None:
         lines.append(f'bpf_pin_root = "{pin_root}"')
     lines.append("")

@@ -56,7 +56,7 @@ from multihost.lab.backnet import (
 from multihost.lab.hosts import Host, host_dict, host_from
 from multihost.lab.switch import Switch, SwitchMode
 from multihost.macaddr import format_mac, multicast_mac
-from multihost.tablechoice import MAX_TABLE_SLOTS, cluster_table
+from multihost.tablechoice import MAX_TABLE_SLOTS, TABLE_KINDS, cluster_table
 
 __all__ = ["Host", "Switch", "SwitchMode", "Topology", "TopologyError", "describe"]
 
@@ -150,6 +150,8 @@ class Topology:
     router: Router | None = None
     #: ``[[node]].weight`` of each node in slot order (empty: every node weighs 1).
     weights: tuple[int, ...] = ()
+    #: ``[cluster] table`` of the agents (``lab up --table``).
+    table_kind: str = "factorial"
 
     @property
     def node_weights(self) -> tuple[int, ...]:
@@ -162,7 +164,7 @@ class Topology:
     @property
     def table(self) -> PreferenceTable:
         """The cluster table the agents choose for this lab (node ``i`` in slot ``i``)."""
-        return cluster_table(tuple(enumerate(self.node_weights)))
+        return cluster_table(tuple(enumerate(self.node_weights)), self.table_kind)
 
     @property
     def ipv6(self) -> bool:
@@ -266,6 +268,7 @@ class Topology:
             "weights": dict(zip(self.members, self.node_weights, strict=True)),
             "seed": self.seed_text,
             "buckets": self.buckets,
+            "table": self.table_kind,
             "prefix": self.prefix,
             "group": self.group,
             "group_mac": self.group_mac,
@@ -308,6 +311,7 @@ class Topology:
             "backnet": None if self.backnet is None else self.backnet.to_dict(),
             "router": None if self.router is None else self.router.to_dict(),
             "weights": list(self.weights),
+            "table_kind": self.table_kind,
         }
 
     @classmethod
@@ -332,6 +336,7 @@ class Topology:
                 backnet=None if d.get("backnet") is None else BackNet.from_dict(d["backnet"]),
                 router=None if d.get("router") is None else Router.from_dict(d["router"]),
                 weights=tuple(int(w) for w in d.get("weights", ())),
+                table_kind=str(d.get("table_kind", "factorial")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TopologyError(f"malformed topology record: {e!r}") from None
@@ -359,6 +364,7 @@ def describe(
     router_neigh: NeighMode = NeighMode.STATIC,
     proxy: Proxy | None = None,
     weights: dict[str, int] | None = None,
+    table_kind: str = "factorial",
 ) -> Topology:
     """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
 
@@ -367,7 +373,8 @@ def describe(
     ``transparent``: a back-end network with this return mode (:mod:`multihost.lab.backnet`);
     ``proxy``: the nodes' transparent proxy (default: :func:`backnet.default_proxy`);
     ``routed``: the clients sit behind a router (``router_neigh``: how it learns the VIP);
-    ``weights``: node name -> ``[[node]].weight`` (others weigh 1).
+    ``weights``: node name -> ``[[node]].weight`` (others weigh 1);
+    ``table_kind``: the agents' ``[cluster] table`` (:mod:`multihost.tablechoice`).
     """
     prefix = validate_prefix(default_prefix() if prefix is None else prefix)
     if not 1 <= nodes <= MAX_NODES:
@@ -468,7 +475,8 @@ def describe(
         router=describe_router(prefix, NeighMode(router_neigh)) if routed else None,
         hash_mode=HASH_MODE if backnet is None else front_hash(backnet.mode, backnet.proxy),
         weights=node_weights if any(w != 1 for w in node_weights) else (),
-        buckets=cluster_table(tuple(enumerate(node_weights or (1,) * nodes))).buckets,
+        buckets=cluster_table(tuple(enumerate(node_weights or (1,) * nodes)), table_kind).buckets,
+        table_kind=table_kind,
     )
     check(topo)
     return topo
@@ -477,6 +485,8 @@ def describe(
 def check(topo: Topology) -> None:
     """Raise :class:`TopologyError` unless ``topo`` obeys the lab's hard rules."""
     validate_prefix(topo.prefix)
+    if topo.table_kind not in TABLE_KINDS:
+        raise TopologyError(f"table {topo.table_kind!r} is not one of {', '.join(TABLE_KINDS)}")
     if topo.weights:
         if len(topo.weights) != len(topo.nodes) or min(topo.weights) < 1:
             raise TopologyError(f"weights {list(topo.weights)}: one integer >= 1 per node")
