@@ -63,12 +63,13 @@ from multihost.dataplane.ruleset import (
 from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import Flow, flow_bucket
 from multihost.macaddr import format_mac, multicast_mac
+from multihost.tablechoice import table_for
 
 VIP = "198.19.0.1"
 GROUP_IP = "239.192.0.1"
 DPORT = 9000
 IPERF_PORT = 5201
-BUCKETS = 40320
+BUCKETS = 40320  # the default ("factorial") table of 8 slots
 SEED = 0x2B7E1516
 SLOTS = 8
 NODE = 0  # the measured node's slot
@@ -89,6 +90,7 @@ class Variant:
     kind: str
     live: tuple[int, ...] = ()
     accepted: float = 1.0  # expected share of packets that reach the socket
+    table: str = "factorial"  # [cluster] table: "minimal" is 840 buckets for 8 slots
 
 
 _ALL = tuple(range(8))
@@ -118,6 +120,40 @@ VARIANTS = (
         _ALL,
         1 / 8,
     ),
+    Variant(
+        "nft2m",
+        "(b) multihost ruleset, minimal table (840 buckets), 2 of 8 live, owned flows",
+        "own2m",
+        "nft",
+        (0, 1),
+        table="minimal",
+    ),
+    Variant(
+        "nftNm",
+        "(b) multihost ruleset, minimal table, non-owner: 8 of 8, all flows",
+        "random",
+        "nft",
+        _ALL,
+        1 / 8,
+        table="minimal",
+    ),
+    Variant(
+        "xdp2m",
+        "(x) XDP program (native), minimal table (840 buckets), 2 of 8 live, owned flows",
+        "own2m",
+        "xdp",
+        (0, 1),
+        table="minimal",
+    ),
+    Variant(
+        "xdpNm",
+        "(x) XDP program (native), minimal table, non-owner: 8 of 8, all flows",
+        "random",
+        "xdp",
+        _ALL,
+        1 / 8,
+        table="minimal",
+    ),
     Variant("xdp0", "(x0) floor: XDP program that only passes (native)", "random", "xdp0"),
     Variant("xdpg", "(x') XDP program (generic), owns every bucket", "random", "xdpg", _ALL),
     Variant("xdpgN", "(x') XDP program (generic), owns no bucket", "random", "xdpg", (), 0.0),
@@ -129,17 +165,17 @@ FEW_FLOWS = 256
 FEW_KEYS = ("gen", "none", "ct", "min", "minb", "nft2")
 
 
-def spec() -> RulesetSpec:
+def spec(kind: str = "factorial") -> RulesetSpec:
     group = GroupSpec(GROUP, (ipaddress.IPv4Address(VIP),))
-    return RulesetSpec(buckets=BUCKETS, seed=SEED, groups=(group,))
+    return RulesetSpec(buckets=table_for(SLOTS, kind).buckets, seed=SEED, groups=(group,))
 
 
-def owned(live: tuple[int, ...]) -> frozenset[int]:
-    return assign(live).buckets(NODE)
+def owned(live: tuple[int, ...], kind: str = "factorial") -> frozenset[int]:
+    return assign(live, table_for(SLOTS, kind)).buckets(NODE)
 
 
-def owned_mask(buckets: frozenset[int]) -> npt.NDArray[np.bool_]:
-    mask = np.zeros(BUCKETS, dtype=bool)
+def owned_mask(buckets: frozenset[int], size: int = BUCKETS) -> npt.NDArray[np.bool_]:
+    mask = np.zeros(size, dtype=bool)
     mask[np.fromiter(buckets, dtype=np.int64)] = True
     return mask
 
@@ -147,13 +183,22 @@ def owned_mask(buckets: frozenset[int]) -> npt.NDArray[np.bool_]:
 def flow_sets(rng: np.random.Generator, n: int) -> dict[str, dp_flows.FlowSet]:
     vip = ipaddress.IPv4Address(VIP).packed
     sets = {"random": dp_flows.pick("random", rng, n, lambda s, p: np.ones(len(p), bool))}
-    for name, live in (("own8", tuple(range(8))), ("own4", (0, 1, 2, 3)), ("own2", (0, 1))):
-        mask = owned_mask(owned(live))
+    for name, live, kind in (
+        ("own8", tuple(range(8)), "factorial"),
+        ("own4", (0, 1, 2, 3), "factorial"),
+        ("own2", (0, 1), "factorial"),
+        ("own2m", (0, 1), "minimal"),
+    ):
+        size = table_for(SLOTS, kind).buckets
+        mask = owned_mask(owned(live, kind), size)
 
         def keep(
-            s: npt.NDArray[np.uint8], p: npt.NDArray[np.uint16], m: npt.NDArray[np.bool_] = mask
+            s: npt.NDArray[np.uint8],
+            p: npt.NDArray[np.uint16],
+            m: npt.NDArray[np.bool_] = mask,
+            size: int = size,
         ) -> npt.NDArray[np.bool_]:
-            return m[dp_flows.nft_buckets(s, p, vip, DPORT, buckets=BUCKETS, seed=SEED)]
+            return m[dp_flows.nft_buckets(s, p, vip, DPORT, buckets=size, seed=SEED)]
 
         sets[name] = dp_flows.pick(name, rng, n, keep)
     sets["xtown"] = dp_flows.pick(
@@ -236,10 +281,10 @@ class Bench:
                 text = min_filter(owned(v.live), bitmap=v.kind == "minb")
                 dp_net.ns_run(ns, "nft", "-f", "-", stdin=text)
             elif v.kind == "nft":
-                dplane = Dataplane(spec(), Nft(netns=ns))
+                dplane = Dataplane(spec(v.table), Nft(netns=ns))
                 self.dataplanes.append(dplane)
                 installs[v.key] = round(
-                    dplane.install({GROUP: GroupBuckets(owned=owned(v.live))}) * 1000, 1
+                    dplane.install({GROUP: GroupBuckets(owned=owned(v.live, v.table))}) * 1000, 1
                 )
             elif v.kind == "xt":
                 for rule in xt_rules():
@@ -254,19 +299,21 @@ class Bench:
                 if self.bpffs is None:  # a fresh machine has none mounted at /sys/fs/bpf
                     self.bpffs = dp_net.mount_bpffs()
                 pins = self.bpffs / f"{ns}-pins"
-                x = XdpDataplane(spec(), "r0", pins, netns=ns, mode=mode)
+                x = XdpDataplane(spec(v.table), "r0", pins, netns=ns, mode=mode)
                 self.xdp[v.key] = x
-                mine = owned(v.live) if v.kind == "xdp" else frozenset(range(BUCKETS))
+                mine = owned(v.live, v.table) if v.kind == "xdp" else frozenset(range(BUCKETS))
                 if v.kind == "xdpg" and not v.live:
                     mine = frozenset()
                 installs[v.key] = round(x.install({GROUP: GroupBuckets(owned=mine)}) * 1000, 1)
         info["nft_install_ms"] = installs
         info["xdp"] = {k: x.describe() for k, x in self.xdp.items()}
         info["ranges"] = {
-            v.key: len(assign(v.live).ranges(NODE)) for v in self.variants if v.kind == "nft"
+            v.key: len(assign(v.live, table_for(SLOTS, v.table)).ranges(NODE))
+            for v in self.variants
+            if v.kind == "nft"
         }
         info["owned_buckets"] = {
-            v.key: len(owned(v.live)) for v in self.variants if v.kind == "nft"
+            v.key: len(owned(v.live, v.table)) for v in self.variants if v.kind == "nft"
         }
         return info
 
