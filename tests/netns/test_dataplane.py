@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import json
 import random
+import re
 import select
 import signal
 import socket
@@ -569,13 +570,33 @@ def test_hostsetup_apply_restore_round_trip() -> None:
         assert nsutil.addresses(node, "lo") == addrs_before
 
 
-def test_lease_is_a_dead_man_switch_for_new_flows(lab: Lab) -> None:
+_UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+
+
+def _lease_elements(dp: Dataplane) -> dict[str, int | None]:
+    """The lease set as the kernel holds it: key -> timeout in ms (None: no expiry).  From
+    the text listing: ``nft -j`` rounds timeouts down to whole seconds."""
+    text = dp.nft.run(f"list set inet {dp.spec.table} lease")
+    found = re.search(r"elements = [{]([^}]*)[}]", text)
+    out: dict[str, int | None] = {}
+    for element in found.group(1).split(",") if found else []:
+        m = re.match(r"[ \t\n]*([a-z0-9]+)(?: timeout ([0-9a-z]+))?", element)
+        assert m is not None, text
+        parts = re.findall(r"([0-9]+)(ms|d|h|m|s)", m.group(2) or "")
+        out[m.group(1)] = sum(int(n) * _UNIT_MS[u] for n, u in parts) if m.group(2) else None
+    return out
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["netlink", "libnftables"])
+def test_lease_is_a_dead_man_switch_for_new_flows(lab: Lab, fast_path: bool) -> None:
     """Without the lease the node takes no new flow (owned or incoming) but keeps its
-    established ones; a lease with an expiry lapses in the kernel by itself."""
-    dp = Dataplane(SPEC1, lab.nft)
+    established ones; a lease with an expiry lapses in the kernel by itself.  Written as a
+    raw netlink batch (the renewal path) or through libnftables: the same kernel state."""
+    dp = Dataplane(SPEC1, lab.nft, fast_path=fast_path)
     part = CONTIGUOUS
     dp.install({"web": GroupBuckets(owned=part)})
     assert dp.lease_held()
+    assert _lease_elements(dp) == {"ipv4": None, "ipv6": None}
     rng = random.Random(11)
     (a,) = sorted(predicted(random_flows(rng, 400, [80], POOL), VIP, FOUR, part))[:1]
     new = sorted(predicted(random_flows(rng, 400, [81], POOL), VIP, FOUR, part))[:5]
@@ -590,12 +611,18 @@ def test_lease_is_a_dead_man_switch_for_new_flows(lab: Lab) -> None:
         dp.update({"web": GroupBuckets(incoming=part)})
         assert tcp_round(lab, dp, [new[1]], set()) == set()  # nor a SYN in 'incoming'
 
+        assert _lease_elements(dp) == {}
         dp.set_lease(None)
+        assert _lease_elements(dp) == {"ipv4": None, "ipv6": None}
         assert tcp_round(lab, dp, [new[2]], {new[2]}) == {new[2]}
         dp.update({"web": GroupBuckets(owned=part)})
+        dp.set_lease(61_500)
+        assert _lease_elements(dp) == {"ipv4": 61_500, "ipv6": 61_500}
         dp.set_lease(400)
+        assert _lease_elements(dp) == {"ipv4": 400, "ipv6": 400}
         assert tcp_round(lab, dp, [new[3]], {new[3]}) == {new[3]}
         nsutil.wait_until(lambda: not dp.lease_held(), 5.0, 0.02, "the kernel lease to expire")
         assert tcp_round(lab, dp, [new[4]], set()) == set()  # lapsed without any update
         conn.sendall(b"still")
         assert served.recv(100) == b"still"
+    assert dp.fast_path is fast_path  # the netlink path was taken, no fallback

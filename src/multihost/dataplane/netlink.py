@@ -1,9 +1,12 @@
-"""The nf_tables netlink fast path for bucket-map updates (used by :mod:`.nft`).
+"""The nf_tables netlink fast path for bucket-map and lease updates (used by :mod:`.nft`).
 
 Owns: encoding a :class:`~multihost.dataplane.ruleset.Delta` as one nf_tables batch
 (``NFT_MSG_DELSETELEM`` for the keys leaving a map, then ``NFT_MSG_NEWSETELEM`` for the
 ``key : data`` elements entering it, between batch begin/end, ``NLM_F_ACK`` on every
-message); finding the ``NETLINK_NETFILTER`` socket a libnftables context opened; sending a
+message); encoding a lease write the same way (:func:`encode_lease_batch`: flush the lease
+set, then add its one-byte keys with an optional ``NFTA_SET_ELEM_TIMEOUT``, exactly what
+``ruleset.render_lease`` says in nft syntax, without libnftables' parser on every renewal);
+finding the ``NETLINK_NETFILTER`` socket a libnftables context opened; sending a
 batch on it and collecting the acknowledgements.
 
 Must not: decide what to send (``ruleset`` renders, ``nft.Dataplane`` decides), open netlink
@@ -43,7 +46,7 @@ NFT_GOTO = -4
 # attribute types
 _LIST_TABLE, _LIST_SET, _LIST_ELEMENTS = 1, 2, 3
 _LIST_ELEM = 1
-_ELEM_KEY, _ELEM_DATA = 1, 2
+_ELEM_KEY, _ELEM_DATA, _ELEM_TIMEOUT = 1, 2, 4
 _DATA_VALUE, _DATA_VERDICT = 1, 2
 _VERDICT_CODE, _VERDICT_CHAIN = 1, 2
 _SO_SNDBUFFORCE = 32
@@ -124,6 +127,44 @@ def encode_element_batch(table: str, delta: Delta, seq: int) -> tuple[bytes, lis
             kind = (NFNL_SUBSYS_NFTABLES << 8) | verb
             parts.append(_nlmsg(kind, flags, seq, body, family=NFPROTO_INET))
             acks.append(seq)
+    seq += 1
+    parts.append(_nlmsg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, b"", res_id=NFNL_SUBSYS_NFTABLES))
+    return b"".join(parts), acks
+
+
+def encode_lease_batch(
+    table: str, set_name: str, keys: tuple[int, ...], expires_ms: int | None, seq: int
+) -> tuple[bytes, list[int]]:
+    """One batch setting inet ``table``'s lease set ``set_name`` (one-byte keys, e.g.
+    ``meta nfproto`` values): flush it, then, unless ``expires_ms <= 0`` (lapsed), add
+    ``keys``, with a timeout of ``expires_ms`` milliseconds (None: no expiry).  The sequence
+    numbers to ack are returned with it."""
+    begin = _nlmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, b"", res_id=NFNL_SUBSYS_NFTABLES)
+    head = _nlattr(_LIST_TABLE, table.encode() + b"\0") + _nlattr(
+        _LIST_SET, set_name.encode() + b"\0"
+    )
+    parts, acks = [begin], []
+    seq += 1  # no ELEMENTS attribute: the kernel flushes the set
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSETELEM
+    parts.append(_nlmsg(kind, NLM_F_REQUEST | NLM_F_ACK, seq, head, family=NFPROTO_INET))
+    acks.append(seq)
+    if expires_ms is None or expires_ms > 0:
+        timeout = (
+            b"" if expires_ms is None else _nlattr(_ELEM_TIMEOUT, struct.pack(">Q", expires_ms))
+        )
+        elems = b"".join(
+            _nlattr(
+                _LIST_ELEM | NLA_F_NESTED,
+                _nlattr(_ELEM_KEY | NLA_F_NESTED, _nlattr(_DATA_VALUE, bytes((k,)))) + timeout,
+            )
+            for k in keys
+        )
+        seq += 1
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+        body = head + _nlattr(_LIST_ELEMENTS | NLA_F_NESTED, elems)
+        flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
+        parts.append(_nlmsg(kind, flags, seq, body, family=NFPROTO_INET))
+        acks.append(seq)
     seq += 1
     parts.append(_nlmsg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, b"", res_id=NFNL_SUBSYS_NFTABLES))
     return b"".join(parts), acks

@@ -42,7 +42,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +50,14 @@ from typing import Any
 from multihost.dataplane.netlink import (
     BatchError,
     encode_element_batch,
+    encode_lease_batch,
     netfilter_socket,
     open_sockets,
     send_batch,
 )
 from multihost.dataplane.nfcounters import read_counters
 from multihost.dataplane.ruleset import (
+    LEASE_KEY_VALUES,
     LEASE_SET,
     SET_KINDS,
     Delta,
@@ -238,11 +240,21 @@ class Nft:
         Atomic like :meth:`run`: on any error the kernel applies nothing and this raises
         :class:`NftError` whose ``code`` is the kernel's errno.
         """
+        self._send_batch(lambda seq: encode_element_batch(table, delta, seq))
+
+    def send_lease(self, table: str, expires_ms: int | None) -> None:
+        """Set inet ``table``'s lease set as :func:`~.ruleset.render_lease` would, as one
+        netlink batch on the context's socket (atomic; :class:`NftError` with the errno)."""
+        self._send_batch(
+            lambda seq: encode_lease_batch(table, LEASE_SET, LEASE_KEY_VALUES, expires_ms, seq)
+        )
+
+    def _send_batch(self, encode: Callable[[int], tuple[bytes, list[int]]]) -> None:
         with self._lock:
             sock = self._nl
             if self._ctx is None or sock is None:
                 raise NftError("no netlink socket of a live nft context")
-            data, acks = encode_element_batch(table, delta, self._seq)
+            data, acks = encode(self._seq)
             self._seq += len(acks) + 2
             try:
                 send_batch(sock, data, acks)
@@ -362,6 +374,14 @@ class Dataplane:
         ``> 0`` held for that many milliseconds, ``<= 0`` lapsed (one transaction)."""
         if self._state is None:
             raise NftError("set_lease() before install()")
+        if self.fast_path and self.nft.can_send_elements:
+            try:  # a renewal every heartbeat interval: no libnftables parse each time
+                self.nft.send_lease(self.spec.table, expires_ms)
+                return
+            except NftError as e:
+                if e.code != errno.EPERM:
+                    raise
+                self.fast_path = False  # not the socket that owns our table: use libnftables
         self.nft.run(render_lease(self.spec, expires_ms))
 
     def lease_held(self) -> bool:

@@ -120,6 +120,7 @@ ICMPV6_TO_ALL = (
 )
 LEASE_SET = "lease"  # while its elements exist, this node may take new flows (see docstring)
 LEASE_KEYS = ("ipv4", "ipv6")
+LEASE_KEY_VALUES = (2, 10)  # the same keys as meta nfproto values (NFPROTO_IPV4, _IPV6)
 HANDOVER_TAG = "other"  # meta pkttype of a handover bucket's packet between -300 and -150
 PKTTYPE_VALUES = {"host": 0, HANDOVER_TAG: 3}  # the kernel's PACKET_HOST, PACKET_OTHERHOST
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
