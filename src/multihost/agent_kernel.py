@@ -8,8 +8,10 @@ this node's :class:`~multihost.handover.Handover` sets, the state submitted to a
 state applied by the kernel, retargeting, the handover tick (flows still in use ->
 drained, incoming -> owned), and the kernel bookkeeping ``status`` shows.
 
-Must not: block the event loop on the kernel (nft transactions, XDP map writes and flow
-dumps all run in threads, so a slow update never delays a heartbeat), decide ownership
+Must not: block the event loop on the kernel (nft transactions, XDP table writes and flow
+dumps all run in threads, so a slow update never delays a heartbeat; the one exception is a
+backend whose lease write is a single bounded map write, ``lease_inline``: XDP's lease is
+written on the loop, so a renewal every interval costs no thread hand-off), decide ownership
 (``membership``/``ownership`` do), or know sockets and heartbeats.  A lease is queued as an
 absolute deadline and turned into milliseconds when it is written, so a write that waited
 behind an update never outlives the core's lease; a confirmation is reported only once
@@ -47,6 +49,12 @@ class KernelPlane(Protocol):
 
     def update(self, state: Mapping[str, GroupBuckets]) -> Any: ...
     def set_lease(self, expires_ms: int | None) -> None: ...
+
+
+def lease_inline(plane: object) -> bool:
+    """Whether ``plane`` writes its lease with one bounded, non-blocking kernel write that
+    is safe beside the kernel thread's work (then the loop writes it itself)."""
+    return bool(getattr(plane, "lease_inline", False))
 
 
 def lease_ms(until: float, now: float) -> int | None:
@@ -207,6 +215,8 @@ class KernelSync:
         self._thread: KernelThread | None = None
         self._plane: Backend | None = None
         self._lease_writes = 0
+        self._inline = False  # the plane's lease is written on the loop (lease_inline)
+        self._inline_held = True  # as installed: held without expiry
         self._loop: asyncio.AbstractEventLoop | None = None
         self.updates = 0
         self.last_update_ms: float | None = None
@@ -216,6 +226,7 @@ class KernelSync:
         """From now on the kernel is programmed only through this object's thread."""
         self._loop = loop
         self._plane = plane
+        self._inline = lease_inline(plane)
 
         def deliver(done: Done) -> None:
             loop.call_soon_threadsafe(self._done, done)
@@ -224,19 +235,24 @@ class KernelSync:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._lease_writes = self._thread.lease_writes
+            if not self._inline:
+                self._lease_writes = self._thread.lease_writes
             self._thread.close()
             self._thread = None
 
     @property
     def lease_held(self) -> bool:
         """Whether the kernel may take new flows (its lease, as last reported)."""
+        if self._inline:
+            return self._inline_held
         return self._thread is None or self._thread.lease_held
 
     @property
     def lease_updates(self) -> int:
         """Kernel lease writes so far."""
-        return self._thread.lease_writes if self._thread is not None else self._lease_writes
+        if self._inline or self._thread is None:
+            return self._lease_writes
+        return self._thread.lease_writes
 
     # ------------------------------------------------------------------- state
     def state(self) -> State:
@@ -281,7 +297,22 @@ class KernelSync:
         self.sync(None, reason)
 
     def set_lease(self, until: float) -> None:
-        self._submit(_Job(lease=until))
+        """The kernel's lease until ``until`` (monotonic; ``INF``: no expiry)."""
+        if not self._inline:
+            self._submit(_Job(lease=until))
+            return
+        assert self._plane is not None
+        ms = lease_ms(until, time.monotonic())
+        try:
+            self._plane.set_lease(ms)
+        except Exception as e:  # the kernel kept its previous lease (it lapses by itself)
+            self.log("kernel-update-failed", level="error", reason="lease", error=repr(e))
+            return
+        self._lease_writes += 1
+        held = ms is None or ms > 0
+        if held != self._inline_held:
+            self._inline_held = held
+            self.log("kernel-lease", held=held, expires_ms=ms)
 
     def confirm(self, epoch: int) -> None:
         self._submit(_Job(confirm=epoch))

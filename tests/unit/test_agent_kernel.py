@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from multihost.agent_kernel import INF, Done, KernelThread, _Job, lease_ms
+from multihost.agent_kernel import INF, Done, KernelSync, KernelThread, _Job, lease_inline, lease_ms
+from multihost.config import parse_config
+from multihost.dataplane.backend import Backend
 from multihost.dataplane.ruleset import GroupBuckets
+from multihost.logfmt import EventLog
+from multihost.metrics import Metrics
+from tests.unit.test_config import MINIMAL
 
 
 def test_lease_ms() -> None:
@@ -100,3 +107,73 @@ def test_lease_renewals_wake_the_loop_only_when_held_flips() -> None:
     assert [c[0] for c in plane.calls] == ["lease"] * 5
     assert kt.lease_writes == 5 and kt.lease_held
     assert [d.lease_ms for d in done] == [0, None]  # the lapse and the return only
+
+
+class InlinePlane:
+    """A plane whose lease write is inline (as XDP's): records the writing thread."""
+
+    lease_inline = True
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, Any, int]] = []
+        self.fail = fail
+
+    def update(self, state: Mapping[str, GroupBuckets]) -> None:
+        self.calls.append(("update", dict(state), threading.get_ident()))
+
+    def set_lease(self, expires_ms: int | None) -> None:
+        if self.fail:
+            raise OSError("bpf_map_update_elem: EBADF")
+        self.calls.append(("lease", expires_ms, threading.get_ident()))
+
+
+def _sync(plane: InlinePlane) -> tuple[KernelSync, list[tuple[str, dict[str, Any]]]]:
+    logs: list[tuple[str, dict[str, Any]]] = []
+
+    def log(event: str, level: str = "info", **fields: Any) -> None:
+        logs.append((event, fields))
+
+    cfg = parse_config(MINIMAL, "m.toml")
+    ks = KernelSync(
+        cfg, cast(EventLog, log), Metrics("A"), on_applied=lambda s: None, on_confirm=print
+    )
+    ks.start(cast(Backend, plane), asyncio.new_event_loop())
+    return ks, logs
+
+
+def test_an_inline_lease_is_written_at_once_by_the_caller_and_logs_only_flips() -> None:
+    plane = InlinePlane()
+    ks, logs = _sync(plane)
+    try:
+        me = threading.get_ident()
+        for until in (time.monotonic() + 10, time.monotonic() + 20, float("-inf"), INF):
+            ks.set_lease(until)
+        assert [(c[0], c[2]) for c in plane.calls] == [("lease", me)] * 4  # no hand-off
+        assert 9_000 < plane.calls[0][1] <= 10_000 and 19_000 < plane.calls[1][1] <= 20_000
+        assert [c[1] for c in plane.calls[2:]] == [0, None]
+        assert ks.lease_updates == 4 and ks.lease_held
+        assert [(e, f["held"]) for e, f in logs] == [
+            ("kernel-lease", False),
+            ("kernel-lease", True),
+        ]
+    finally:
+        ks.close()
+
+
+def test_a_failed_inline_lease_write_is_logged_and_not_counted() -> None:
+    ks, logs = _sync(InlinePlane(fail=True))
+    try:
+        ks.set_lease(float("-inf"))
+        assert ks.lease_updates == 0 and ks.lease_held  # the kernel kept what it had
+        assert [e for e, _ in logs] == ["kernel-update-failed"]
+        assert "EBADF" in logs[0][1]["error"]
+    finally:
+        ks.close()
+
+
+def test_only_planes_that_say_so_take_the_inline_path() -> None:
+    assert lease_inline(InlinePlane()) and not lease_inline(Plane())
+    from multihost.dataplane.nft import Dataplane
+    from multihost.dataplane.xdp import XdpDataplane
+
+    assert XdpDataplane.lease_inline and not Dataplane.lease_inline

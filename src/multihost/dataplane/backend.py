@@ -29,6 +29,8 @@ class Backend(Protocol):
     """What the agent calls on either data plane (nft.Dataplane, xdp.XdpDataplane)."""
 
     backend: str
+    #: ``set_lease`` is one bounded map write, safe on the event loop (XDP; nft: False).
+    lease_inline: bool
 
     def install(
         self, state: Mapping[str, GroupBuckets], spec: RulesetSpec | None = None

@@ -306,6 +306,7 @@ class Dataplane:
     """
 
     backend = "nft"
+    lease_inline = False  # a transaction: it may wait for the kernel's nft mutex
 
     def __init__(
         self, spec: RulesetSpec, nft: Nft | None = None, *, fast_path: bool = True

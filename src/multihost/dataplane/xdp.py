@@ -223,6 +223,9 @@ class XdpDataplane:
     """
 
     backend = "xdp"
+    #: ``set_lease`` is one array-map write of a fixed value (no allocation, never blocks)
+    #: and touches no state the table updates use: the agent writes it on its event loop.
+    lease_inline = True
 
     def __init__(
         self,

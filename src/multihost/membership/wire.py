@@ -32,7 +32,7 @@ import hmac
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal, get_args
+from typing import Any, Final, Literal, NamedTuple, get_args
 
 MAGIC: Final = b"MHhb"
 VERSION: Final = 2
@@ -62,6 +62,7 @@ WIRE_REASONS: Final[tuple[str, ...]] = get_args(WireReason)
 _HEADER: Final = struct.Struct(">4sBBBBBBBBHHH8sQQ")
 _HEADER_V1: Final = struct.Struct(">4sBBBBBBBBBBB8sQQ")
 _ACK: Final = struct.Struct(">8sQ")
+_ACKS: Final = tuple(struct.Struct(">" + "8sQ" * n) for n in range(SLOTS + 1))  # n acks at once
 MIN_SIZE: Final = _HEADER_V1.size + MAC_SIZE  # the shorter header (version 1)
 
 
@@ -75,9 +76,9 @@ class WireError(Exception):
         self.sender = sender  # old-version: the (authenticated) sender's name
 
 
-@dataclass(frozen=True)
-class Ack:
-    """The highest heartbeat ``seq`` accepted from a member's incarnation ``boot``."""
+class Ack(NamedTuple):
+    """The highest heartbeat ``seq`` accepted from a member's incarnation ``boot`` (a named
+    tuple: one is built per peer per received heartbeat, so it must be cheap)."""
 
     boot: bytes
     seq: int
@@ -112,8 +113,33 @@ class Heartbeat:
     acks: Mapping[int, Ack] = field(default_factory=dict)
 
 
+_KEYED: dict[bytes, Any] = {}  # key -> HMAC-SHA256 state after the key (copied per message)
+
+
 def mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    """HMAC-SHA256 of ``data``: the keyed state is computed once per key and copied."""
+    keyed = _KEYED.get(key)
+    if keyed is None:
+        if len(_KEYED) >= 8:  # keys change only on a reload; keep the cache tiny
+            _KEYED.clear()
+        keyed = _KEYED[key] = hmac.new(key, digestmod=hashlib.sha256)
+    h = keyed.copy()
+    h.update(data)
+    digest: bytes = h.digest()
+    return digest
+
+
+_MASK_SLOTS: dict[int, tuple[int, ...]] = {}  # slot mask -> its set bits (cached, bounded)
+
+
+def _mask_slots(mask: int) -> tuple[int, ...]:
+    """The set bits of a slot mask, ascending (the order acks follow on the wire)."""
+    slots = _MASK_SLOTS.get(mask)
+    if slots is None:
+        if len(_MASK_SLOTS) >= 1024:
+            _MASK_SLOTS.clear()
+        slots = _MASK_SLOTS[mask] = tuple(s for s in range(mask.bit_length()) if mask >> s & 1)
+    return slots
 
 
 def _name_bytes(value: str, what: str) -> bytes:
@@ -349,24 +375,26 @@ def _fields(
     suspended = int.from_bytes(body[pos : pos + susp_len], "little")
     pos += susp_len
     acks: dict[int, Ack] = {}
-    for s in range(slots):
-        if ack_mask & (1 << s):
-            ack_boot, ack_seq = _ACK.unpack_from(body, pos)
-            pos += _ACK.size
-            acks[s] = Ack(ack_boot, ack_seq)
-    return Heartbeat(
-        cluster=cluster,
-        sender=sender,
-        slot=slot,
-        boot=boot,
-        seq=seq,
-        digest=digest,
-        view=view,
-        applied_view=applied_view,
-        applied_epoch=epoch,
-        held_groups=held,
-        suspended_groups=suspended,
-        draining=bool(flags & FLAG_DRAINING),
-        handover=bool(flags & FLAG_HANDOVER),
-        acks=acks,
+    if n_acks:  # every (boot, seq) in one unpack, paired with the mask's ascending slots
+        values = _ACKS[n_acks].unpack_from(body, pos)
+        new = tuple.__new__
+        i = 0
+        for s in _mask_slots(ack_mask):
+            acks[s] = new(Ack, (values[i], values[i + 1]))
+            i += 2
+    return Heartbeat(  # positional (in field order): cheaper than keywords, once per datagram
+        cluster,
+        sender,
+        slot,
+        boot,
+        seq,
+        digest,
+        view,
+        applied_view,
+        epoch,
+        held,
+        suspended,
+        bool(flags & FLAG_DRAINING),
+        bool(flags & FLAG_HANDOVER),
+        acks,
     )
