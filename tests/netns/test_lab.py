@@ -26,7 +26,7 @@ from multihost.lab import agents, build
 from multihost.lab.build import LabError, LabState, ProcessRecord
 from multihost.lab.clean import clean, pids_in_namespaces, proc_start_time
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import SwitchMode, Topology, describe, state_dir
+from multihost.lab.topology import PROBE_PORTS, SwitchMode, Topology, describe, state_dir
 
 CLI = [sys.executable, "-c", "from multihost.cli import entry; entry()"]
 
@@ -101,6 +101,13 @@ def test_every_node_serves_from_its_address_and_down_leaves_nothing(prefix: str)
     assert len(state.processes) == 6
     assert all(build.process_alive(p) for p in state.processes)
     client = topo.clients[0]
+    # curl's own source ports never fall in the probes' range: a probe flow on the port of
+    # the curl just before (its TIME_WAIT) failed to connect (EADDRNOTAVAIL) once in CI
+    ephemeral = subprocess.run(
+        ["ip", "netns", "exec", client.netns, "cat", "/proc/sys/net/ipv4/ip_local_port_range"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert [int(x) for x in ephemeral] == [PROBE_PORTS[1], 65535]
     for node in topo.nodes:
         assert curl(client.netns, f"http://{node.address}/").splitlines()[0] == node.name
         res = run_probe(state, "tcp", 300, target=node.address, concurrency=100)

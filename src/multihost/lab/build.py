@@ -40,6 +40,7 @@ from multihost.lab.clean import (
 )
 from multihost.lab.topology import (
     NETNS_DIR,
+    PROBE_PORTS,
     SUBNET6,
     Host,
     Topology,
@@ -362,6 +363,10 @@ def configure_host(h: Host) -> None:
             ipr.addr("add", index=dev, address=address, prefixlen=SUBNET6.prefixlen, flags=NODAD)
         # The connected route of the /16 is the only route a lab host needs.
         ipr.link("set", index=dev, state="up")
+    if h.role == "client":  # (for IPv6 too) ephemeral ports outside the probes' range
+        ports = "/proc/sys/net/ipv4/ip_local_port_range"
+        with netns_entered(h.netns), open(ports, "w", encoding="ascii") as f:
+            f.write(f"{PROBE_PORTS[1]} 65535\n")
 
 
 #: IFA_F_NODAD (<linux/if_addr.h>): the address skips duplicate address detection.

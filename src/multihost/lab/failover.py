@@ -39,10 +39,10 @@ from multihost.control import ControlError, request
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab import agents, faults
 from multihost.lab.build import LabError, LabState
-from multihost.lab.topology import Topology
+from multihost.lab.topology import PROBE_PORTS, Topology
 from multihost.lab.worker import NetnsWorker
 
-PORT_RANGE = (10000, 61000)
+PORT_RANGE = PROBE_PORTS
 Row = dict[str, Any]
 
 

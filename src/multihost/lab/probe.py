@@ -35,10 +35,10 @@ from multihost.assignment import assign, slots_of
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab import backprobe
 from multihost.lab.build import LabError, LabState
-from multihost.lab.topology import Host, Topology, TopologyError
+from multihost.lab.topology import PROBE_PORTS, Host, Topology, TopologyError
 
 PROTOCOLS = ("tcp", "udp", "icmp")
-PORT_RANGE = (10000, 61000)
+PORT_RANGE = PROBE_PORTS
 MAX_CONNECTIONS = PORT_RANGE[1] - PORT_RANGE[0]
 MAX_CONCURRENCY = 1000
 Progress = Callable[[int, int], None]

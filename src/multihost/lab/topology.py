@@ -82,6 +82,10 @@ DEFAULT_GROUP6 = "ff15::1"
 #: ``multihost.assignment.default_table().buckets`` (8! orderings): labs of up to 8 nodes;
 #: bigger (or weighted) labs use their cluster table's (``Topology.table``).
 BUCKETS = 40320
+#: Source ports the lab's probes choose explicitly ([lo, hi)).  A client namespace's own
+#: ephemeral ports (curl, wrk) start at ``hi`` (``build.configure_host``), so a probe's
+#: planned 4-tuple never meets an earlier curl's TIME_WAIT (connect: EADDRNOTAVAIL).
+PROBE_PORTS = (10000, 61000)
 HTTP_PORT = 80
 ECHO_PORT = 7
 MAX_NODES = 16  # node slots 0..15 (heartbeat version 2)
