@@ -4,12 +4,16 @@ membership glue is pure (multihost.agent_membership)."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import os
+import socket
 from pathlib import Path
 
 import multihost
+from multihost.agent_heartbeats import DRAIN_ROUNDS, HeartbeatLoop
 from multihost.agent_membership import (
     INF,
+    Actions,
     Confirm,
     Lease,
     MembershipGlue,
@@ -97,3 +101,49 @@ def test_claims_arrive_as_retarget_then_confirm_and_a_dead_link_serves_nothing()
     ops2 = [op for i in range(30) for op in g2.tick(i * 0.1).kernel]
     assert [op for op in ops2 if isinstance(op, Confirm)]  # the claims did change
     assert all(not any(op.claims.values()) for op in ops2 if isinstance(op, Retarget))
+
+
+class _Glue:
+    """Records each batch; while handling one, ``arrive`` more datagrams land (as from
+    peers whose heartbeats come in while this one is processed)."""
+
+    def __init__(self, peer: socket.socket, arrive: int) -> None:
+        self.peer, self.arrive = peer, arrive
+        self.batches: list[list[bytes]] = []
+
+    def received(self, datagrams: list[bytes], now: float) -> Actions:
+        self.batches.append(list(datagrams))
+        if self.arrive:
+            self.arrive -= 1
+            self.peer.send(b"hb-%d" % len(self.batches))
+        return Actions()
+
+    def next_deadline(self) -> float:
+        return INF
+
+
+def _drain(arrive: int) -> list[list[bytes]]:
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    loop = asyncio.new_event_loop()
+    try:
+        ours.setblocking(False)
+        glue = _Glue(peer, arrive)
+        hb = HeartbeatLoop.__new__(HeartbeatLoop)  # only the receive path: no config
+        hb.glue, hb._sock, hb._loop, hb._timer = glue, ours, loop, None  # type: ignore[assignment]
+        hb.log = lambda *a, **k: None  # type: ignore[assignment]
+        peer.send(b"hb-0")
+        hb._on_heartbeats()
+        return glue.batches
+    finally:
+        loop.close()
+        ours.close()
+        peer.close()
+
+
+def test_heartbeats_that_arrive_while_one_is_handled_are_read_in_the_same_wakeup() -> None:
+    assert _drain(arrive=2) == [[b"hb-0"], [b"hb-1"], [b"hb-2"]]
+
+
+def test_a_flood_cannot_hold_the_loop_beyond_the_drain_rounds() -> None:
+    batches = _drain(arrive=100)
+    assert len(batches) == DRAIN_ROUNDS  # the rest waits for the next trip through the loop
