@@ -27,6 +27,7 @@ from multihost.lab.probe import ProbeResult, run_probe
 from multihost.lab.topology import describe, state_dir
 
 CONNECTIONS = 5000
+SEED = 0x5EED1234
 
 
 @contextlib.contextmanager
@@ -35,7 +36,10 @@ def _lab(
 ) -> Iterator[LabState]:
     prefix = f"mhtB{secrets.token_hex(2)}-"
     try:
-        topo = describe(nodes, prefix=prefix, weights=weights, table_kind=table)
+        # A fixed hash seed (the probe's ports are fixed too): the per-node counts are then
+        # reproducible, and the 99.9 % band is checked once for this seed, not redrawn on
+        # every run (a random seed failed the band ~1 run in 30 by chance alone).
+        topo = describe(nodes, prefix=prefix, weights=weights, table_kind=table, seed=SEED)
         # the lab's default heartbeat: 25 ms x nodes above 8 (agents.default_heartbeat_ms)
         state = build.build(topo, backend=backend)
         assert set(state.agents["dataplane"].values()) == {backend}
