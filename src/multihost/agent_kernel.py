@@ -57,6 +57,11 @@ def lease_inline(plane: object) -> bool:
     return bool(getattr(plane, "lease_inline", False))
 
 
+def held(ms: int | None) -> bool:
+    """Whether a lease written as ``ms`` (see :func:`lease_ms`) lets the kernel take new flows."""
+    return ms is None or ms > 0
+
+
 def lease_ms(until: float, now: float) -> int | None:
     """``Dataplane.set_lease``'s argument for a lease held until ``until`` (``INF``: no
     expiry, None; past: 0, lapsed)."""
@@ -183,8 +188,8 @@ class KernelThread:
         flipped = False
         if leased:
             self.lease_writes += 1
-            held = ms is None or ms > 0
-            flipped, self.lease_held = held != self.lease_held, held
+            now_held = held(ms)
+            flipped, self.lease_held = now_held != self.lease_held, now_held
         ended = time.monotonic()
         return Done(
             job.state, job.since, job.reason, ms, leased, flipped, confirm, took, ended, error
@@ -309,10 +314,9 @@ class KernelSync:
             self.log("kernel-update-failed", level="error", reason="lease", error=repr(e))
             return
         self._lease_writes += 1
-        held = ms is None or ms > 0
-        if held != self._inline_held:
-            self._inline_held = held
-            self.log("kernel-lease", held=held, expires_ms=ms)
+        if held(ms) != self._inline_held:
+            self._inline_held = held(ms)
+            self._log_lease(ms)
 
     def confirm(self, epoch: int) -> None:
         self._submit(_Job(confirm=epoch))
@@ -331,13 +335,16 @@ class KernelSync:
         self._thread.submit(job)
 
     # ----------------------------------------------------------------- results
+    def _log_lease(self, ms: int | None) -> None:
+        """The kernel's lease went from held to lapsed or back (written as ``ms``)."""
+        self.log("kernel-lease", held=held(ms), expires_ms=ms)
+
     def _done(self, d: Done) -> None:
         if d.error:
             self.log("kernel-update-failed", level="error", reason=d.reason or None, error=d.error)
             return
         if d.flipped:
-            held = d.lease_ms is None or d.lease_ms > 0
-            self.log("kernel-lease", held=held, expires_ms=d.lease_ms)
+            self._log_lease(d.lease_ms)
         if d.state is not None:
             self.applied = d.state
             self.updates += 1

@@ -359,14 +359,8 @@ class Dataplane:
         return UpdateStats(delta.added_count, delta.removed_count, t1 - t0, t2 - t1, path)
 
     def _apply(self, delta: Delta) -> str:
-        if self.fast_path and self.nft.can_send_elements:
-            try:
-                self.nft.send_elements(self.spec.table, delta)
-                return "netlink"
-            except NftError as e:
-                if e.code != errno.EPERM:
-                    raise
-                self.fast_path = False  # not the socket that owns our table: use libnftables
+        if self._netlink(lambda: self.nft.send_elements(self.spec.table, delta)):
+            return "netlink"
         self.nft.run(render_delta_json(self.spec, delta), json_mode=True)
         return "json"
 
@@ -375,15 +369,24 @@ class Dataplane:
         ``> 0`` held for that many milliseconds, ``<= 0`` lapsed (one transaction)."""
         if self._state is None:
             raise NftError("set_lease() before install()")
-        if self.fast_path and self.nft.can_send_elements:
-            try:  # a renewal every heartbeat interval: no libnftables parse each time
-                self.nft.send_lease(self.spec.table, expires_ms)
-                return
-            except NftError as e:
-                if e.code != errno.EPERM:
-                    raise
-                self.fast_path = False  # not the socket that owns our table: use libnftables
-        self.nft.run(render_lease(self.spec, expires_ms))
+        # a renewal every heartbeat interval: no libnftables parse each time
+        if not self._netlink(lambda: self.nft.send_lease(self.spec.table, expires_ms)):
+            self.nft.run(render_lease(self.spec, expires_ms))
+
+    def _netlink(self, send: Callable[[], None]) -> bool:
+        """Try ``send`` on the fast path (raw netlink on the context's socket); False: the
+        caller writes through libnftables instead (no fast path, or this socket does not
+        own the table: then never again)."""
+        if not (self.fast_path and self.nft.can_send_elements):
+            return False
+        try:
+            send()
+            return True
+        except NftError as e:
+            if e.code != errno.EPERM:
+                raise
+            self.fast_path = False  # not the socket that owns our table: use libnftables
+            return False
 
     def lease_held(self) -> bool:
         """Whether the kernel's lease elements exist (for checks)."""

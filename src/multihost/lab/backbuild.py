@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import multihost
-from multihost.dataplane.nft import netns_entered
 from multihost.lab.backnet import (
     ROUTED_SUBNET,
     BackNet,
@@ -49,6 +48,7 @@ from multihost.lab.build import (
     add_veth,
     configure_host,
     nft_script,
+    sysctl,
     wait_listening,
 )
 from multihost.lab.topology import Host, Topology
@@ -61,11 +61,6 @@ NODE_HEADER = "X-Multihost-Node"
 HAPROXY = "/usr/sbin/haproxy"
 #: The lab's reply counters on each node (:func:`node_nft`).
 REPLY_COUNTERS = ("held", "closed", "stray")
-
-
-def sysctl(netns: str, key: str, value: str) -> None:
-    with netns_entered(netns), open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
-        f.write(value + "\n")
 
 
 def _backnet(state: LabState) -> BackNet:

@@ -355,18 +355,19 @@ def configure_host(h: Host) -> None:
             # 'lab fail --how link' sets the link down, which flushes IPv6 addresses (and
             # their connected route) unless keep_addr_on_down; a cable pull, which it
             # models, keeps them.
-            with netns_entered(h.netns):
-                path = f"/proc/sys/net/ipv6/conf/{h.interface}/keep_addr_on_down"
-                with open(path, "w", encoding="ascii") as f:
-                    f.write("1\n")
+            sysctl(h.netns, f"net.ipv6.conf.{h.interface}.keep_addr_on_down", "1")
         for address in h.addresses6:  # no duplicate address detection: usable at once
             ipr.addr("add", index=dev, address=address, prefixlen=SUBNET6.prefixlen, flags=NODAD)
         # The connected route of the /16 is the only route a lab host needs.
         ipr.link("set", index=dev, state="up")
     if h.role == "client":  # (for IPv6 too) ephemeral ports outside the probes' range
-        ports = "/proc/sys/net/ipv4/ip_local_port_range"
-        with netns_entered(h.netns), open(ports, "w", encoding="ascii") as f:
-            f.write(f"{PROBE_PORTS[1]} 65535\n")
+        sysctl(h.netns, "net.ipv4.ip_local_port_range", f"{PROBE_PORTS[1]} 65535")
+
+
+def sysctl(netns: str, key: str, value: str) -> None:
+    """Set ``key`` (dotted) to ``value`` in namespace ``netns``."""
+    with netns_entered(netns), open(f"/proc/sys/{key.replace('.', '/')}", "w") as f:
+        f.write(value + "\n")
 
 
 #: IFA_F_NODAD (<linux/if_addr.h>): the address skips duplicate address detection.
