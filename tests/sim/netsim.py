@@ -4,9 +4,11 @@ Owns: a deterministic discrete-event simulation of N nodes running
 :class:`~multihost.membership.protocol.MembershipCore`: multicast delivery to all other
 nodes with seeded loss, duplication and random delay (hence reordering), clean partitions,
 one-way link faults, node crash (the core and its kernel claims vanish) and restart (new
-boot id, new core), a modelled agent that applies each ``ClaimsChanged`` after a random lag
-(in order) and confirms it, and the checks: the safety invariant over what every node's
-kernel serves, evaluated after every step; convergence and coverage helpers for liveness.
+boot id, new core), pauses (a stopped process or VM: nothing reaches the core until it
+resumes, then everything queued does), a modelled agent that applies each
+``ClaimsChanged`` after a random lag (in order) and confirms it, and the checks: the
+safety invariant over what every node's kernel serves, evaluated after every step;
+convergence and coverage helpers for liveness.
 
 The driver always advances to the earliest of (next queued event, earliest core deadline).
 
@@ -87,6 +89,7 @@ class SimNode:
     kernel: Kernel = EMPTY_KERNEL
     apply_free_at: float = 0.0
     deadline: float = INF
+    paused_until: float = -INF  # a stopped process/VM: no input reaches the core before
     rejected: list[tuple[float, str, str | None]] = field(default_factory=list)
     logs: list[tuple[float, Log]] = field(default_factory=list)
     views: list[tuple[float, frozenset[str]]] = field(default_factory=list)
@@ -206,6 +209,12 @@ class NetSim:
         node.deadline = INF
         self._set_kernel(node, EMPTY_KERNEL)
 
+    def pause(self, names: Iterable[str], seconds: float) -> None:
+        """Stop ``names`` (their process or VM) for ``seconds``: their timers and every
+        datagram or kernel confirmation for them wait until they resume."""
+        for name in names:
+            self.nodes[name].paused_until = self.now + seconds
+
     def set_draining(self, name: str, draining: bool) -> None:
         node = self.nodes[name]
         assert node.core is not None
@@ -261,7 +270,9 @@ class NetSim:
 
     def _deliver(self, dst: str, payload: bytes) -> None:
         node = self.nodes[dst]
-        if node.core is not None:
+        if self.now < node.paused_until:  # queued in its socket until it runs again
+            self._push(node.paused_until, functools.partial(self._deliver, dst, payload))
+        elif node.core is not None:
             self._handle(node, node.core.receive(payload, self.now))
 
     # ------------------------------------------------------------------ agent
@@ -303,6 +314,9 @@ class NetSim:
     def _apply(self, node: SimNode, incarnation: int, kernel: Kernel) -> None:
         if node.core is None or node.incarnation != incarnation:
             return
+        if self.now < node.paused_until:
+            self._push(node.paused_until, functools.partial(self._apply, node, incarnation, kernel))
+            return
         self._set_kernel(node, kernel)
         self._handle(node, node.core.applied(kernel.epoch, self.now))
 
@@ -320,8 +334,8 @@ class NetSim:
         while True:
             t_q = self._queue[0][0] if self._queue else INF
             up = [n for n in self.nodes.values() if n.core is not None]
-            ticker = min(up, key=lambda n: n.deadline, default=None)
-            t_d = ticker.deadline if ticker is not None else INF
+            ticker = min(up, key=lambda n: max(n.deadline, n.paused_until), default=None)
+            t_d = max(ticker.deadline, ticker.paused_until) if ticker is not None else INF
             t = min(t_q, t_d)
             if t > t_end:
                 break

@@ -151,3 +151,28 @@ def test_a_death_is_announced_three_times_min_send_gap_apart() -> None:
     assert all(b - a >= gap - 1e-9 for a, b in itertools.pairwise(mine))
     sim.run_for(core.config.interval / 2)  # then the regular period again
     assert len([t for t, src, _ in sim.captured if src == "n0" and t >= dead_at]) == 3
+
+
+def test_a_newcomer_that_heard_us_ineligible_needs_our_fresh_ack() -> None:
+    """Found by the random search (8 nodes starting under 30 % loss): a newcomer that hears
+    us take no share (draining, or suspended) takes it without declaring us dead, so its
+    newcomer lease says nothing about it.  Here n1 drains; n2 restarts, n1 hears only its
+    seq 1 (then n2 -> n1 is cut) while n2 takes part of n1's share.  n1 undrains just as
+    n1 -> n2 fails too: n2 never learns it and keeps that part.  n1 must wait for n2's ack
+    of a fresh heartbeat instead of claiming against n2's seq 1: the strict safety check
+    after every step stops the old rule as double service."""
+    sim = NetSim(make_configs(3, interval=1.0, dead_after=DEAD_AFTER), seed=11)
+    settle(sim, bound=SETTLE)
+    sim.set_draining("n1", True)
+    sim.run_for(2.0)
+    sim.restart("n2")
+    heard = sim.core("n1")._peers["n2"]
+    assert sim.run_for(1.0, stop=lambda: heard.boot == sim.core("n2").boot_id)
+    assert heard.seq == 1
+    sim.link("n2", "n1", up=False)  # n1 hears nothing of n2 after its seq 1
+    assert sim.run_for(2.0, stop=lambda: sim.nodes["n2"].serves("all") > BUCKETS // 3)
+    assert heard.newcomer_until is None  # void: it may have heard us draining
+    sim.link("n1", "n2", up=False)
+    sim.set_draining("n1", False)
+    sim.run_for(DEAD_AFTER / 2)  # n0 acks n1's fresh heartbeat; n2 cannot
+    assert not sim.nodes["n1"].kernel.masks.get("all", EMPTY).any()

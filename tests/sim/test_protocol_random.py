@@ -3,8 +3,9 @@ liveness once the faults stop.
 
 Each schedule runs 2–8 cores with random groups, takeover hold and seed through crashes,
 restarts, clean partitions (changing shape), one-way link faults, loss bursts, delay
-spikes and drains; the safety invariant is checked after every step (strictly with quorum;
-without quorum, pairs that each believe the other dead are the documented exception).
+spikes, drains and freezes of the whole cluster (its VM or host stopped); the safety
+invariant is checked after every step (strictly with quorum; without quorum, pairs that
+each believe the other dead are the documented exception).
 After healing and restarting everything, every node must serve exactly its share within a
 bound.
 """
@@ -60,7 +61,7 @@ class Scenario:
 
 
 def _steps(n: int, quorum: bool) -> st.SearchStrategy[Step]:
-    kinds = ["crash", "restart", "partition", "oneway", "loss", "drain", "undrain"]
+    kinds = ["crash", "restart", "partition", "oneway", "loss", "drain", "undrain", "freeze"]
     if not quorum:
         kinds.append("delay")
     return st.builds(
@@ -122,6 +123,8 @@ def _apply(sim: NetSim, step: Step, quorum: bool, base: NetParams) -> float:
         sim.at(end, lambda: setattr(sim, "params", base))
     elif step.kind in ("drain", "undrain") and sim.nodes[a].up:
         sim.set_draining(a, step.kind == "drain")
+    elif step.kind == "freeze":  # the whole cluster's VM (or host) stops, then resumes
+        sim.pause(sim.nodes, step.duration)
     return wait
 
 
@@ -176,7 +179,7 @@ def test_random_faults_with_quorum_are_strictly_safe(sc: Scenario) -> None:
 def _strict_steps(n: int) -> st.SearchStrategy[Step]:
     return st.builds(
         Step,
-        kind=st.sampled_from(["crash", "restart", "oneway", "drain", "undrain"]),
+        kind=st.sampled_from(["crash", "restart", "oneway", "drain", "undrain", "freeze"]),
         a=st.integers(0, n - 1),
         b=st.integers(0, n - 1),
         value=st.just(0.0),

@@ -81,6 +81,12 @@ class LeaseBook:
         expiry = self._expiry[p.name]
         return expiry is not None and now < expiry
 
+    def quorum(self, peers: Iterable[PeerRecord], now: float, members: int) -> bool:
+        """Does this node, with the alive ``peers`` whose leases are time-valid, make a
+        majority of the ``members``?"""
+        reach = 1 + sum(p.state is ALIVE and self.time_ok(p, now) for p in peers)
+        return 2 * reach > members
+
     def was_ok(self, p: PeerRecord) -> bool:
         """Time validity of ``p``'s lease at the last :meth:`update`."""
         return self._ok[p.name]

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from multihost.membership.effects import Log
 from multihost.membership.state import PeerRecord
 from multihost.membership.wire import ALL_SLOTS
 
@@ -81,9 +82,23 @@ def newcomer_until(received: float, t: Timing) -> float:
 
 
 def suspect(peer: PeerRecord, now: float, t: Timing) -> bool:
-    """Nothing has arrived from ``peer`` for longer than ``suspect_after``: under A4 it has
-    crashed, or its link to us has failed."""
-    return peer.last_heard is not None and now >= peer.last_heard + t.suspect_after
+    """Nothing has arrived from ``peer`` for longer than ``suspect_after`` (while this node
+    could run: :meth:`.PeerRecord.excuse`): under A4 it has crashed, or its link to us has
+    failed."""
+    return peer.silent_from is not None and now >= peer.silent_from + t.suspect_after
+
+
+def paused(peers: Iterable[PeerRecord], due: float | None, now: float, jitter: float) -> list[Log]:
+    """An input at ``now``, later than the deadline ``due`` the core handed out by more than
+    the lateness bound: this node could not run meanwhile (its process or VM was stopped).
+    The peers' silence in that time is no evidence (``docs/membership.md``, "Pauses"), so it
+    counts towards neither suspicion nor death: declaring a peer dead later, or needing its
+    lease longer, is always safe.  Returns the log line for a pause."""
+    if due is None or now <= due + jitter:
+        return []
+    for p in peers:
+        p.excuse(due + jitter, now)
+    return [Log("warning", "paused", {"ms": round((now - due) * 1000, 1)})]
 
 
 def exempt(

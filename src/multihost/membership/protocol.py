@@ -46,6 +46,7 @@ from multihost.membership.leases import (
     ack_expiry,
     advertised,
     newcomer_until,
+    paused,
     takeover_safe,
 )
 from multihost.membership.outgoing import outgoing
@@ -64,7 +65,7 @@ from multihost.membership.state import (
     MemberState,
     MemberStatus,
     PeerRecord,
-    peer_status,
+    statuses,
 )
 from multihost.membership.wire import BOOT_ID_SIZE, encode
 
@@ -97,6 +98,7 @@ class MembershipCore:
             config.jitter,
         )
         self._now = now
+        self._due: float | None = None  # the last next_deadline() handed out
         self._groups = layout_groups(config.groups, config.members)
         self._my_groups = tuple(g for g in self._groups if self._me in g.members)
         self._peers = {n: PeerRecord(n, s) for n, s in config.members.items() if n != self._me}
@@ -112,6 +114,7 @@ class MembershipCore:
         self._last_send = -INF
         self._draining = False
         self._handover = False
+        self._ineligible_sent = -INF  # last heartbeat saying we take no share somewhere
         # Per group: peers must ack at least this seq of ours (bumped when we become
         # eligible again after draining or a suspension) before we claim anything in it.
         self._fresh = {g.name: 1 for g in self._my_groups}
@@ -137,7 +140,7 @@ class MembershipCore:
     def receive(self, datagram: bytes, now: float) -> list[Effect]:
         """Handle one datagram from the cluster group."""
         out: list[Effect] = []
-        now = self._clock(now)
+        now = self._clock(now, out)
         self._received += 1
         self._accept(datagram, now, out)
         self._advance(now, out)
@@ -146,13 +149,13 @@ class MembershipCore:
     def tick(self, now: float) -> list[Effect]:
         """Handle the passage of time (call at ``next_deadline()``, or any time)."""
         out: list[Effect] = []
-        self._advance(self._clock(now), out)
+        self._advance(self._clock(now, out), out)
         return out
 
     def set_draining(self, draining: bool, now: float) -> list[Effect]:
         """Draining: stay a member but serve nothing; peers take the buckets over."""
         out: list[Effect] = []
-        now = self._clock(now)
+        now = self._clock(now, out)
         if draining != self._draining:
             self._draining = draining
             if not draining:
@@ -169,7 +172,7 @@ class MembershipCore:
     def applied(self, epoch: int, now: float) -> list[Effect]:
         """The kernel now serves exactly the claims of ``epoch`` (from ClaimsChanged)."""
         out: list[Effect] = []
-        now = self._clock(now)
+        now = self._clock(now, out)
         if epoch > self._epoch:
             out.append(Log("error", "applied-unknown-epoch", {"epoch": epoch}))
         elif epoch > self._applied_epoch:
@@ -182,12 +185,14 @@ class MembershipCore:
         return out
 
     def next_deadline(self) -> float:
-        """The next time at which ``tick`` changes something (absent new input)."""
+        """The next time at which ``tick`` changes something (absent new input).  A caller
+        that asks schedules by it: an input more than ``jitter`` after it means this node
+        could not run meanwhile (:meth:`_clock`)."""
         now, da, hold, best = self._now, self._da, self._hold, self._next_send
         later: list[float | None] = [self._grace_until]  # count only if after now
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         for p in self._peers.values():
-            state, heard = p.state, p.last_heard
+            state, heard = p.state, p.silent_from
             if heard is not None and (state is ALIVE or state is MemberState.MISMATCH):
                 best = min(best, heard + da)
             if p.departed_at is not None:
@@ -200,6 +205,7 @@ class MembershipCore:
         for t in later:
             if t is not None and now < t < best:
                 best = t
+        self._due = best
         return best
 
     # ----------------------------------------------------------- introspection
@@ -255,31 +261,19 @@ class MembershipCore:
 
     def members(self) -> dict[str, MemberStatus]:
         """Status of every configured member as seen by this node (itself included)."""
-        me = MemberStatus(
-            self._me,
-            self._slot,
-            ALIVE.value,
-            self._now,
-            self._boot.hex(),
-            self._seq,
-            self._view,
-            self._applied_epoch,
-            self._draining,
-            None,
-            serving=self._advertised()[1] != 0,
-            suspended=any(self._suspended.values()),
-        )
-        out = {self._me: me}
-        for p in self._peers.values():
-            expiry = self._leases.expiry(p) if p.state is ALIVE else None
-            suspect = p.name in self._leases.suspects
-            out[p.name] = peer_status(p, self.config.members, expiry, suspect)
-        return out
+        who = (self._me, self._slot, ALIVE.value, self._now, self._boot.hex(), self._seq)
+        where = (self._view, self._applied_epoch, self._draining, None)
+        serving, suspended = self._advertised()[1] != 0, any(self._suspended.values())
+        me = MemberStatus(*who, *where, serving=serving, suspended=suspended)
+        peers, leases = self._peers.values(), self._leases
+        return statuses(me, peers, self.config.members, leases.expiry, leases.suspects)
 
     # ------------------------------------------------------------- receiving
 
-    def _clock(self, now: float) -> float:
-        self._now = max(self._now, now)  # time never runs backwards inside the core
+    def _clock(self, now: float, out: list[Effect]) -> float:
+        """Time never runs backwards in the core; a late call means a pause (:func:`paused`)."""
+        out += paused(self._peers.values(), self._due, now, self._timing.jitter)
+        self._due, self._now = None, max(self._now, now)
         return self._now
 
     def _reject(self, reason: str, sender: str | None, out: list[Effect]) -> None:
@@ -297,7 +291,8 @@ class MembershipCore:
         restarted = verdict.new_boot and peer.boot is not None
         if verdict.new_boot:
             peer.new_incarnation(hb.boot)
-            if hb.seq == 1 and hb.digest == self._digest:
+            young = now > self._ineligible_sent + 2 * self._timing.jitter  # A4: never heard it
+            if hb.seq == 1 and hb.digest == self._digest and young:
                 peer.newcomer_until = newcomer_until(now, self._timing)
         peer.record_receipt(hb, now)
         peer.latest = hb
@@ -346,7 +341,7 @@ class MembershipCore:
 
     def _advance(self, now: float, out: list[Effect]) -> None:
         for p in self._peers.values():
-            silent = p.last_heard is not None and now >= p.last_heard + self._da
+            silent = p.silent_from is not None and now >= p.silent_from + self._da
             if silent and p.state in (ALIVE, MemberState.MISMATCH):
                 old, _ = self._transition(p, MemberEvent.SILENT, out)
                 if old is ALIVE:
@@ -364,16 +359,13 @@ class MembershipCore:
             self._send(now, out)
 
     def _update_quorum(self, now: float, out: list[Effect]) -> None:
-        if not self.config.quorum:
-            return
-        peers = self._peers.values()
-        reach = 1 + sum(p.state is ALIVE and self._leases.time_ok(p, now) for p in peers)
-        ok = 2 * reach > len(self.config.members)
-        if ok != self._quorum_ok:
-            self._quorum_ok = ok
-            out.append(
-                Log("info", "quorum-gained", {}) if ok else Log("warning", "quorum-lost", {})
-            )
+        if self.config.quorum:
+            ok = self._leases.quorum(self._peers.values(), now, len(self.config.members))
+            if ok != self._quorum_ok:
+                self._quorum_ok = ok
+                out.append(
+                    Log("info", "quorum-gained", {}) if ok else Log("warning", "quorum-lost", {})
+                )
 
     def _update_claims(self, now: float, out: list[Effect]) -> None:
         alive = [p for p in self._peers.values() if p.state is ALIVE]
@@ -491,7 +483,13 @@ class MembershipCore:
         horizon = now - (self._da + self._hold + self._timing.ack_age_max)
         for seq in [s for s, t in self._sent_at.items() if t < horizon]:
             del self._sent_at[seq]
-        for p in self._peers.values():  # _sent_at changed
+        if self._draining or any(self._suspended.values()):
+            # A newcomer that hears this may take our share (ineligible: no death needed),
+            # so its newcomer lease is void: claiming again will need its fresh ack.
+            self._ineligible_sent = now
+            for p in self._peers.values():
+                p.newcomer_until = None
+        for p in self._peers.values():  # _sent_at (or a newcomer lease) changed
             self._leases.refresh(p, self._sent_at)
         self._last_send = now
         self._next_send = now + self.config.interval

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
@@ -90,6 +90,9 @@ class PeerRecord:
     slot: int
     state: MemberState = MemberState.UNKNOWN
     last_heard: float | None = None
+    # Whence its silence counts (its death and suspicion): ``last_heard``, moved on past
+    # any time this node itself could not run (:meth:`excuse`).
+    silent_from: float | None = None
     boot: bytes | None = None
     seq: int = 0
     old_boots: deque[bytes] = field(default_factory=lambda: deque(maxlen=OLD_BOOTS_KEPT))
@@ -124,7 +127,13 @@ class PeerRecord:
 
     def record_receipt(self, hb: Heartbeat, now: float) -> None:
         self.seq = hb.seq
-        self.last_heard = now
+        self.last_heard = self.silent_from = now
+
+    def excuse(self, start: float, end: float) -> None:
+        """This node could not run from ``start`` to ``end`` (a paused process or VM): the
+        peer's silence in that time is no evidence, so it does not count."""
+        if self.silent_from is not None and self.silent_from < end:
+            self.silent_from += end - max(start, self.silent_from)
 
     def note_digest(self, theirs: bytes, ours: bytes) -> str | None:
         """Track a digest mismatch (then no heartbeat of it counts); returns the event to
@@ -205,3 +214,19 @@ def peer_status(
         handover=bool(hb and hb.handover),
         suspect=suspect,
     )
+
+
+def statuses(
+    me: MemberStatus,
+    peers: Iterable[PeerRecord],
+    members: Mapping[str, int],
+    expiry: Callable[[PeerRecord], float | None],
+    suspects: frozenset[str],
+) -> dict[str, MemberStatus]:
+    """Every member's status: this node's (``me``) and each peer's (``expiry``: until when
+    our lease from an alive peer runs; ``suspects``: the peers suspect now)."""
+    out = {me.name: me}
+    for p in peers:
+        alive = p.state is MemberState.ALIVE
+        out[p.name] = peer_status(p, members, expiry(p) if alive else None, p.name in suspects)
+    return out
