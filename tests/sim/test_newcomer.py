@@ -20,6 +20,7 @@ import pytest
 
 from multihost.membership.config import MembershipConfig
 from multihost.membership.ownership import BoolArray
+from multihost.membership.protocol import DEATH_ANNOUNCEMENTS
 from tests.sim.netsim import (
     BUCKETS,
     DEAD_AFTER,
@@ -134,23 +135,26 @@ def test_a_newcomer_whose_first_heartbeat_was_lost_gets_no_newcomer_lease() -> N
     )
 
 
-def test_a_death_is_announced_three_times_min_send_gap_apart() -> None:
-    """The heartbeat with the new view goes out at the death and is repeated twice, so a
-    peer that still exempts us as suspect sees it despite one or two lost datagrams."""
+def test_a_death_is_announced_repeatedly_min_send_gap_apart() -> None:
+    """The heartbeat with the new view goes out at the death and is repeated
+    ``DEATH_ANNOUNCEMENTS`` times, so a peer that still exempts us as suspect sees it
+    despite several lost datagrams."""
     sim = NetSim(fast(3), seed=1, params=LAN)
     settle(sim, bound=1.0)
     core = sim.core("n0")
     gap = core.config.min_send_gap
+    sends = 1 + DEATH_ANNOUNCEMENTS
     sim.crash("n2")
     sim.run_for(1.0, stop=lambda: "n2" not in core.view)
     dead_at = sim.now
-    sim.run_for(2 * gap + 0.001)
+    sim.run_for(DEATH_ANNOUNCEMENTS * gap + 0.001)
     mine = [t for t, src, _ in sim.captured if src == "n0" and t >= dead_at]
-    assert len(mine) == 3, (mine, dead_at)
+    assert len(mine) == sends, (mine, dead_at)
     assert mine[0] == dead_at
     assert all(b - a >= gap - 1e-9 for a, b in itertools.pairwise(mine))
-    sim.run_for(core.config.interval / 2)  # then the regular period again
-    assert len([t for t, src, _ in sim.captured if src == "n0" and t >= dead_at]) == 3
+    assert mine[-1] < dead_at + core.config.interval  # all before the next regular one
+    sim.run_for(core.config.interval - DEATH_ANNOUNCEMENTS * gap - 0.002)
+    assert len([t for t, src, _ in sim.captured if src == "n0" and t >= dead_at]) == sends
 
 
 def test_a_newcomer_that_heard_us_ineligible_needs_our_fresh_ack() -> None:
