@@ -103,6 +103,8 @@ class MembershipGlue:
         self._step = config.interval
         self._view_changed_at: float | None = None
         self.view_changes = 0
+        self.pauses = 0  # the core's "paused" logs: this node could not run past a deadline
+        self.paused_ms = 0.0
         self.fenced = False
         self.fences = 0
 
@@ -179,6 +181,10 @@ class MembershipGlue:
                 self._apply(eff, out, now)
             elif isinstance(eff, Log):
                 out.logs.append(eff)
+                ms = eff.fields.get("ms") if eff.event == "paused" else None
+                if isinstance(ms, float):
+                    self.pauses += 1
+                    self.paused_ms += ms
             elif isinstance(eff, Rejected):
                 pass  # counted by the core; the core logs what deserves a log line
         if self._lease_off and self.core.blocked() != {"lease"}:
@@ -294,6 +300,8 @@ class MembershipGlue:
                 "fences": self.fences,
                 "view_changes": self.view_changes,
                 "late_timers": io_counters.get("late_timers", 0),  # timers > 100 ms late
+                "pauses": self.pauses,  # inputs > jitter past the core's deadline
+                "paused_ms": round(self.paused_ms, 1),
             },
         }
 
@@ -303,4 +311,5 @@ class MembershipGlue:
         snap.heartbeats_received = c.accepted
         snap.rejected = dict(c.rejected)
         snap.view_changes = self.view_changes
+        snap.pauses, snap.paused_seconds = self.pauses, self.paused_ms / 1000
         snap.members_up = {name: m.state == "alive" for name, m in self.core.members().items()}

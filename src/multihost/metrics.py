@@ -28,6 +28,8 @@ class Snapshot:
     heartbeats_received: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     view_changes: int = 0
+    pauses: int = 0  # times this node could not run past its deadline (membership "paused")
+    paused_seconds: float = 0.0
     members_up: dict[str, bool] = field(default_factory=dict)
     owned_buckets: dict[str, int] = field(default_factory=dict)
     # group -> {"accepted_packets", "accepted_bytes", "dropped_packets", "dropped_bytes"}
@@ -58,6 +60,20 @@ class _SnapshotCollector(Collector):
         yield c
         c = CounterMetricFamily("multihost_view_changes", "Live-set changes", labels=["node"])
         c.add_metric([node], s.view_changes)
+        yield c
+        c = CounterMetricFamily(
+            "multihost_pauses",
+            "Times this node (its process or VM) could not run past its membership deadline",
+            labels=["node"],
+        )
+        c.add_metric([node], s.pauses)
+        yield c
+        c = CounterMetricFamily(
+            "multihost_paused_seconds",
+            "Time past the deadline in those pauses (not held against the peers' silence)",
+            labels=["node"],
+        )
+        c.add_metric([node], s.paused_seconds)
         yield c
         g = GaugeMetricFamily(
             "multihost_member_up",

@@ -9,6 +9,8 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
+
 import multihost
 from multihost.agent_heartbeats import DRAIN_ROUNDS, HeartbeatLoop
 from multihost.agent_membership import (
@@ -19,6 +21,7 @@ from multihost.agent_membership import (
     MembershipGlue,
     Retarget,
 )
+from multihost.metrics import Snapshot
 from tests.sim.netsim import make_configs
 
 SRC = Path(multihost.__file__).parent
@@ -147,3 +150,22 @@ def test_heartbeats_that_arrive_while_one_is_handled_are_read_in_the_same_wakeup
 def test_a_flood_cannot_hold_the_loop_beyond_the_drain_rounds() -> None:
     batches = _drain(arrive=100)
     assert len(batches) == DRAIN_ROUNDS  # the rest waits for the next trip through the loop
+
+
+def test_a_pause_is_counted_in_status_and_metrics() -> None:
+    """An input later than the deadline the glue handed out (plus the jitter bound) is a
+    pause of this node: counted in ``status`` (``pauses``, ``paused_ms``) and metrics."""
+    g = glue([True])
+    g.tick(0.0)
+    due = g.next_deadline()
+    g.tick(due + g.config.jitter / 2)  # late, but within the bound: no pause
+    assert g.status(due, {})["counters"]["pauses"] == 0
+    due = g.next_deadline()
+    out = g.tick(due + 0.25)
+    assert [log.event for log in out.logs if log.event == "paused"] == ["paused"]
+    counters = g.status(due + 0.25, {})["counters"]
+    assert counters["pauses"] == 1 and counters["paused_ms"] == pytest.approx(250.0, abs=0.1)
+    snap = Snapshot()
+    g.fill_snapshot(snap)
+    assert snap.pauses == 1
+    assert snap.paused_seconds == pytest.approx(0.25, abs=1e-4)
