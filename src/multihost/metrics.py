@@ -44,36 +44,30 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.metrics.snapshot
         node = self.metrics.node
-        c = CounterMetricFamily("multihost_heartbeats_sent", "Heartbeats sent", labels=["node"])
-        c.add_metric([node], s.heartbeats_sent)
-        yield c
-        c = CounterMetricFamily(
-            "multihost_heartbeats_received", "Valid heartbeats received", labels=["node"]
+        per_node = (
+            ("multihost_heartbeats_sent", "Heartbeats sent", s.heartbeats_sent),
+            ("multihost_heartbeats_received", "Valid heartbeats received", s.heartbeats_received),
+            ("multihost_view_changes", "Live-set changes", s.view_changes),
+            (
+                "multihost_pauses",
+                "Times this node (its process or VM) could not run past its membership deadline",
+                s.pauses,
+            ),
+            (
+                "multihost_paused_seconds",
+                "Time past the deadline in those pauses (not held against the peers' silence)",
+                s.paused_seconds,
+            ),
         )
-        c.add_metric([node], s.heartbeats_received)
-        yield c
+        for name, doc, value in per_node:
+            c = CounterMetricFamily(name, doc, labels=["node"])
+            c.add_metric([node], value)
+            yield c
         c = CounterMetricFamily(
             "multihost_heartbeats_rejected", "Heartbeats rejected", labels=["node", "reason"]
         )
         for reason, n in sorted(s.rejected.items()):
             c.add_metric([node, reason], n)
-        yield c
-        c = CounterMetricFamily("multihost_view_changes", "Live-set changes", labels=["node"])
-        c.add_metric([node], s.view_changes)
-        yield c
-        c = CounterMetricFamily(
-            "multihost_pauses",
-            "Times this node (its process or VM) could not run past its membership deadline",
-            labels=["node"],
-        )
-        c.add_metric([node], s.pauses)
-        yield c
-        c = CounterMetricFamily(
-            "multihost_paused_seconds",
-            "Time past the deadline in those pauses (not held against the peers' silence)",
-            labels=["node"],
-        )
-        c.add_metric([node], s.paused_seconds)
         yield c
         g = GaugeMetricFamily(
             "multihost_member_up",

@@ -1,4 +1,5 @@
-"""The XDP verdict counters reach Prometheus as multihost_xdp_packets_total."""
+"""Counters reach Prometheus: the XDP verdicts as multihost_xdp_packets_total, the
+membership counters per node."""
 
 from __future__ import annotations
 
@@ -28,3 +29,13 @@ def test_xdp_verdicts_are_exported_per_group() -> None:
     assert 'verdict="handover_passed"} 2.0' in text
     assert 'verdict="owned_bytes"' not in text
     assert 'multihost_packets_total{group="web",node="A",verdict="accepted"} 7.0' in text
+
+
+def test_membership_counters_are_exported_per_node() -> None:
+    m = Metrics("A")
+    m.publish(Snapshot(heartbeats_sent=4, view_changes=2, pauses=3, paused_seconds=0.25))
+    text = generate_latest(m.registry).decode()
+    assert 'multihost_heartbeats_sent_total{node="A"} 4.0' in text
+    assert 'multihost_view_changes_total{node="A"} 2.0' in text
+    assert 'multihost_pauses_total{node="A"} 3.0' in text
+    assert 'multihost_paused_seconds_total{node="A"} 0.25' in text
