@@ -166,7 +166,6 @@ class Agent:
     async def _start(self) -> None:
         cfg = self.cfg
         self._loop = loop = asyncio.get_running_loop()
-        self._set_priority()
         addresses = [a for g in cfg.groups for a in g.addresses]
         gateways = _gateways_by_interface(cfg)  # return groups (IP transparency)
         extra = [i for i in gateways if i != cfg.cluster.interface]
@@ -191,6 +190,12 @@ class Agent:
             xdp_mode=cfg.cluster.xdp_mode,
         )
         self.dataplane = started.backend
+        # Real-time only now: the set-up above (an XDP program through the verifier, an nft
+        # table) is long CPU work in the kernel, and at SCHED_RR it held the CPU for a whole
+        # 100 ms time slice from every other agent's heartbeat loop there (lab start-up: the
+        # running agents logged 'paused' 80-112 ms, again and again).  The kernel thread
+        # started next inherits the policy, as the loop's own lease writes need.
+        self._set_priority()
         self.kernel.start(self.dataplane, loop)
         self._undo("dataplane", self._remove_dataplane)
         self.log("dataplane", **self.dataplane.describe(), reason=started.reason)
