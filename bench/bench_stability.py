@@ -1,7 +1,8 @@
 """False failovers at the default timing (root): a converged 4-node lab left alone, idle and
 then with ``stress-ng`` loading every core, counting every ``member-dead`` (nothing fails,
 so each is a false failover), lease lapses, suspicions and view changes, and the longest
-gap between two heartbeats of one sender seen on the switch.
+gap between two heartbeats of one sender seen on the switch; also the same events (and the
+agents' pauses) from the agents' start until the lab converged (`startup`).
 
 Run (root): .venv/bin/python bench/bench_stability.py --heartbeat-ms 20 --seconds 600
             [--windows idle,stress] [--prefix mhtFs-] [--out FILE]
@@ -40,7 +41,7 @@ from multihost.lab import failover
 from multihost.lab.build import LabState
 from multihost.lab.clean import proc_start_time
 
-EVENTS = ("member-dead", "lease-lapsed", "peer-suspect", "view-changed", "loop-late")
+EVENTS = ("member-dead", "lease-lapsed", "peer-suspect", "view-changed", "loop-late", "paused")
 
 
 @contextlib.contextmanager
@@ -89,6 +90,19 @@ def window(state: LabState, seconds: float, loaded: bool) -> dict[str, Any]:
     }
 
 
+def startup(state: LabState) -> dict[str, Any]:
+    """The agents' events from their start to now (the lab just converged): false
+    failovers and pauses while the others were still starting."""
+    cursor = failover.LogCursor(state)
+    cursor.offsets = dict.fromkeys(cursor.offsets, 0)
+    paused = [float(line.rsplit("ms=", 1)[1]) for line in cursor.events("paused")]
+    return {
+        "events": {e: len(cursor.events(e)) for e in EVENTS},
+        "paused_over_50ms": sum(ms > 50 for ms in paused),
+        "paused_max_ms": max(paused, default=0.0),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--heartbeat-ms", type=int, default=20)
@@ -109,6 +123,8 @@ def main() -> int:
         members = list(state.topology.members)
         failover.wait_converged(state, members, quiet=True, timeout=90)
         time.sleep(2)
+        result["startup"] = startup(state)
+        fc.log(f"{ms} ms start-up: {result['startup']}")
         for name in args.windows.split(","):
             failover.wait_converged(state, members, timeout=60)
             w = window(state, args.seconds, name == "stress")
