@@ -314,8 +314,9 @@ class KernelSync:
             self.log("kernel-update-failed", level="error", reason="lease", error=repr(e))
             return
         self._lease_writes += 1
-        if held(ms) != self._inline_held:
-            self._inline_held = held(ms)
+        now_held = held(ms)
+        if now_held != self._inline_held:
+            self._inline_held = now_held
             self._log_lease(ms)
 
     def confirm(self, epoch: int) -> None:

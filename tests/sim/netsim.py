@@ -100,6 +100,11 @@ class SimNode:
     def up(self) -> bool:
         return self.core is not None
 
+    @property
+    def wakes(self) -> float:
+        """When its core ticks next: at its deadline, or when it resumes if later."""
+        return max(self.deadline, self.paused_until)
+
     def serves(self, group: str) -> int:
         mask = self.kernel.masks.get(group)
         return 0 if mask is None else int(np.count_nonzero(mask))
@@ -270,10 +275,17 @@ class NetSim:
 
     def _deliver(self, dst: str, payload: bytes) -> None:
         node = self.nodes[dst]
-        if self.now < node.paused_until:  # queued in its socket until it runs again
-            self._push(node.paused_until, functools.partial(self._deliver, dst, payload))
-        elif node.core is not None:
+        if self._deferred(node, functools.partial(self._deliver, dst, payload)):
+            return  # queued in its socket until it runs again
+        if node.core is not None:
             self._handle(node, node.core.receive(payload, self.now))
+
+    def _deferred(self, node: SimNode, again: Callable[[], None]) -> bool:
+        """If ``node`` is paused, run ``again`` when it resumes (in arrival order)."""
+        if self.now >= node.paused_until:
+            return False
+        self._push(node.paused_until, again)
+        return True
 
     # ------------------------------------------------------------------ agent
 
@@ -314,8 +326,7 @@ class NetSim:
     def _apply(self, node: SimNode, incarnation: int, kernel: Kernel) -> None:
         if node.core is None or node.incarnation != incarnation:
             return
-        if self.now < node.paused_until:
-            self._push(node.paused_until, functools.partial(self._apply, node, incarnation, kernel))
+        if self._deferred(node, functools.partial(self._apply, node, incarnation, kernel)):
             return
         self._set_kernel(node, kernel)
         self._handle(node, node.core.applied(kernel.epoch, self.now))
@@ -334,8 +345,8 @@ class NetSim:
         while True:
             t_q = self._queue[0][0] if self._queue else INF
             up = [n for n in self.nodes.values() if n.core is not None]
-            ticker = min(up, key=lambda n: max(n.deadline, n.paused_until), default=None)
-            t_d = max(ticker.deadline, ticker.paused_until) if ticker is not None else INF
+            ticker = min(up, key=lambda n: n.wakes, default=None)
+            t_d = ticker.wakes if ticker is not None else INF
             t = min(t_q, t_d)
             if t > t_end:
                 break
