@@ -74,6 +74,17 @@ def test_tcp_and_udp_over_ipv6_each_answered_by_the_predicted_node(lab: LabState
     assert_clean(run_probe(lab, "udp", 1000, port_seed=62, family=6), 1000, {"A", "B", "C", "D"})
 
 
+def test_icmpv6_echo_answered_by_exactly_the_predicted_node(lab: LabState) -> None:
+    # ICMPv6 hashes the addresses only: 17 client sources spread the echoes over the nodes
+    r = run_probe(lab, "icmp", 340, port_seed=68, family=6)
+    assert r.target == "2001:db8::100"
+    assert r.connections == 340
+    assert (r.failed, r.reset, r.timeout, r.duplicated, r.mispredicted) == (0, 0, 0, 0, 0), (
+        r.to_dict()
+    )
+    assert len(r.answered) >= 2, r.to_dict()
+
+
 def test_curl_and_wrk_reach_nginx_on_the_ipv6_traffic_ip(lab: LabState) -> None:
     url = f"http://[{lab.topology.vip6}]/"
     body = _ns(lab, "c1", "curl", "-sS", "-g", "--max-time", "5", url)

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import socket
 import struct
+from fractions import Fraction
 
 import pytest
 
@@ -232,6 +233,34 @@ def test_echo_request_checksum_and_reply_parsing() -> None:
     parsed = probe_worker.parse_echo_reply(frame)
     assert parsed == ("02:6d:68:0a:00:02", "198.18.0.100", "198.18.1.3", 0x1234)
     assert probe_worker.parse_echo_reply(frame[:20]) is None
+
+
+def test_icmpv6_echo_request_and_reply_parsing() -> None:
+    req = probe_worker.echo_request(0x1234, 1, b"multihost-probe", v6=True)
+    assert req[:2] == b"\x80\x00" and req[4:8] == b"\x12\x34\x00\x01"  # the kernel sums it
+    reply = b"\x81\x00\x00\x00" + req[4:]
+    src = socket.inet_pton(socket.AF_INET6, "2001:db8::100")
+    dst = socket.inet_pton(socket.AF_INET6, "2001:db8::1:1")
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(reply), socket.IPPROTO_ICMPV6, 64, src, dst)
+    frame = bytes.fromhex("026d680c0001026d680a0002") + b"\x86\xdd" + ip + reply
+    parsed = probe_worker.parse_echo_reply(frame)
+    assert parsed == ("02:6d:68:0a:00:02", "2001:db8::100", "2001:db8::1:1", 0x1234)
+    assert probe_worker.parse_echo_reply(frame[:60]) is None  # truncated
+    request = frame[:54] + b"\x80" + frame[55:]  # an echo request is not a reply
+    assert probe_worker.parse_echo_reply(request) is None
+
+
+def test_icmp_band_counts_source_addresses_not_flows() -> None:
+    # 200 ICMP flows from 16 addresses: 16 independent hash keys of 12 or 13 flows each
+    r = probe.ProbeResult("icmp", "198.18.0.100", 200, shares={"A": Fraction(1, 4)})
+    r.hash_keys = 16
+    lo, hi = probe.binomial_band(16, 0.25)
+    assert r.band == {"A": (lo * 12, hi * 13)}
+    r.answered = {"A": 83}  # 83 = 6 or 7 addresses: a plausible draw, not an outlier
+    assert r.outside_band == [] and r.to_dict()["hash_keys"] == 16
+    tcp = probe.ProbeResult("tcp", "198.18.0.100", 200, shares={"A": Fraction(1, 4)})
+    assert tcp.band == {"A": probe.binomial_band(200, 0.25)}
+    assert tcp.to_dict()["hash_keys"] == 200
 
 
 def test_udpecho_reply_starts_with_the_node_name() -> None:

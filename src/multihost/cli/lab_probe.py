@@ -22,12 +22,13 @@ PROBE = f"""\
 Open CONNECTIONS flows from a client namespace, each from its own explicitly bound source
 port (ports drawn from --port-seed, so a run can be repeated), concurrently, and record which
 node answered each: TCP (default) does one HTTP/1.0 GET (the node is the body's first line),
---udp sends one datagram to the echo service, --icmp one echo request (the node is found from
-the reply's source MAC; ICMP hashes on addresses only, so pings rotate over the client's 17
-source addresses and distinct ids).  Each flow's expected node is computed by the model
-(flowhash + assignment, with the lab's seed and the live set from the state file); flows
-answered by another node are 'mispredicted'.  --target NODE-ADDRESS probes one node directly
-(every flow is then expected from that node).  Progress goes to stderr.
+--udp sends one datagram to the echo service, --icmp one echo request, ICMPv6 with --ipv6
+(the node is found from the reply's source MAC; ICMP hashes on addresses only, so pings
+rotate over the client's 17 source addresses and distinct ids).  Each flow's expected node
+is computed by the model (flowhash + assignment, with the lab's seed and the live set from
+the state file); flows answered by another node are 'mispredicted'.  --target NODE-ADDRESS
+probes one node directly (every flow is then expected from that node).  Progress goes to
+stderr.
 
 --json prints {{"connections", "answered": {{"A": n, ...}}, "failed", "reset", "timeout",
 "mispredicted", "duplicated", "unanswered_by_expected": {{"A": n, ...}}, "shares", "band",
@@ -35,7 +36,9 @@ answered by another node are 'mispredicted'.  --target NODE-ADDRESS probes one n
 duplicated = flows answered by more than one node (UDP, ICMP), unanswered_by_expected =
 flows not answered, by predicted node; shares = each live node's exact share of the traffic
 IP's buckets, band = the central 99.9 % of Binomial(connections, share), outside_band =
-nodes whose count is not.
+nodes whose count is not.  ICMP hashes the addresses only: its band is that of
+Binomial(hash_keys, share) for the hash_keys distinct source addresses, times the flows a
+source sends.
 
 In a transparent lab ('lab up --transparent', TCP) the node is the proxy's X-Multihost-Node
 header and the JSON adds "transparency": {{"return", "backends": {{"b1": n, ...}},
@@ -68,7 +71,9 @@ def register_actions(action: Action, state_of: StateOf) -> None:
     )
     kind = a.add_mutually_exclusive_group()
     kind.add_argument("--udp", action="store_true", help="UDP echo instead of TCP/HTTP")
-    kind.add_argument("--icmp", action="store_true", help="ICMP echo instead of TCP/HTTP")
+    kind.add_argument(
+        "--icmp", action="store_true", help="ICMP echo (ICMPv6 with --ipv6) instead of TCP/HTTP"
+    )
     a.add_argument("--target", metavar="ADDR", help="traffic IP (default) or a node's address")
     a.add_argument("--ipv6", action="store_true", help="the IPv6 traffic IP ('lab up --ipv6')")
     a.add_argument(

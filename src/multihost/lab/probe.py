@@ -71,11 +71,21 @@ class ProbeResult:
     shares: dict[str, Fraction] = field(default_factory=dict)
     #: per flow (in plan order): the node that answered (None: no answer)
     by_flow: list[str | None] = field(default_factory=list)
+    #: independent hash keys among the flows: ICMP hashes the addresses only, so its flows
+    #: come in blocks of one per source address (0: every flow is its own key)
+    hash_keys: int = 0
 
     @property
     def band(self) -> dict[str, tuple[int, int]]:
-        """Per live node: the central 99.9 % of Binomial(connections, share)."""
-        return {m: binomial_band(self.connections, float(p)) for m, p in self.shares.items()}
+        """Per live node: the central 99.9 % of Binomial(keys, share), in flows: a node
+        holding ``k`` of the keys answers between ``k`` times the fewest and ``k`` times the
+        most flows one key carries (one flow per key for TCP and UDP)."""
+        keys = self.hash_keys or self.connections
+        fewest, most = self.connections // keys, -(-self.connections // keys)
+        return {
+            m: (lo * fewest, hi * most)
+            for m, (lo, hi) in ((m, binomial_band(keys, float(p))) for m, p in self.shares.items())
+        }
 
     @property
     def outside_band(self) -> list[str]:
@@ -114,6 +124,7 @@ class ProbeResult:
             "shares": {m: _fraction(f) for m, f in self.shares.items()},
             "band": {m: list(b) for m, b in self.band.items()},
             "outside_band": self.outside_band,
+            "hash_keys": self.hash_keys or self.connections,
             "errors": self.errors,
             "examples": self.examples,
             "port_seed": self.port_seed,
@@ -182,6 +193,11 @@ def plan_flows(
     return [(addrs[i % n], p) for i, p in enumerate(ports)]
 
 
+def _icmp_of(family: int) -> str:
+    """The flow-hash protocol name of an echo probe: ICMP, or ICMPv6 to an IPv6 target."""
+    return "icmpv6" if family == 6 else "icmp"
+
+
 def expected_nodes(
     topo: Topology,
     *,
@@ -206,7 +222,7 @@ def expected_nodes(
     out: list[str | None] = []
     for saddr, sport in flows:
         if proto == "icmp":
-            flow = Flow(ipaddress.ip_address(saddr), 0, daddr, 0, "icmp")
+            flow = Flow(ipaddress.ip_address(saddr), 0, daddr, 0, _icmp_of(daddr.version))
         else:
             flow = Flow(ipaddress.ip_address(saddr), sport, daddr, port, proto)
         slot = owners.owner(flow_bucket(flow, topo.buckets, topo.seed, mode))
@@ -253,8 +269,6 @@ def run_probe(
     except TopologyError as e:
         raise LabError(str(e)) from None
     family = ipaddress.ip_address(target).version
-    if family == 6 and proto == "icmp":
-        raise LabError("icmp probes are IPv4 only (ICMPv6 echo is not implemented); use tcp or udp")
     if proto == "icmp" and topo.router is not None:
         raise LabError(
             "icmp probes find the node from the reply's source MAC, which a client behind "
@@ -281,6 +295,8 @@ def run_probe(
         "macs": {n.mac: n.name for n in topo.nodes},
     }
     result = ProbeResult(proto, target, connections, live=list(state.live), port_seed=seed)
+    if proto == "icmp":
+        result.hash_keys = len({saddr for saddr, _ in plan})
     result.predicted = dict(Counter(e or "(none)" for e in expected))
     before = backprobe.snapshot(state) if proto == "tcp" else None
     if target in topo.vips:

@@ -22,9 +22,9 @@ and prints one JSON line per flow, in completion order::
 connection from an explicitly bound source port; the node is the ``X-Multihost-Node``
 header if there is one, else the body's first line.  UDP:
 one datagram per source port; the node is the reply's first line, later replies within
-``dup_wait`` are listed in ``dups``.  ICMP: one echo request per (source address, id) from
-a raw socket; the node is found from the reply's source MAC (``macs``), read from a packet
-socket on ``interface``.
+``dup_wait`` are listed in ``dups``.  ICMP (ICMPv6 for an IPv6 target): one echo request per
+(source address, id) from a raw socket; the node is found from the reply's source MAC
+(``macs``), read from a packet socket on ``interface``.
 
 Must not: send to anything but ``target``, or run outside a lab client namespace.
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import json
 import select
 import socket
@@ -45,6 +46,7 @@ from typing import Any
 Result = dict[str, Any]
 Emit = Callable[[Result], None]
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
 
 
@@ -206,23 +208,42 @@ def icmp_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def echo_request(ident: int, seq: int, payload: bytes) -> bytes:
+def echo_request(ident: int, seq: int, payload: bytes, *, v6: bool = False) -> bytes:
+    """An ICMP echo request; ``v6``: ICMPv6 (type 128, checksum 0: a raw ICMPv6 socket has
+    the kernel fill it in over the pseudo-header, RFC 3542 section 3.1)."""
+    if v6:
+        return struct.pack("!BBHHH", 128, 0, 0, ident, seq) + payload
     header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
     csum = icmp_checksum(header + payload)
     return struct.pack("!BBHHH", 8, 0, csum, ident, seq) + payload
 
 
 def parse_echo_reply(frame: bytes) -> tuple[str, str, str, int] | None:
-    """``(source MAC, IP source, IP destination, id)`` of an Ethernet ICMP echo reply."""
-    if len(frame) < 14 + 20 + 8 or frame[12:14] != b"\x08\x00":
-        return None
-    ip = frame[14:]
-    ihl = (ip[0] & 0x0F) * 4
-    if ip[9] != 1 or len(ip) < ihl + 8 or ip[ihl] != 0:
+    """``(source MAC, IP source, IP destination, id)`` of an Ethernet ICMP or ICMPv6 echo
+    reply (IPv6: the echo must directly follow the fixed header, as the nodes send it)."""
+    if len(frame) < 14 + 20 + 8:
         return None
     mac = ":".join(f"{b:02x}" for b in frame[6:12])
-    ident = struct.unpack_from("!H", ip, ihl + 4)[0]
-    return mac, socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]), ident
+    ip = frame[14:]
+    if frame[12:14] == b"\x08\x00":
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != 1 or len(ip) < ihl + 8 or ip[ihl] != 0:
+            return None
+        ident = struct.unpack_from("!H", ip, ihl + 4)[0]
+        return mac, socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]), ident
+    if frame[12:14] == b"\x86\xdd":
+        if len(ip) < 40 + 8 or ip[6] != socket.IPPROTO_ICMPV6 or ip[40] != 129:
+            return None
+        ident = struct.unpack_from("!H", ip, 44)[0]
+        src = socket.inet_ntop(socket.AF_INET6, ip[8:24])
+        dst = socket.inet_ntop(socket.AF_INET6, ip[24:40])
+        return mac, src, dst, ident
+    return None
+
+
+def _canonical(address: str) -> str:
+    """The address as the parser writes it (IPv6 compressed, as ``inet_ntop``)."""
+    return str(ipaddress.ip_address(address))
 
 
 def run_icmp(req: dict[str, Any], emit: Emit) -> None:
@@ -230,12 +251,15 @@ def run_icmp(req: dict[str, Any], emit: Emit) -> None:
     target, timeout = str(req["target"]), float(req["timeout"])
     dup_wait, limit = float(req.get("dup_wait", 0.1)), max(1, int(req["concurrency"]))
     macs: dict[str, str] = req.get("macs", {})
-    rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+    v6 = ":" in target
+    ethertype = ETH_P_IPV6 if v6 else ETH_P_IP
+    rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
     rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    rx.bind((req.get("interface", "eth0"), ETH_P_IP))
+    rx.bind((req.get("interface", "eth0"), ethertype))
     rx.setblocking(False)
     senders: dict[str, socket.socket] = {}
-    index = {(str(f[0]), int(f[1])): i for i, f in enumerate(flows)}
+    index = {(_canonical(str(f[0])), int(f[1])): i for i, f in enumerate(flows)}
+    canonical_target = _canonical(target)
     pending: dict[int, float] = {}  # flow index -> deadline
     answered: dict[int, tuple[Result, float]] = {}  # collecting duplicates until deadline
     nxt = 0
@@ -245,12 +269,17 @@ def run_icmp(req: dict[str, Any], emit: Emit) -> None:
             while nxt < len(flows) and len(pending) + len(answered) < limit:
                 saddr, ident = str(flows[nxt][0]), int(flows[nxt][1])
                 if saddr not in senders:
-                    tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+                    tx = (
+                        socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+                        if v6
+                        else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+                    )
                     tx.bind((saddr, 0))
                     tx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                     senders[saddr] = tx
                 try:
-                    senders[saddr].sendto(echo_request(ident, 1, b"multihost-probe"), (target, 0))
+                    request = echo_request(ident, 1, b"multihost-probe", v6=v6)
+                    senders[saddr].sendto(request, (target, 0))
                     pending[nxt] = now + timeout
                 except OSError as e:
                     emit(_classify(nxt, flows[nxt], e))
@@ -266,7 +295,7 @@ def run_icmp(req: dict[str, Any], emit: Emit) -> None:
                 if addr[2] == PACKET_OUTGOING:
                     continue
                 parsed = parse_echo_reply(frame)
-                if parsed is None or parsed[1] != target:
+                if parsed is None or parsed[1] != canonical_target:
                     continue
                 i = index.get((parsed[2], parsed[3]))
                 node = macs.get(parsed[0], parsed[0])
