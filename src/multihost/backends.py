@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from multihost.config import NAME_RE, ConfigError, GroupConfig, IPAddress, NodeConfig, _Reader
+from multihost.config_fields import _Reader
+from multihost.config_model import NAME_RE, ConfigError, GroupConfig, IPAddress, NodeConfig
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 

@@ -1,111 +1,87 @@
 """Cluster configuration: one TOML file, the same on every node -> frozen dataclasses.
 
-Owns: the schema (``[cluster]``, ``[[node]]``, ``[[traffic_ip_group]]``), defaults,
-validation, the digest of the ownership-relevant part (carried in heartbeats so members with
-different configurations never share buckets), and finding this node's entry.  Every error
-names the file, the key path and the reason, e.g.
-``/etc/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'``.
+Owns: the schema (``[cluster]``, ``[[node]]``, ``[[traffic_ip_group]]``; the sections of
+:mod:`multihost.transparency` and :mod:`multihost.backends` are parsed by those modules,
+called from :func:`parse_config`), defaults, validation across keys and sections, the
+timing warnings of a valid configuration, and reading the key file.  Every error names the
+file, the key path and the reason, e.g.
+``/etc/multihost.toml: traffic_ip_group[0].members[2]: unknown node 'E'``.  The data model
+(the dataclasses, :class:`ConfigError`, the digest) is :mod:`multihost.config_model` and the
+typed field readers are :mod:`multihost.config_fields`; this module re-exports the model,
+so callers import everything from here.
 
 Must not: touch the network or the kernel.  :func:`parse_config` is pure; :func:`load_config`
-only reads the file (and, when asked, checks the key file's permissions and reads it).
+only reads the file, and :func:`read_key` only checks the key file's permissions and reads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
 import os
 import re
 import stat
 import tomllib
-import zlib
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from multihost.assignment import PreferenceTable
+from multihost import transparency as tp
+from multihost.backends import parse_backends
+from multihost.config_fields import (
+    _address,
+    _choice,
+    _mcast_group,
+    _Reader,
+    _seed,
+    interface_name_problem,
+)
+from multihost.config_model import (
+    DEAD_AFTER_SLACK_MS,
+    GROUP_RE,
+    MAX_SLOTS,
+    MAX_TABLE_SLOTS,
+    NAME_RE,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    GroupConfig,
+    IPAddress,
+    NodeConfig,
+    default_dead_after_ms,
+)
 from multihost.flowhash import HashMode
-from multihost.tablechoice import TABLE_KINDS, cluster_table, table_identity, table_size_slots
+from multihost.tablechoice import TABLE_KINDS
 
-if TYPE_CHECKING:
-    from multihost.backends import BackendConfig
-    from multihost.transparency import ReturnGroupConfig, TransparencyConfig
+__all__ = [
+    "DATAPLANES",
+    "DEAD_AFTER_SLACK_MS",
+    "GROUP_RE",
+    "MAX_SLOTS",
+    "MAX_TABLE_SLOTS",
+    "METRICS_RE",
+    "MIN_KEY_BYTES",
+    "NAME_RE",
+    "XDP_MODES",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "ConfigWarning",
+    "GroupConfig",
+    "IPAddress",
+    "NodeConfig",
+    "default_dead_after_ms",
+    "load_config",
+    "parse_config",
+    "read_key",
+    "timing_warnings",
+]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
 MIN_KEY_BYTES = 16
-# Default dead_after: two intervals (one lost heartbeat) plus this much lateness (at least;
-# a quarter interval above 120 ms intervals).
-DEAD_AFTER_SLACK_MS = 30
-
-
-def default_dead_after_ms(interval_ms: int) -> int:
-    return 2 * interval_ms + max(DEAD_AFTER_SLACK_MS, interval_ms // 4)
-
-
-# Node slots (heartbeat mask bits, table slots): the wire format (version 2) carries 16.
-MAX_SLOTS = 16
-# A node of weight k holds k virtual slots of the table; a table has at most 16 slots.
-MAX_TABLE_SLOTS = 16
 
 METRICS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$")
 
-
-class ConfigError(ValueError):
-    """A configuration problem: ``path: key: reason``."""
-
-    def __init__(self, source: str, key: str, reason: str) -> None:
-        self.source, self.key, self.reason = source, key, reason
-        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    name: str
-    interface: str
-    multicast_group: IPAddress  # heartbeats; IPv4 (239.192.0.0/14) or IPv6 (ff15::/16)
-    port: int
-    key_file: Path
-    hash_seed: int
-    heartbeat_interval_ms: int = 100
-    dead_after_ms: int = 2 * 100 + DEAD_AFTER_SLACK_MS
-    quorum: bool = False
-    takeover_hold_ms: int = 0
-    lease_margin_ms: int = 10  # default: interval / 10 within 5..50
-    heartbeat_jitter_ms: int = 5  # default: min(5, interval / 4)
-    realtime_priority: int = 10  # SCHED_RR priority of the agent; 0 = normal scheduling
-    max_drain_ms: int = 60_000
-    control_socket: Path = Path("/run/multihost/control.sock")
-    metrics_address: str | None = None  # "HOST:PORT"; None = off
-    dataplane: str = "auto"  # "auto" | "xdp" | "nft" (see multihost.dataplane.backend)
-    xdp_mode: str = "auto"  # "auto" (native, else generic) | "native" | "generic"
-    table: str = "factorial"  # "factorial" | "minimal" (see multihost.tablechoice)
-    bpf_pin_root: Path = Path("/sys/fs/bpf/multihost")  # on a BPF filesystem
-    # The other family's group, for the MAC of that family's traffic IPs (dual stack):
-    multicast_group4: ipaddress.IPv4Address | None = None  # with an IPv6 multicast_group
-    multicast_group6: ipaddress.IPv6Address | None = None  # with an IPv4 multicast_group
-
-    @property
-    def arp_group(self) -> ipaddress.IPv4Address | None:
-        """The IPv4 group whose MAC (``01:00:5e`` + low 23 bits) answers ARP, if any."""
-        g = self.multicast_group
-        return g if isinstance(g, ipaddress.IPv4Address) else self.multicast_group4
-
-    @property
-    def ndp_group(self) -> ipaddress.IPv6Address | None:
-        """The IPv6 group whose MAC (``33:33`` + low 32 bits) answers NDP, if any."""
-        g = self.multicast_group
-        return g if isinstance(g, ipaddress.IPv6Address) else self.multicast_group6
-
-    @property
-    def groups(self) -> tuple[IPAddress, ...]:
-        """Every cluster multicast group the interface joins (heartbeat group first)."""
-        other = self.multicast_group6 or self.multicast_group4
-        return (self.multicast_group,) if other is None else (self.multicast_group, other)
+DATAPLANES = ("auto", "xdp", "nft")
+XDP_MODES = ("auto", "native", "generic")
 
 
 @dataclass(frozen=True)
@@ -152,258 +128,6 @@ def timing_warnings(source: str, c: ClusterConfig) -> list[ConfigWarning]:
             )
         )
     return out
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    name: str
-    address: IPAddress
-    slot: int
-    weight: int = 1  # virtual slots of the table it holds (multihost.weighted)
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    name: str
-    addresses: tuple[IPAddress, ...]
-    members: tuple[str, ...]
-    hash: HashMode = HashMode.FOUR_TUPLE
-    transparent: bool = False  # the nodes proxy with the client's address (transparency)
-    return_way: str = ""  # transparent: "routes" ([[backend]]) or "gateway" (a return group)
-
-
-@dataclass(frozen=True)
-class Config:
-    source: str
-    cluster: ClusterConfig
-    nodes: tuple[NodeConfig, ...]
-    groups: tuple[GroupConfig, ...]
-    backends: tuple[BackendConfig, ...] = ()  # [[backend]]: multihost.backends
-    # return groups ([[traffic_ip_group]] with return_for) and [transparency]: not in
-    # ``groups`` -- they own no buckets, they share their front group's (transparency.py)
-    returns: tuple[ReturnGroupConfig, ...] = ()
-    transparency: TransparencyConfig | None = None
-
-    def front_of(self, ret: ReturnGroupConfig) -> GroupConfig:
-        return next(g for g in self.groups if g.name == ret.front)
-
-    @property
-    def weights(self) -> tuple[tuple[int, int], ...]:
-        """``(slot, weight)`` of every node, by slot."""
-        return tuple(sorted((n.slot, n.weight) for n in self.nodes))
-
-    @property
-    def weighted(self) -> bool:
-        return any(n.weight != 1 for n in self.nodes)
-
-    @property
-    def table_slots(self) -> int:
-        """Slots the cluster's table is chosen by: the highest configured slot + 1, or with
-        weights the sum of the weights (virtual slots)."""
-        return table_size_slots(self.weights)
-
-    @property
-    def table(self) -> PreferenceTable:
-        """The preference table of every group (:mod:`multihost.tablechoice`)."""
-        return cluster_table(self.weights, self.cluster.table)
-
-    @property
-    def buckets(self) -> int:
-        return self.table.buckets
-
-    def node(self, name: str) -> NodeConfig:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise ConfigError(self.source, "node", f"no node named {name!r}")
-
-    @property
-    def slots(self) -> dict[str, int]:
-        return {n.name: n.slot for n in self.nodes}
-
-    @property
-    def uses_ipv6(self) -> bool:
-        """Whether the cluster interface carries IPv6 for the agent: IPv6 heartbeats or an
-        IPv6 traffic IP (then the link is ready only once DAD has finished: linkwatch.py)."""
-        return self.cluster.multicast_group.version == 6 or any(
-            a.version == 6 for g in self.groups for a in g.addresses
-        )
-
-    def digest(self) -> bytes:
-        """16-byte digest of everything that decides bucket ownership."""
-        canon = {
-            "table": table_identity(self.table).as_dict(),
-            "seed": self.cluster.hash_seed,
-            "nodes": sorted((n.name, n.slot) for n in self.nodes),
-            "groups": sorted(
-                (g.name, sorted(str(a) for a in g.addresses), sorted(g.members), g.hash.value)
-                for g in self.groups
-            ),
-        }
-        if self.returns:  # replies follow these: every node must hash them alike
-            canon["returns"] = sorted(
-                (r.name, r.front, sorted(str(a) for a in r.addresses), r.hash.value)
-                for r in self.returns
-            )
-        blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).digest()[:16]
-
-    def find_local_node(self, local_addresses: Sequence[IPAddress]) -> NodeConfig:
-        """The node whose ``address`` is one of this host's addresses (exactly one)."""
-        mine = [n for n in self.nodes if n.address in set(local_addresses)]
-        if len(mine) != 1:
-            found = ", ".join(n.name for n in mine) or "none"
-            raise ConfigError(
-                self.source,
-                "node",
-                f"cannot tell which node this host is (matches: {found}); pass --node NAME",
-            )
-        return mine[0]
-
-
-class _Reader:
-    """Typed access to a TOML table that reports errors with the full key path."""
-
-    def __init__(self, source: str, table: Mapping[str, Any], path: str) -> None:
-        self.source, self.table, self.path = source, table, path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def err(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.source, self.key(name), reason)
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        self.used.add(name)
-        if name not in self.table:
-            if default is ...:
-                raise self.err(name, "is required")
-            return default
-        value = self.table[name]
-        if isinstance(value, bool) and kind is not bool and bool not in _tuple(kind):
-            raise self.err(name, f"expected {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise self.err(name, f"expected {_kind_name(kind)}, got {type(value).__name__}")
-        return value
-
-    def int_in(self, name: str, lo: int, hi: int, default: Any = ...) -> int:
-        value: int = self.get(name, int, default)
-        if not lo <= value <= hi:
-            raise self.err(name, f"{value} is outside {lo}..{hi}")
-        return value
-
-    def finish(self) -> None:
-        for k in self.table:
-            if k not in self.used:
-                raise ConfigError(self.source, self.key(k), "unknown key")
-
-
-def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {
-        int: "an integer",
-        str: "a string",
-        bool: "a boolean",
-        list: "an array",
-        dict: "a table",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in _tuple(kind))
-
-
-def _address(r: _Reader, key: str, text: Any) -> IPAddress:
-    if not isinstance(text, str):
-        raise ConfigError(r.source, key, f"expected an IP address string, got {text!r}")
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise ConfigError(r.source, key, f"{text!r} is not an IP address") from None
-
-
-#: Multicast groups a cluster may use: organisation-local IPv4 (RFC 2365) and transient IPv6
-#: groups of link, admin, site or organisation scope (RFC 4291 2.7: flags 1, scope 2..8).
-_V6_SCOPES = {2: "link", 4: "admin", 5: "site", 8: "organisation"}
-
-
-def _mcast_group(r: _Reader, key: str, text: str) -> IPAddress:
-    try:
-        group = ipaddress.ip_address(text)
-    except ValueError:
-        raise r.err(key, f"{text!r} is not an IP address") from None
-    if isinstance(group, ipaddress.IPv4Address):
-        if not group.is_multicast:
-            raise r.err(key, f"{group} is not a multicast address (224.0.0.0/4)")
-        if group in ipaddress.IPv4Network("224.0.0.0/24"):
-            raise r.err(key, f"{group} is link-local control; use 239.192.0.0/14")
-        return group
-    if not group.is_multicast:
-        raise r.err(key, f"{group} is not a multicast address (ff00::/8)")
-    flags, scope = group.packed[1] >> 4, group.packed[1] & 0xF
-    if flags & 1 == 0:
-        raise r.err(
-            key, f"{group} is a permanent, well-known group; use a transient one (ff15::/16)"
-        )
-    if scope not in _V6_SCOPES:
-        raise r.err(
-            key,
-            f"{group} has scope {scope:x}; use link (2), admin (4), site (5) or organisation (8)"
-            " scope, e.g. ff15::/16",
-        )
-    return group
-
-
-def _dual_stack(source: str, cluster: ClusterConfig, groups: tuple[GroupConfig, ...]) -> None:
-    """Each family of traffic IP needs a group of that family for its multicast MAC."""
-    for g in groups:
-        for a in g.addresses:
-            if a.version == 4 and cluster.arp_group is None:
-                raise ConfigError(
-                    source,
-                    "cluster.multicast_group4",
-                    f"is required for the IPv4 traffic IP {a} (group {g.name!r}): ARP answers"
-                    " carry 01:00:5e + the low 23 bits of an IPv4 group, e.g. 239.192.0.1",
-                )
-            if a.version == 6 and cluster.ndp_group is None:
-                raise ConfigError(
-                    source,
-                    "cluster.multicast_group6",
-                    f"is required for the IPv6 traffic IP {a} (group {g.name!r}): NDP answers"
-                    " carry 33:33 + the low 32 bits of an IPv6 group, e.g. ff15::1",
-                )
-
-
-def _seed(r: _Reader, name: str, cluster_name: str) -> int:
-    value = r.get(name, (int, str), None)
-    if value is None:
-        return zlib.crc32(cluster_name.encode())
-    if isinstance(value, str):
-        try:
-            value = int(value, 0)
-        except ValueError:
-            raise r.err(name, f"{value!r} is not an integer (e.g. 0x5eed1234)") from None
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise r.err(name, f"{value} is not a 32-bit value")
-    return int(value)
-
-
-DATAPLANES = ("auto", "xdp", "nft")
-XDP_MODES = ("auto", "native", "generic")
-
-
-def interface_name_problem(name: str) -> str | None:
-    if not 1 <= len(name) <= 15 or "/" in name or " " in name:
-        return f"{name!r} is not a valid interface name"
-    return None
-
-
-def _choice(r: _Reader, name: str, choices: tuple[str, ...], default: str) -> str:
-    value = r.get(name, str, default)
-    if value not in choices:
-        raise r.err(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
-    return str(value)
 
 
 def _cluster(source: str, raw: Any) -> ClusterConfig:
@@ -455,9 +179,7 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
             f"use lease_margin_ms < {window} or raise dead_after_ms",
         )
     metrics = r.get("metrics_address", str, None)
-    if metrics is not None and not re.match(
-        r"^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):\d+$", metrics
-    ):
+    if metrics is not None and not METRICS_RE.match(metrics):
         raise r.err("metrics_address", f"{metrics!r} is not HOST:PORT (e.g. 127.0.0.1:9650)")
     cfg = ClusterConfig(
         name=name,
@@ -550,13 +272,11 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
     node_addrs = {n.address: n.name for n in nodes}
     seen_addr: dict[IPAddress, str] = {}
     out: list[GroupConfig] = []
-    from multihost.transparency import front_keys, is_return_item
-
     for i, item in enumerate(raw):
         path = f"traffic_ip_group[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(source, path, "expected a table")
-        if is_return_item(item):
+        if tp.is_return_item(item):
             continue  # a return group: multihost.transparency.parse_returns
         r = _Reader(source, item, path)
         name = r.get("name", str)
@@ -597,7 +317,7 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
         except ValueError:
             choices = ", ".join(f'"{m.value}"' for m in HashMode)
             raise r.err("hash", f"{mode_text!r} is not one of {choices}") from None
-        transparent, way = front_keys(r, mode)
+        transparent, way = tp.front_keys(r, mode)
         r.finish()
         out.append(GroupConfig(name, tuple(addrs), tuple(members), mode, transparent, way))
     if not out:
@@ -605,6 +325,26 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
             source, "traffic_ip_group", "at least one [[traffic_ip_group]] without return_for"
         )
     return tuple(out)
+
+
+def _dual_stack(source: str, cluster: ClusterConfig, groups: tuple[GroupConfig, ...]) -> None:
+    """Each family of traffic IP needs a group of that family for its multicast MAC."""
+    for g in groups:
+        for a in g.addresses:
+            if a.version == 4 and cluster.arp_group is None:
+                raise ConfigError(
+                    source,
+                    "cluster.multicast_group4",
+                    f"is required for the IPv4 traffic IP {a} (group {g.name!r}): ARP answers"
+                    " carry 01:00:5e + the low 23 bits of an IPv4 group, e.g. 239.192.0.1",
+                )
+            if a.version == 6 and cluster.ndp_group is None:
+                raise ConfigError(
+                    source,
+                    "cluster.multicast_group6",
+                    f"is required for the IPv6 traffic IP {a} (group {g.name!r}): NDP answers"
+                    " carry 33:33 + the low 32 bits of an IPv6 group, e.g. ff15::1",
+                )
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -618,9 +358,6 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     nodes = _nodes(source, top.get("node", list, None))
     raw_groups = top.get("traffic_ip_group", list, None)
     groups = _groups(source, raw_groups, nodes)
-    from multihost import transparency as tp  # these import this module
-    from multihost.backends import parse_backends
-
     returns = tp.parse_returns(source, raw_groups, cluster.interface, nodes, groups)
     all_ips = [*groups, *(GroupConfig(g.name, g.addresses, g.members, g.hash) for g in returns)]
     backends = parse_backends(source, top.get("backend", list, None), raw["node"], nodes, all_ips)

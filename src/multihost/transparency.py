@@ -33,16 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from multihost.config import (
-    GROUP_RE,
-    ConfigError,
-    GroupConfig,
-    IPAddress,
-    NodeConfig,
-    _address,
-    _Reader,
-    interface_name_problem,
-)
+from multihost.config_fields import _address, _Reader, interface_name_problem
+from multihost.config_model import GROUP_RE, ConfigError, GroupConfig, IPAddress, NodeConfig
 from multihost.flowhash import RETURN_MODES, HashMode
 
 #: ``return`` of a transparent group.

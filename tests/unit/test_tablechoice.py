@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 
-from multihost import config as config_mod
-from multihost import minwise, preflight
+from multihost import config_model, minwise, preflight
 from multihost.assignment import assign, factorial_table
 from multihost.config import ConfigError, parse_config
 from multihost.tablechoice import (
@@ -69,11 +68,11 @@ def test_digest_carries_the_table_identity(monkeypatch: pytest.MonkeyPatch) -> N
     cfg = parse_config(MINIMAL, "m.toml")
     before = cfg.digest()
     other = TableIdentity("minwise-8", 8, 840, "0" * 64)
-    monkeypatch.setattr(config_mod, "table_identity", lambda table: other)
+    monkeypatch.setattr(config_model, "table_identity", lambda table: other)
     assert cfg.digest() != before
 
 
-def _with_top_slot(slot: int, dataplane: str) -> config_mod.Config:
+def _with_top_slot(slot: int, dataplane: str) -> config_model.Config:
     cfg = parse_config(MINIMAL, "m.toml")
     nodes = (cfg.nodes[0], dataclasses.replace(cfg.nodes[1], slot=slot))
     cluster = dataclasses.replace(cfg.cluster, dataplane=dataplane)
