@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from multihost.config_fields import _Reader
+from multihost.config_fields import Reader
 from multihost.config_model import NAME_RE, ConfigError, GroupConfig, IPAddress, NodeConfig
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -137,7 +137,7 @@ def _interface_address(source: str, key: str, text: Any) -> IPInterface:
 
 
 def _backend(
-    r: _Reader,
+    r: Reader,
     nodes: Sequence[NodeConfig],
     gateways: dict[str, tuple[tuple[str, IPAddress], ...]],
     node_keys: dict[str, str],
@@ -259,7 +259,7 @@ def parse_backends(
         path = f"backend[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(source, path, "expected a table")
-        r = _Reader(source, item, path)
+        r = Reader(source, item, path)
         b = _backend(r, nodes, gateways, node_keys)
         if any(prev.name == b.name for prev in out):
             raise r.err("name", f"back end {b.name!r} is defined twice")

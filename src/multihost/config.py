@@ -28,12 +28,12 @@ from typing import Any
 from multihost import transparency as tp
 from multihost.backends import parse_backends
 from multihost.config_fields import (
-    _address,
-    _choice,
-    _mcast_group,
-    _Reader,
-    _seed,
+    Reader,
     interface_name_problem,
+    read_address,
+    read_choice,
+    read_mcast_group,
+    read_seed,
 )
 from multihost.config_model import (
     DEAD_AFTER_SLACK_MS,
@@ -133,21 +133,21 @@ def timing_warnings(source: str, c: ClusterConfig) -> list[ConfigWarning]:
 def _cluster(source: str, raw: Any) -> ClusterConfig:
     if not isinstance(raw, dict):
         raise ConfigError(source, "cluster", "a [cluster] table is required")
-    r = _Reader(source, raw, "cluster")
+    r = Reader(source, raw, "cluster")
     name = r.get("name", str)
     if not NAME_RE.match(name):
         raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
     interface = r.get("interface", str)
     if problem := interface_name_problem(interface):
         raise r.err("interface", problem)
-    group = _mcast_group(r, "multicast_group", r.get("multicast_group", str))
+    group = read_mcast_group(r, "multicast_group", r.get("multicast_group", str))
     other: dict[int, IPAddress] = {}
     for family in (4, 6):
         key = f"multicast_group{family}"
         text = r.get(key, str, None)
         if text is None:
             continue
-        g = _mcast_group(r, key, text)
+        g = read_mcast_group(r, key, text)
         if g.version != family:
             raise r.err(key, f"{g} is not an IPv{family} multicast group")
         if group.version == family:
@@ -187,7 +187,7 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         multicast_group=group,
         port=port,
         key_file=Path(r.get("key_file", str)),
-        hash_seed=_seed(r, "hash_seed", name),
+        hash_seed=read_seed(r, "hash_seed", name),
         heartbeat_interval_ms=interval,
         dead_after_ms=dead_after,
         quorum=r.get("quorum", bool, False),
@@ -198,9 +198,9 @@ def _cluster(source: str, raw: Any) -> ClusterConfig:
         max_drain_ms=r.int_in("max_drain_ms", 0, 86_400_000, 60_000),
         control_socket=Path(r.get("control_socket", str, "/run/multihost/control.sock")),
         metrics_address=metrics,
-        dataplane=_choice(r, "dataplane", DATAPLANES, "auto"),
-        xdp_mode=_choice(r, "xdp_mode", XDP_MODES, "auto"),
-        table=_choice(r, "table", TABLE_KINDS, "factorial"),
+        dataplane=read_choice(r, "dataplane", DATAPLANES, "auto"),
+        xdp_mode=read_choice(r, "xdp_mode", XDP_MODES, "auto"),
+        table=read_choice(r, "table", TABLE_KINDS, "factorial"),
         bpf_pin_root=Path(r.get("bpf_pin_root", str, "/sys/fs/bpf/multihost")),
         multicast_group4=g4 if isinstance(g4 := other.get(4), ipaddress.IPv4Address) else None,
         multicast_group6=g6 if isinstance(g6 := other.get(6), ipaddress.IPv6Address) else None,
@@ -219,11 +219,11 @@ def _nodes(source: str, raw: Any) -> tuple[NodeConfig, ...]:
         path = f"node[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(source, path, "expected a table")
-        r = _Reader(source, item, path)
+        r = Reader(source, item, path)
         name = r.get("name", str)
         if not NAME_RE.match(name):
             raise r.err("name", f"{name!r} must be 1-32 of A-Z a-z 0-9 _ . - (starting alnum)")
-        address = _address(r, r.key("address"), r.get("address", str))
+        address = read_address(r, r.key("address"), r.get("address", str))
         if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
             raise r.err(
                 "address",
@@ -278,7 +278,7 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
             raise ConfigError(source, path, "expected a table")
         if tp.is_return_item(item):
             continue  # a return group: multihost.transparency.parse_returns
-        r = _Reader(source, item, path)
+        r = Reader(source, item, path)
         name = r.get("name", str)
         if not GROUP_RE.match(name):
             raise r.err("name", f"{name!r} must be 1-24 of A-Z a-z 0-9 _ - (starting alnum)")
@@ -290,7 +290,7 @@ def _groups(source: str, raw: Any, nodes: tuple[NodeConfig, ...]) -> tuple[Group
         addrs: list[IPAddress] = []
         for j, text in enumerate(addr_list):
             key = f"{path}.addresses[{j}]"
-            a = _address(r, key, text)
+            a = read_address(r, key, text)
             if a.is_multicast or a.is_unspecified or a.is_loopback:
                 raise ConfigError(source, key, f"{a} cannot be a traffic IP")
             if a in node_addrs:
@@ -353,7 +353,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"not valid TOML: {e}") from None
-    top = _Reader(source, raw, "")
+    top = Reader(source, raw, "")
     cluster = _cluster(source, top.get("cluster", dict, None))
     nodes = _nodes(source, top.get("node", list, None))
     raw_groups = top.get("traffic_ip_group", list, None)

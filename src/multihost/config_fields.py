@@ -1,6 +1,6 @@
 """Reading one TOML value into one typed field, with errors naming file, key and value.
 
-Owns: :class:`_Reader` (typed access to one TOML table: the full key path in every error,
+Owns: :class:`Reader` (typed access to one TOML table: the full key path in every error,
 required keys, integer ranges, unknown keys) and the field readers that the sections of
 :mod:`multihost.config`, :mod:`multihost.transparency` and :mod:`multihost.backends` share:
 IP addresses, the multicast groups a cluster may use, the hash seed, a choice among
@@ -20,7 +20,7 @@ from typing import Any
 from multihost.config_model import ConfigError, IPAddress
 
 
-class _Reader:
+class Reader:
     """Typed access to a TOML table that reports errors with the full key path."""
 
     def __init__(self, source: str, table: Mapping[str, Any], path: str) -> None:
@@ -73,7 +73,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in _tuple(kind))
 
 
-def _address(r: _Reader, key: str, text: Any) -> IPAddress:
+def read_address(r: Reader, key: str, text: Any) -> IPAddress:
     if not isinstance(text, str):
         raise ConfigError(r.source, key, f"expected an IP address string, got {text!r}")
     try:
@@ -87,7 +87,7 @@ def _address(r: _Reader, key: str, text: Any) -> IPAddress:
 _V6_SCOPES = {2: "link", 4: "admin", 5: "site", 8: "organisation"}
 
 
-def _mcast_group(r: _Reader, key: str, text: str) -> IPAddress:
+def read_mcast_group(r: Reader, key: str, text: str) -> IPAddress:
     try:
         group = ipaddress.ip_address(text)
     except ValueError:
@@ -114,7 +114,7 @@ def _mcast_group(r: _Reader, key: str, text: str) -> IPAddress:
     return group
 
 
-def _seed(r: _Reader, name: str, cluster_name: str) -> int:
+def read_seed(r: Reader, name: str, cluster_name: str) -> int:
     value = r.get(name, (int, str), None)
     if value is None:
         return zlib.crc32(cluster_name.encode())
@@ -134,7 +134,7 @@ def interface_name_problem(name: str) -> str | None:
     return None
 
 
-def _choice(r: _Reader, name: str, choices: tuple[str, ...], default: str) -> str:
+def read_choice(r: Reader, name: str, choices: tuple[str, ...], default: str) -> str:
     value = r.get(name, str, default)
     if value not in choices:
         raise r.err(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from multihost.config_fields import _address, _Reader, interface_name_problem
+from multihost.config_fields import Reader, interface_name_problem, read_address
 from multihost.config_model import GROUP_RE, ConfigError, GroupConfig, IPAddress, NodeConfig
 from multihost.flowhash import RETURN_MODES, HashMode
 
@@ -82,7 +82,7 @@ def is_return_item(item: Any) -> bool:
     return isinstance(item, dict) and "return_for" in item
 
 
-def front_keys(r: _Reader, mode: HashMode) -> tuple[bool, str]:
+def front_keys(r: Reader, mode: HashMode) -> tuple[bool, str]:
     """``transparent`` and ``return`` of a (front) group's table: (transparent, way)."""
     if mode in RETURN_MODES.values():
         raise r.err(
@@ -139,7 +139,7 @@ def parse_returns(
         if not is_return_item(item):
             continue
         path = f"traffic_ip_group[{i}]"
-        r = _Reader(source, item, path)
+        r = Reader(source, item, path)
         for key, what in _SHARED.items():
             if key in item:
                 raise r.err(key, f"a return group uses {what}: remove this key")
@@ -211,7 +211,7 @@ def parse_returns(
 
 
 def _addresses(
-    r: _Reader, path: str, taken: dict[IPAddress, str], name: str
+    r: Reader, path: str, taken: dict[IPAddress, str], name: str
 ) -> tuple[IPAddress, ...]:
     addr_list = r.get("addresses", list)
     if not addr_list:
@@ -219,7 +219,7 @@ def _addresses(
     out: list[IPAddress] = []
     for j, text in enumerate(addr_list):
         key = f"{path}.addresses[{j}]"
-        a = _address(r, key, text)
+        a = read_address(r, key, text)
         if a.is_multicast or a.is_unspecified or a.is_loopback:
             raise ConfigError(r.source, key, f"{a} cannot be a gateway address")
         if a in taken:
@@ -264,7 +264,7 @@ def parse_transparency(source: str, raw: Any) -> TransparencyConfig:
         return TransparencyConfig()
     if not isinstance(raw, Mapping):
         raise ConfigError(source, "transparency", "expected a table ([transparency])")
-    r = _Reader(source, raw, "transparency")
+    r = Reader(source, raw, "transparency")
     mark = r.int_in("fwmark", 1, _MAX_TABLE, DEFAULT_FWMARK)
     table = r.int_in("table", 1, _MAX_TABLE, DEFAULT_TABLE)
     if table in _RESERVED_TABLES:
