@@ -2,7 +2,7 @@
 the kernel reprogramming time of every view change on the way.
 
 Run (root): .venv/bin/python bench/bench_failover.py [--trials 20] [--md] [--plot]
-            [--heartbeat-ms MS] [--prefix mhtFb-]
+            [--heartbeat-ms MS] [--prefix mhtFb-] [--ipv6]
 
 Owns: the default-settings failover benchmark: one 4-node lab (``--prefix``, default
 ``mhtFb-``; heartbeats every 100 ms or ``--heartbeat-ms``, every other timing key at the
@@ -14,7 +14,9 @@ status shows they own them all), then the node recovered and the lab converged a
 again. Per trial it also reads the survivors' ``kernel-updated took_ms`` log lines and the
 delta of their ``multihost_reprogram_seconds`` histograms, counts view changes other than
 the failure itself (false failovers) and control connections to the survivors' own buckets
-that went unanswered. Results: the ``default`` part of ``bench/results_failover.json``;
+that went unanswered.  ``--ipv6``: the dual-stack lab (heartbeats over IPv6), every
+connection to the IPv6 traffic IP (its own ``-ipv6`` part of the results).  Results: the
+``default`` part of ``bench/results_failover.json``;
 ``--md`` rewrites ``bench/results_failover.md`` and ``--plot`` ``bench/failover.png`` from
 all parts present.
 
@@ -42,7 +44,7 @@ PREFIX = "mhtFb-"
 TARGET_P50, TARGET_P99, TARGET_REPROGRAM = 250.0, 350.0, 20.0  # issue 11, at 100 ms
 
 
-def trial(state: LabState, i: int, node: str, how: str) -> dict[str, Any]:
+def trial(state: LabState, i: int, node: str, how: str, family: int = 4) -> dict[str, Any]:
     live = list(state.live)
     survivors = [m for m in live if m != node]
     failover.wait_converged(state, live, quiet=True, timeout=90)
@@ -50,7 +52,7 @@ def trial(state: LabState, i: int, node: str, how: str) -> dict[str, Any]:
     before = {n: fc.scrape_reprogram(state, n) for n in survivors}
     cursor = failover.LogCursor(state)
     load = fc.loadavg()
-    r = failover.measure(state, node, how, seed=i)
+    r = failover.measure(state, node, how, seed=i, family=family)
     failover.wait_converged(state, survivors, timeout=30)
     time.sleep(0.2)
     after = {n: fc.scrape_reprogram(state, n) for n in survivors}
@@ -87,11 +89,19 @@ def run(
     prefix: str = PREFIX,
     heartbeat_ms: int = 100,
     table: str = "factorial",
+    *,
+    ipv6: bool = False,
 ) -> dict[str, Any]:
     info = fc.machine()
     rows: list[dict[str, Any]] = []
     with fc.lab(
-        prefix, 4, metrics=True, backend=backend, heartbeat_ms=heartbeat_ms, table=table
+        prefix,
+        4,
+        metrics=True,
+        backend=backend,
+        heartbeat_ms=heartbeat_ms,
+        table=table,
+        ipv6=ipv6,
     ) as state:
         info["dataplane"] = state.agents.get("dataplane", {})
         members = list(state.topology.members)
@@ -99,7 +109,7 @@ def run(
         for i in range(2 * trials):
             how = ("crash", "link")[i % 2]
             node = members[(i // 2) % len(members)]
-            row = trial(state, i, node, how)
+            row = trial(state, i, node, how, family=6 if ipv6 else 4)
             rows.append(row)
             f = row["flows"]
             fc.log(
@@ -113,6 +123,7 @@ def run(
         "heartbeat_ms": heartbeat_ms,
         "dead_after_ms": default_dead_after_ms(heartbeat_ms),
         "table": table,
+        "family": "ipv6" if ipv6 else "ipv4",
     }
     return {"machine": info, "settings": settings, "rows": rows}
 
@@ -179,16 +190,23 @@ def main() -> int:
         default="factorial",
         help="the agents' [cluster] table (default factorial; minimal: 12 buckets for 4 nodes)",
     )
+    ap.add_argument(
+        "--ipv6", action="store_true", help="dual-stack lab, connections to the IPv6 traffic IP"
+    )
     args = ap.parse_args()
-    data = run(args.trials, args.backend, args.prefix, args.heartbeat_ms, args.table)
+    data = run(
+        args.trials, args.backend, args.prefix, args.heartbeat_ms, args.table, ipv6=args.ipv6
+    )
     data["command"] = (
         f".venv/bin/python bench/bench_failover.py --trials {args.trials} --backend {args.backend}"
         + (f" --heartbeat-ms {args.heartbeat_ms}" if args.heartbeat_ms != 100 else "")
         + (f" --table {args.table}" if args.table != "factorial" else "")
+        + (" --ipv6" if args.ipv6 else "")
     )
     part = "default" if args.backend == "auto" else f"backend-{args.backend}"
     part = part if args.heartbeat_ms == 100 else f"{part}-hb{args.heartbeat_ms}"
-    fc.save_part(part if args.table == "factorial" else f"{part}-{args.table}", data)
+    part = part if args.table == "factorial" else f"{part}-{args.table}"
+    fc.save_part(f"{part}-ipv6" if args.ipv6 else part, data)
     print(report(data))
     for line in verdict(data):
         print(line)

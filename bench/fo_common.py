@@ -82,10 +82,12 @@ def lab(
     with_agents: bool = True,
     backend: str | None = None,
     table: str = "factorial",
+    ipv6: bool = False,
 ) -> Iterator[LabState]:
     """A lab under ``prefix`` (must start with ``mhtF``), removed whatever happens;
     ``backend``: the data plane backend, passed on only when given (:func:`lab_backend`);
-    ``table``: the agents' ``[cluster] table``.
+    ``table``: the agents' ``[cluster] table``; ``ipv6``: the dual-stack lab (``lab up
+    --ipv6``: heartbeats over IPv6, an IPv6 traffic IP beside the IPv4 one).
 
     ``$MULTIHOST_LAB_PREFIX`` (say ``mhG-``), when set, replaces the ``mhtF`` part:
     ``mhtFc-`` becomes ``mhGc-``, so people sharing a machine keep to their own labs.
@@ -95,7 +97,7 @@ def lab(
     clean(prefix)  # leftovers of an earlier, killed run of this very benchmark
     try:
         yield build.build(
-            describe(nodes, 1, prefix, table_kind=table),
+            describe(nodes, 1, prefix, table_kind=table, ipv6=ipv6),
             with_agents=with_agents,
             heartbeat_ms=heartbeat_ms,
             dead_after_ms=dead_after_ms,
