@@ -54,12 +54,8 @@ if __package__ in (None, ""):
 from bench import bpfgen, dp_flows, dp_net, dp_report
 from multihost.assignment import assign
 from multihost.dataplane.nft import Dataplane, Nft, netns_entered
-from multihost.dataplane.ruleset import (
-    GroupBuckets,
-    GroupSpec,
-    RulesetSpec,
-    jhash_expr,
-)
+from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, RulesetSpec
+from multihost.dataplane.rulesettables import jhash_expr
 from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import Flow, flow_bucket
 from multihost.macaddr import format_mac, multicast_mac

@@ -11,7 +11,7 @@ socket, ``status``, metrics, systemd notifications and signals (SIGTERM/SIGINT: 
 that releases everything; SIGHUP: reload the configuration if it is valid).
 
 Must not: decide ownership or membership itself (``ownership``/``membership`` do), render
-nft rules (``dataplane.ruleset`` does), or wait for the kernel on the event loop (heartbeats
+nft rules (``dataplane.rulesettables`` does), or wait for the kernel on the event loop (heartbeats
 go out on time whatever an nft transaction or an XDP map write costs).
 """
 

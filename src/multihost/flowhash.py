@@ -5,7 +5,7 @@ kernel), the byte layout of the nft register key, ``reciprocal_scale`` (how nft 
 32-bit hash to ``mod B``), the fields hashed for each hash mode, and parsing of flow
 specifications (``198.18.0.2:40000-198.18.0.100:80``, ``[2001:db8::1]:1-[2001:db8::2]:80``).
 
-Must not: touch the kernel or know about ownership; ``dataplane.ruleset`` renders the nft
+Must not: touch the kernel or know about ownership; ``dataplane.rulesettables`` renders the nft
 expression from :func:`hash_fields`, so the model and the rule cannot drift apart.
 
 Key layout (nft registers): every field takes a whole number of 4-byte register slots.

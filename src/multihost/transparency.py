@@ -24,7 +24,7 @@ naming the key each.
 
 Must not: touch the network, the kernel or files (pure: TOML values in, frozen dataclasses
 out).  The host plumbing is :mod:`multihost.dataplane.hostsetup`'s, the filters are
-:mod:`multihost.dataplane.ruleset`'s and the XDP program's.
+:mod:`multihost.dataplane.rulesettables`' and the XDP program's.
 """
 
 from __future__ import annotations

@@ -31,13 +31,9 @@ from multihost.dataplane.backend import Backend
 from multihost.dataplane.conntrack import dump_entries
 from multihost.dataplane.hostsetup import HostSetup, HostSetupError, multicast_memberships
 from multihost.dataplane.nft import Dataplane, Nft, NftError, netns_entered
-from multihost.dataplane.ruleset import (
-    Delta,
-    GroupBuckets,
-    GroupSpec,
-    RulesetSpec,
-    render_guard_table,
-)
+from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, RulesetSpec
+from multihost.dataplane.rulesetdelta import Delta
+from multihost.dataplane.rulesettables import render_guard_table
 from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import Flow, HashMode, IPAddress, flow_bucket
 from multihost.macaddr import format_mac, multicast_mac

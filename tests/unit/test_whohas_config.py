@@ -26,7 +26,8 @@ from multihost.cli import main
 from multihost.cli.groupsel import from_config
 from multihost.cli.whohas import lookup
 from multihost.config import Config, load_config
-from multihost.dataplane.ruleset import GroupBuckets, bucket_map, render_owned_table
+from multihost.dataplane.ruleset import GroupBuckets, bucket_map
+from multihost.dataplane.rulesettables import render_owned_table
 from multihost.flowhash import Flow, jhash, reciprocal_scale
 from multihost.ownership import bucket_owner, targets
 

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _remove_nft(cfg: Config, errors: list[str]) -> bool:
     from multihost.dataplane.nft import Nft, NftError
-    from multihost.dataplane.ruleset import render_remove
+    from multihost.dataplane.rulesettables import render_remove
     from multihost.preflight import ruleset_spec
 
     spec = ruleset_spec(cfg)

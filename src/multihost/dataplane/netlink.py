@@ -1,17 +1,17 @@
 """The nf_tables netlink fast path for bucket-map and lease updates (used by :mod:`.nft`).
 
-Owns: encoding a :class:`~multihost.dataplane.ruleset.Delta` as one nf_tables batch
+Owns: encoding a :class:`~multihost.dataplane.rulesetdelta.Delta` as one nf_tables batch
 (``NFT_MSG_DELSETELEM`` for the keys leaving a map, then ``NFT_MSG_NEWSETELEM`` for the
 ``key : data`` elements entering it, between batch begin/end, ``NLM_F_ACK`` on every
 message); encoding a lease write the same way (:func:`encode_lease_batch`: flush the lease
 set, then add its one-byte keys with an optional ``NFTA_SET_ELEM_TIMEOUT``, exactly what
-``ruleset.render_lease`` says in nft syntax, without libnftables' parser on every renewal);
-finding the ``NETLINK_NETFILTER`` socket a libnftables context opened; sending a
+``rulesettables.render_lease`` says in nft syntax, without libnftables' parser on every
+renewal); finding the ``NETLINK_NETFILTER`` socket a libnftables context opened; sending a
 batch on it and collecting the acknowledgements.
 
-Must not: decide what to send (``ruleset`` renders, ``nft.Dataplane`` decides), open netlink
-sockets of its own (only the socket that owns the table may change it), or call
-libnftables.
+Must not: decide what to send (``rulesetdelta`` and ``rulesettables`` render,
+``nft.Dataplane`` decides), open netlink sockets of its own (only the socket that owns the
+table may change it), or call libnftables.
 
 Message layout (``include/uapi/linux/netfilter/nf_tables.h``): ``NFTA_SET_ELEM_LIST_TABLE``,
 ``_SET`` and ``_ELEMENTS``, a nest of ``NFTA_LIST_ELEM``, each
@@ -32,7 +32,8 @@ import struct
 
 import numpy as np
 
-from multihost.dataplane.ruleset import PKTTYPE_VALUES, Delta
+from multihost.dataplane.ruleset import PKTTYPE_VALUES
+from multihost.dataplane.rulesetdelta import Delta
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10

@@ -1,5 +1,6 @@
 """Thin shell over the kernel's nftables: a ctypes binding to ``libnftables.so.1`` and the
-:class:`Dataplane` that applies the scripts :mod:`multihost.dataplane.ruleset` renders.
+:class:`Dataplane` that applies the scripts :mod:`multihost.dataplane.rulesettables` and
+:mod:`multihost.dataplane.rulesetdelta` render.
 
 Owns: the persistent libnftables context (:class:`Nft`) whose netlink socket *owns* the
 ``flags owner`` table, so the kernel deletes that table when the process dies (fail-closed)
@@ -7,8 +8,9 @@ and no other process may change it; entering a network namespace for that socket
 applied bucket state and the delta bookkeeping of :meth:`Dataplane.update`; reading
 counters and bucket maps back from the kernel.
 
-Must not: build nft syntax itself (everything it sends comes from ``ruleset``), touch links
-or addresses (that is ``hostsetup``), or spawn the ``nft`` binary.
+Must not: build nft syntax itself (everything it sends comes from ``rulesettables`` and
+``rulesetdelta``), touch links or addresses (that is ``hostsetup``), or spawn the ``nft``
+binary.
 
 Element updates (:meth:`Dataplane.update`) take a fast path: the delta is encoded as one
 nf_tables netlink batch (:mod:`multihost.dataplane.netlink`: map elements out, then
@@ -60,7 +62,6 @@ from multihost.dataplane.ruleset import (
     LEASE_KEY_VALUES,
     LEASE_SET,
     SET_KINDS,
-    Delta,
     GroupBuckets,
     GroupSpec,
     ReturnSpec,
@@ -68,14 +69,11 @@ from multihost.dataplane.ruleset import (
     bucket_map,
     check_state,
     counter_names,
-    delta_of_checked,
     handover_map,
     kind_chains,
-    render_delta_json,
-    render_install,
-    render_lease,
-    render_remove,
 )
+from multihost.dataplane.rulesetdelta import Delta, delta_of_checked, render_delta_json
+from multihost.dataplane.rulesettables import render_install, render_lease, render_remove
 
 NFT_CTX_DEFAULT = 0
 NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -243,7 +241,7 @@ class Nft:
         self._send_batch(lambda seq: encode_element_batch(table, delta, seq))
 
     def send_lease(self, table: str, expires_ms: int | None) -> None:
-        """Set inet ``table``'s lease set as :func:`~.ruleset.render_lease` would, as one
+        """Set inet ``table``'s lease set as :func:`~.rulesettables.render_lease` would, as one
         netlink batch on the context's socket (atomic; :class:`NftError` with the errno)."""
         self._send_batch(
             lambda seq: encode_lease_batch(table, LEASE_SET, LEASE_KEY_VALUES, expires_ms, seq)

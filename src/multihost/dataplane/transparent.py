@@ -7,8 +7,8 @@ recipe (the kernel's ``Documentation/networking/tproxy.rst``) delivers them to t
 socket instead of forwarding them:
 
 * nft: ``socket transparent 1 meta mark set MARK`` at prerouting (the table
-  :data:`~multihost.dataplane.ruleset.TRANSPARENT_TABLE`, rendered by
-  :func:`~multihost.dataplane.ruleset.render_transparent_table`);
+  :data:`~multihost.dataplane.rulesettables.TRANSPARENT_TABLE`, rendered by
+  :func:`~multihost.dataplane.rulesettables.render_transparent_table`);
 * ``ip rule add fwmark MARK lookup TABLE priority PRIORITY`` (IPv4 and/or IPv6);
 * ``ip route add local 0.0.0.0/0 dev lo table TABLE`` (``local ::/0`` for IPv6).
 
@@ -31,7 +31,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from multihost.dataplane.nft import Nft, NftError, netns_entered
-from multihost.dataplane.ruleset import TRANSPARENT_TABLE, render_transparent_table
+from multihost.dataplane.rulesettables import TRANSPARENT_TABLE, render_transparent_table
 
 FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2

@@ -241,7 +241,7 @@ class MembershipCore:
 
     def lease_deadline(self) -> float | None:
         """The kernel's dead-man switch: the kernel may take new flows until then (None:
-        no alive peer could take over); see ``dataplane/ruleset.py``, ``lease``."""
+        no alive peer could take over); see ``dataplane/rulesettables.py``, ``lease``."""
         alive = [p for p in self._peers.values() if p.state is ALIVE]
         quorum_of = len(self.config.members) if self.config.quorum else None
         return self._leases.kernel_deadline(alive, quorum_of)
