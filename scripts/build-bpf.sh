@@ -1,6 +1,7 @@
 #!/bin/sh
 # Build the XDP program: clang -O2 -g -target bpf (BTF), with the build id the loader checks
-# (sha256 of the generated layout header, then the source: multihost.dataplane.xdp.build_id).
+# (sha256 of the generated layout header, then the source:
+# multihost.dataplane.xdpobject.build_id).
 # Without clang (e.g. not root, so `make setup` could not install it) this only warns: the
 # xdp backend is then unavailable and dataplane = "auto" uses nft.
 set -eu

@@ -234,8 +234,8 @@ def check_dataplane(cfg: Config) -> None:
     missing (the agent refuses to start for the same reason)."""
     if cfg.cluster.dataplane != "xdp":
         return
-    from multihost.dataplane.xdp import unavailable_reason
     from multihost.dataplane.xdplayout import limits_problem
+    from multihost.dataplane.xdpobject import unavailable_reason
 
     naddr = sum(len(g.addresses) for g in cfg.groups) + sum(len(r.addresses) for r in cfg.returns)
     problem = limits_problem(len(cfg.groups) + len(cfg.returns), cfg.buckets, naddr)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from multihost.dataplane import backend, xdp
+from multihost.dataplane import backend, xdpattach, xdpobject
 from multihost.dataplane.ruleset import GroupSpec, RulesetSpec
-from multihost.dataplane.xdp import XdpDataplane, XdpError
+from multihost.dataplane.xdp import XdpDataplane
+from multihost.dataplane.xdpobject import XdpError
 from tests.netns.nsutil import netns_group, ns_run
 
 SPEC = RulesetSpec(40320, 1, (GroupSpec("web", (ipaddress.ip_address("198.18.0.100"),)),))
@@ -37,7 +38,7 @@ def ns() -> Iterator[str]:
 def pins(ns: str, bpf_root: Path) -> Iterator[Path]:
     d = bpf_root / f"{ns}-pins"
     yield d
-    xdp.unpin(d)
+    xdpattach.unpin(d)
 
 
 def _no_xdp(ns: str, dev: str) -> bool:
@@ -62,7 +63,9 @@ def test_missing_object_is_named_and_auto_falls_back(ns: str, pins: Path, tmp_pa
 
 def test_stale_object_is_refused(ns: str, pins: Path, tmp_path: Path) -> None:
     stale = tmp_path / "stale.o"
-    stale.write_bytes(xdp.OBJECT.read_bytes().replace(xdp.build_id().encode(), b"0" * 64))
+    stale.write_bytes(
+        xdpobject.OBJECT.read_bytes().replace(xdpobject.build_id().encode(), b"0" * 64)
+    )
     with pytest.raises(XdpError, match=r"stale.*make setup"):
         XdpDataplane(SPEC, "e0", pins, netns=ns, obj=stale).install({})
     assert _no_xdp(ns, "e0") and not pins.exists()
@@ -70,7 +73,7 @@ def test_stale_object_is_refused(ns: str, pins: Path, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("clang") is None, reason="needs clang (make setup installs it)")
 def test_verifier_rejection_carries_the_log(ns: str, pins: Path, tmp_path: Path) -> None:
-    text = xdp.SOURCE.read_text()
+    text = xdpobject.SOURCE.read_text()
     assert CHECK in text
     src = tmp_path / "bad.c"
     src.write_text(text.replace(CHECK, "\tif (eth->h_proto == bpf_htons(ETH_P_IP))"))
@@ -80,7 +83,7 @@ def test_verifier_rejection_carries_the_log(ns: str, pins: Path, tmp_path: Path)
     ).stdout
     subprocess.run(
         ["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch.strip()}",
-         f"-I{xdp.BPF_DIR}", f'-DMH_BUILD_ID="{xdp.build_id()}"', "-c", str(src), "-o",
+         f"-I{xdpobject.BPF_DIR}", f'-DMH_BUILD_ID="{xdpobject.build_id()}"', "-c", str(src), "-o",
          str(obj)],
         check=True,
     )  # fmt: skip
@@ -105,6 +108,6 @@ def test_interface_without_native_xdp(ns: str, pins: Path) -> None:
 
 
 def test_kernel_without_btf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(xdp, "BTF_PATH", tmp_path / "no-vmlinux")
-    reason = xdp.unavailable_reason()
+    monkeypatch.setattr(xdpobject, "BTF_PATH", tmp_path / "no-vmlinux")
+    reason = xdpobject.unavailable_reason()
     assert reason is not None and "no BTF" in reason

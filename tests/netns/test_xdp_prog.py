@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, ReturnSpec, RulesetSpec
-from multihost.dataplane.xdp import XdpDataplane, is_bpffs, unavailable_reason
+from multihost.dataplane.xdp import XdpDataplane
 from multihost.dataplane.xdplayout import BucketState
+from multihost.dataplane.xdpobject import is_bpffs, unavailable_reason
 from multihost.flowhash import RETURN_MODES, Flow, HashMode, flow_bucket
 from tests.netns import xdpframes as xf
 from tests.netns.nsutil import netns_group, ns_run
@@ -304,7 +305,7 @@ def test_restart_adopts_the_pinned_program(netns: str, pin_dir: Path) -> None:
         assert '"xdp"' not in out
         assert not pin_dir.exists()
     finally:
-        from multihost.dataplane.xdp import cleanup
+        from multihost.dataplane.xdpattach import cleanup
 
         cleanup("x0", pin_dir, netns)
 
@@ -340,7 +341,7 @@ def test_restart_never_serves_the_dead_agents_table(
         assert verdicts and set(verdicts) == {xf.XDP_DROP}, verdicts
         second.remove()
     finally:
-        from multihost.dataplane.xdp import cleanup
+        from multihost.dataplane.xdpattach import cleanup
 
         cleanup("x0", pin_dir, netns)
 
@@ -511,7 +512,7 @@ def test_what_is_not_a_reply_passes_untouched(netns: str, pin_dir: Path) -> None
 
 def test_return_interface_cleanup(netns: str, pin_dir: Path) -> None:
     """A killed agent's program on the return interface is detached by ``cleanup``."""
-    from multihost.dataplane.xdp import cleanup
+    from multihost.dataplane.xdpattach import cleanup
 
     dp = XdpDataplane(_return_spec(HashMode.SOURCE_IP, 5), "x0", pin_dir, netns=netns)
     dp.install({})

@@ -428,9 +428,9 @@ def test_unavailable_xdp_same_refusal(
     agent_stub: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from multihost.dataplane import xdp
+    from multihost.dataplane import xdpobject
 
-    monkeypatch.setattr(xdp, "unavailable_reason", lambda: "no BTF (test)")
+    monkeypatch.setattr(xdpobject, "unavailable_reason", lambda: "no BTF (test)")
     cfg = fresh()
     cfg["cluster"]["dataplane"] = "xdp"
     path = write(tmp_path, cfg)

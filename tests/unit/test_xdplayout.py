@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from multihost.dataplane import xdp
+from multihost.dataplane import xdpobject
 from multihost.dataplane.xdplayout import (
     GROUP,
     IFACE,
@@ -24,7 +24,7 @@ from multihost.dataplane.xdplayout import (
 
 
 def test_committed_header_is_generated_from_the_layout() -> None:
-    assert xdp.HEADER.read_text() == render_header(), (
+    assert xdpobject.HEADER.read_text() == render_header(), (
         "regenerate: python -m multihost.dataplane.xdplayout > "
         "src/multihost/dataplane/bpf/multihost_layout.h"
     )
@@ -49,21 +49,21 @@ def test_group_tables_are_disjoint_and_8_aligned() -> None:
 
 
 def test_build_id_is_sha256_of_header_then_source() -> None:
-    want = hashlib.sha256(xdp.HEADER.read_bytes() + xdp.SOURCE.read_bytes()).hexdigest()
-    assert xdp.build_id() == want
+    want = hashlib.sha256(xdpobject.HEADER.read_bytes() + xdpobject.SOURCE.read_bytes()).hexdigest()
+    assert xdpobject.build_id() == want
 
 
 def test_missing_and_stale_objects_are_refused(tmp_path: Path) -> None:
     missing = tmp_path / "none.o"
-    with pytest.raises(xdp.XdpError, match="missing: build it with `make setup`"):
-        xdp.check_object(missing)
+    with pytest.raises(xdpobject.XdpError, match="missing: build it with `make setup`"):
+        xdpobject.check_object(missing)
     stale = tmp_path / "stale.o"
     stale.write_bytes(b"\x7fELF....MHBUILD:" + b"0" * 64 + b"\0")
-    with pytest.raises(xdp.XdpError, match="stale"):
-        xdp.check_object(stale)
+    with pytest.raises(xdpobject.XdpError, match="stale"):
+        xdpobject.check_object(stale)
     good = tmp_path / "good.o"
-    good.write_bytes(b"\x7fELF....MHBUILD:" + xdp.build_id().encode() + b"\0")
-    xdp.check_object(good)
+    good.write_bytes(b"\x7fELF....MHBUILD:" + xdpobject.build_id().encode() + b"\0")
+    xdpobject.check_object(good)
 
 
 def test_limits_name_the_key() -> None:

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     from multihost.agent import Agent
-    from multihost.dataplane.xdp import XdpError
+    from multihost.dataplane.xdpobject import XdpError
 
     log = EventLog(node=node)
     for w in timing_warnings(cfg.source, cfg.cluster):  # the same as check-config prints

@@ -72,13 +72,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"an agent answers on {sock}: stop it first (systemctl stop multihost)")
     out: dict[str, Any] = {"node": node, "interface": cfg.cluster.interface}
     errors: list[str] = []
-    from multihost.dataplane import backend, xdp
+    from multihost.dataplane import backend, xdpattach
     from multihost.dataplane.libbpf import BpfError
 
     pins = backend.pin_dir(cfg.cluster.bpf_pin_root, cfg.cluster.name, node)
     try:
         extra = tuple(sorted({r.interface for r in cfg.returns} - {cfg.cluster.interface}))
-        out["xdp"] = xdp.cleanup(cfg.cluster.interface, pins, extra_interfaces=extra)
+        out["xdp"] = xdpattach.cleanup(cfg.cluster.interface, pins, extra_interfaces=extra)
     except (BpfError, OSError) as e:
         out["xdp"] = None
         errors.append(f"xdp: {e}")

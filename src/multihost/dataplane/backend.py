@@ -20,7 +20,9 @@ from typing import Any, Protocol
 from multihost.dataplane.libbpf import BpfError
 from multihost.dataplane.nft import Dataplane, UpdateStats
 from multihost.dataplane.ruleset import GroupBuckets, RulesetSpec
-from multihost.dataplane.xdp import XdpDataplane, XdpError, cleanup, unavailable_reason
+from multihost.dataplane.xdp import XdpDataplane
+from multihost.dataplane.xdpattach import cleanup
+from multihost.dataplane.xdpobject import XdpError, unavailable_reason
 
 Row = tuple[str, int, str, int, int, int | None]  # conntrack.Row
 

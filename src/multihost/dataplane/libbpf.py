@@ -17,7 +17,8 @@ at run time, which the project refuses) and pyroute2's (loads raw bytecode, no E
 handling); libbpf is the kernel's own loader, already on every Debian node as ``libbpf1``,
 and the ~15 calls here are stable ABI.
 
-Must not: know about multihost's maps or packets (that is :mod:`multihost.dataplane.xdp`).
+Must not: know about multihost's maps or packets (that is :mod:`multihost.dataplane.xdp`
+and its parts, :mod:`~multihost.dataplane.xdpattach` and :mod:`~multihost.dataplane.xdpmaps`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The XDP program's interface, declared once: map names, key/value layouts, constants.
 
 Owns: every number and byte layout that the XDP program (``bpf/multihost_xdp.c``) and its
-Python loader (:mod:`multihost.dataplane.xdp`) must agree on -- bucket states, verdict
-counters, hash-mode codes, the structs of every map key and value (as ``struct`` formats
-*and* as C), map names and sizes -- and rendering them as the C header
+Python loader (:mod:`multihost.dataplane.xdp`, :mod:`~multihost.dataplane.xdpattach` and
+:mod:`~multihost.dataplane.xdpmaps`) must agree on -- bucket states, verdict counters,
+hash-mode codes, the structs of every map key and value (as ``struct`` formats *and* as C),
+map names and sizes -- and rendering them as the C header
 ``bpf/multihost_layout.h`` that the program includes.  Like Katran's and Cilium's shared map
 definitions, nothing is declared twice: the header is generated from this module (a unit
 test fails when the committed header is stale) and :data:`LAYOUT_DIGEST`, a hash of the
