@@ -310,17 +310,6 @@ class XdpDataplane(XdpAttachment):
             return libbpf.test_run(self._prog_fd, frame, repeat=repeat, ingress_ifindex=index)
 
 
-_PROTO_NAMES = {
-    6: "tcp",
-    17: "udp",
-    132: "sctp",
-    33: "dccp",
-    136: "udplite",
-    1: "icmp",
-    58: "icmpv6",
-}
-
-
 def _table(gb: GroupBuckets, buckets: int) -> npt.NDArray[np.uint8]:
     table = np.zeros(buckets, np.uint8)
     for kind, code in _STATE_CODE.items():
