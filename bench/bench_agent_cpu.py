@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 from bench import fo_common as fc
 from multihost.lab import agents, failover
-from multihost.lab.build import LabError, LabState
+from multihost.lab.state import LabError, LabState
 
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_CPU = 1.0  # % of one core

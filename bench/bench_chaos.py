@@ -32,9 +32,9 @@ from typing import Any
 
 from multihost.control import request
 from multihost.lab import agents, build, chaos, faults
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
+from multihost.lab.state import LabState
 from multihost.lab.topology import describe
 
 

@@ -47,7 +47,7 @@ if __package__ in (None, ""):
 
 from bench import fo_common as fc
 from multihost.lab import failover, faults
-from multihost.lab.build import LabState
+from multihost.lab.state import LabState
 
 PREFIX = "mhtFx-"
 SLOW_MS = 200.0

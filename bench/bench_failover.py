@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 from bench import fo_common as fc
 from multihost.config import default_dead_after_ms
 from multihost.lab import failover, faults
-from multihost.lab.build import LabState
+from multihost.lab.state import LabState
 from multihost.tablechoice import TABLE_KINDS
 
 PREFIX = "mhtFb-"

@@ -50,8 +50,9 @@ if __package__ in (None, ""):
 from bench import fo_common as fc
 from multihost.config import default_dead_after_ms
 from multihost.lab import failover, faults
-from multihost.lab.build import LabError, LabState, _spawn
 from multihost.lab.clean import clean, not_ours, proc_start_time
+from multihost.lab.processes import spawn
+from multihost.lab.state import LabError, LabState
 
 KEEPALIVED = "/usr/sbin/keepalived"
 VRRP_GROUP = "239.192.0.18"
@@ -113,7 +114,7 @@ class Keepalived:
         old = self.recs.get(node)
         if old is not None and old in self.state.processes:
             self.state.processes.remove(old)
-        self.recs[node] = _spawn(self.state, host, f"keepalived-{node}", argv, match=argv[6])
+        self.recs[node] = spawn(self.state, host, f"keepalived-{node}", argv, match=argv[6])
 
     def has_vip(self, node: str) -> bool:
         host = self.state.topology.host(node)

@@ -40,9 +40,9 @@ from typing import Any
 
 from multihost.config import load_config
 from multihost.lab import agents, build, chaos, netfaults
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
+from multihost.lab.state import LabState
 from multihost.lab.topology import describe
 
 EVENTS = ("member-dead", "lease-lapsed", "view-changed", "suspended", "peer-suspect")

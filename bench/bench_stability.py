@@ -38,8 +38,8 @@ from bench import fo_common as fc
 from bench.bench_agent_cpu import GapWatch, cpu_window
 from multihost.config import default_dead_after_ms
 from multihost.lab import failover
-from multihost.lab.build import LabState
 from multihost.lab.clean import proc_start_time
+from multihost.lab.state import LabState
 
 EVENTS = ("member-dead", "lease-lapsed", "peer-suspect", "view-changed", "loop-late", "paused")
 

@@ -33,10 +33,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from multihost.lab import build
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean, proc_start_time
 from multihost.lab.failover import LogCursor
-from multihost.lab.topology import PREFIX_ENV, describe, state_dir, validate_prefix
+from multihost.lab.naming import PREFIX_ENV, state_dir, validate_prefix
+from multihost.lab.state import LabState
+from multihost.lab.topology import describe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results_failover.json"

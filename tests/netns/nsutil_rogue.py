@@ -17,7 +17,7 @@ import time
 
 from multihost.dataplane.nft import netns_entered
 from multihost.lab import agents
-from multihost.lab.build import LabState
+from multihost.lab.state import LabState
 
 ROGUE_ADDR = "198.18.0.250"
 ETH_P_ARP = 0x0806

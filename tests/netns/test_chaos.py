@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from multihost.lab import chaos
-from multihost.lab.topology import state_dir
+from multihost.lab.naming import state_dir
 
 MACS = {"02:00:00:00:00:0a": "A", "02:00:00:00:00:0b": "B", "02:00:00:00:00:0c": "C"}
 

@@ -35,10 +35,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multihost.lab import agents, build, chaos, faults, netfaults
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, owned_mask, ownership_problem, wait_converged
 from multihost.lab.probe import run_probe
+from multihost.lab.state import LabState
 from multihost.lab.topology import describe
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Rejected, ViewChanged

@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from multihost.lab import agents, build
-from multihost.lab.build import LabError, LabState, ProcessRecord
+from multihost.lab import agents, build, processes, wiring
 from multihost.lab.clean import clean, pids_in_namespaces, proc_start_time
+from multihost.lab.naming import state_dir
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import PROBE_PORTS, SwitchMode, Topology, describe, state_dir
+from multihost.lab.state import LabError, LabState, ProcessRecord
+from multihost.lab.topology import PROBE_PORTS, SwitchMode, Topology, describe
 
 CLI = [sys.executable, "-c", "from multihost.cli import entry; entry()"]
 
@@ -99,7 +100,7 @@ def test_every_node_serves_from_its_address_and_down_leaves_nothing(prefix: str)
     assert set(topo.netns_names()) <= set(netns_list())
     assert state.path.exists() and json.loads(state.path.read_text())["status"] == "up"
     assert len(state.processes) == 6
-    assert all(build.process_alive(p) for p in state.processes)
+    assert all(processes.process_alive(p) for p in state.processes)
     client = topo.clients[0]
     # curl's own source ports never fall in the probes' range: a probe flow on the port of
     # the curl just before (its TIME_WAIT) failed to connect (EADDRNOTAVAIL) once in CI
@@ -134,7 +135,9 @@ def test_probe_refused_port_counts_as_reset(prefix: str) -> None:
     nginx = next(p for p in state.processes if p.name == "nginx-A")
     os.kill(nginx.pid, signal.SIGTERM)
     wait_until(lambda: not alive(nginx.pid, nginx.start_time), what="nginx to stop")
-    wait_until(lambda: not build.listening(_any_pid_in(node.netns), "tcp", 80), what="no listener")
+    wait_until(
+        lambda: not processes.listening(_any_pid_in(node.netns), "tcp", 80), what="no listener"
+    )
     res = run_probe(state, "tcp", 50, target=node.address)
     assert res.reset == 50 and res.answered == {} and not res.ok
 
@@ -158,10 +161,10 @@ def test_failure_midway_leaves_nothing(
 ) -> None:
     started: dict[int, int] = {}
     if where == "wiring":
-        monkeypatch.setattr(build, "configure_host", _fail_configure_host(build.configure_host))
+        monkeypatch.setattr(wiring, "configure_host", _fail_configure_host(wiring.configure_host))
         step = "wiring hosts"
     elif where == "services":
-        real_wait = build.wait_listening
+        real_wait = processes.wait_listening
 
         def fake_wait(rec: ProcessRecord, proto: str, port: int, timeout: float = 5.0) -> None:
             started[rec.pid] = rec.start_time
@@ -169,7 +172,7 @@ def test_failure_midway_leaves_nothing(
                 raise OSError("injected failure waiting for a service")
             real_wait(rec, proto, port, timeout)
 
-        monkeypatch.setattr(build, "wait_listening", fake_wait)
+        monkeypatch.setattr(processes, "wait_listening", fake_wait)
         step = "starting nginx"
     else:
 
@@ -211,7 +214,7 @@ def test_clean_removes_a_lab_whose_processes_were_killed(prefix: str) -> None:
         assert not [p for p, s in orphans.items() if alive(p, s)]
         # The lab with another prefix is untouched.
         assert set(other.topology.netns_names()) <= set(netns_list())
-        assert all(build.process_alive(p) for p in other.processes)
+        assert all(processes.process_alive(p) for p in other.processes)
         again = clean(prefix)
         assert not again.removed_anything and again.errors == []
     finally:
@@ -237,7 +240,7 @@ def test_up_twice_fails_and_keeps_the_first_lab(prefix: str) -> None:
     state = up(prefix, nodes=1)
     with pytest.raises(LabError, match="already exists"):
         up(prefix, nodes=2)
-    assert all(build.process_alive(p) for p in state.processes)
+    assert all(processes.process_alive(p) for p in state.processes)
     assert set(state.namespaces) <= set(netns_list())
 
 

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 import pytest
 
 from multihost.lab import build, faults
-from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
+from multihost.lab.naming import state_dir
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import describe, state_dir
+from multihost.lab.state import LabError, LabState
+from multihost.lab.topology import describe
 
 CONNECTIONS = 5000
 SEED = 0x5EED1234

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from multihost.lab import demo
-from multihost.lab.build import LabError
 from multihost.lab.clean import clean
-from multihost.lab.topology import NETNS_DIR, state_dir
+from multihost.lab.naming import NETNS_DIR, state_dir
+from multihost.lab.state import LabError
 
 CONNECTIONS = 1200
 

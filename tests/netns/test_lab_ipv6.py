@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 
 from multihost.lab import build, demo, failover, faults
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean
+from multihost.lab.naming import NETNS_DIR, state_dir
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import NETNS_DIR, describe, state_dir
+from multihost.lab.state import LabState
+from multihost.lab.topology import describe
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,11 @@ import pytest
 
 from multihost.lab import backbuild, build
 from multihost.lab.backnet import NeighMode, ReturnMode
-from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean, lab_namespaces, pids_in_namespaces
+from multihost.lab.naming import state_dir
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import describe, state_dir
+from multihost.lab.state import LabError, LabState
+from multihost.lab.topology import describe
 
 CLI = [sys.executable, "-m", "multihost"]
 

@@ -21,10 +21,11 @@ import pytest
 
 from multihost.control import ControlError, request
 from multihost.lab import agents, build
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean
+from multihost.lab.naming import state_dir
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import describe, state_dir
+from multihost.lab.state import LabState
+from multihost.lab.topology import describe
 
 
 def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:

@@ -19,11 +19,12 @@ import pytest
 
 from multihost.lab import backbuild, build, faults
 from multihost.lab.backnet import ReturnMode
-from multihost.lab.build import LabState
 from multihost.lab.clean import clean, lab_namespaces, pids_in_namespaces
 from multihost.lab.failover import wait_converged
+from multihost.lab.naming import state_dir
 from multihost.lab.probe import ProbeResult, run_probe
-from multihost.lab.topology import describe, state_dir
+from multihost.lab.state import LabState
+from multihost.lab.topology import describe
 
 MODES = (ReturnMode.ROUTES, ReturnMode.GATEWAY)
 

@@ -11,15 +11,10 @@ import pytest
 
 from multihost import preflight
 from multihost.config import ConfigError, parse_config
+from multihost.lab.addressing import GROUP_RANGE6, LAB_RANGE6, SUBNET6
 from multihost.lab.agents import config_text
-from multihost.lab.topology import (
-    GROUP_RANGE6,
-    LAB_RANGE6,
-    SUBNET6,
-    Topology,
-    TopologyError,
-    describe,
-)
+from multihost.lab.naming import TopologyError
+from multihost.lab.topology import Topology, describe
 from multihost.macaddr import format_mac, multicast_mac
 
 V6_ONLY = """

@@ -12,6 +12,7 @@ from multihost.backendplan import plan
 from multihost.backends import find_backend
 from multihost.config import parse_config
 from multihost.lab import backbuild, backprobe, probe_worker
+from multihost.lab.addressing import LAB_RANGE, SUBNET
 from multihost.lab.agents import config_text
 from multihost.lab.backnet import (
     BACK_SUBNET,
@@ -22,14 +23,8 @@ from multihost.lab.backnet import (
     ReturnMode,
     client_link,
 )
-from multihost.lab.topology import (
-    LAB_RANGE,
-    SUBNET,
-    Topology,
-    TopologyError,
-    describe,
-    netns_pattern,
-)
+from multihost.lab.naming import TopologyError, netns_pattern
+from multihost.lab.topology import Topology, describe
 
 
 @pytest.mark.parametrize("nodes", [1, 4, 8])

@@ -12,17 +12,11 @@ import pytest
 
 from multihost.assignment import assign, default_table, slots_of
 from multihost.flowhash import Flow, flow_bucket
-from multihost.lab import probe, probe_worker, topology, udpecho
-from multihost.lab.build import LabError
-from multihost.lab.topology import (
-    GROUP_RANGE,
-    LAB_RANGE,
-    SwitchMode,
-    Topology,
-    TopologyError,
-    describe,
-    netns_pattern,
-)
+from multihost.lab import addressing, naming, probe, probe_worker, udpecho
+from multihost.lab.addressing import GROUP_RANGE, LAB_RANGE
+from multihost.lab.naming import TopologyError, netns_pattern
+from multihost.lab.state import LabError
+from multihost.lab.topology import SwitchMode, Topology, describe
 from multihost.macaddr import is_multicast_mac, parse_mac
 
 ALL_SIZES = [(n, c) for n in range(1, 17) for c in range(1, 9)]
@@ -43,7 +37,7 @@ def test_addresses_names_and_macs_obey_the_hard_rules(nodes: int, clients: int) 
     assert len(set(macs)) == len(macs)
     assert not any(is_multicast_mac(m) or not m[0] & 0x02 for m in macs)  # local unicast
     assert topo.members == tuple("ABCDEFGHIJKLMNOP"[:nodes])
-    assert all(len(c.addresses) == 1 + topology.EXTRA_SOURCES for c in topo.clients)
+    assert all(len(c.addresses) == 1 + addressing.EXTRA_SOURCES for c in topo.clients)
 
 
 def test_buckets_match_the_model_and_the_group_mac_matches_the_group() -> None:
@@ -131,11 +125,11 @@ def test_describe_rejects_bad_input(kwargs: dict[str, object], message: str) -> 
 
 
 def test_prefix_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(topology.PREFIX_ENV, raising=False)
+    monkeypatch.delenv(naming.PREFIX_ENV, raising=False)
     assert describe(1).prefix == "mh-"
-    monkeypatch.setenv(topology.PREFIX_ENV, "mhtZ9-")
+    monkeypatch.setenv(naming.PREFIX_ENV, "mhtZ9-")
     assert describe(1).netns_names()[0] == "mhtZ9-sw"
-    assert str(topology.state_dir("mhtZ9-")) == "/run/multihost-lab/mhtZ9-"
+    assert str(naming.state_dir("mhtZ9-")) == "/run/multihost-lab/mhtZ9-"
 
 
 def test_netns_pattern_is_prefix_exact() -> None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from multihost.cli.common import UsageError, add_json_flag, print_json
 from multihost.config import DATAPLANES as BACKENDS
-from multihost.lab.build import LabState, require_root
-from multihost.lab.topology import default_prefix, validate_prefix
+from multihost.lab.naming import default_prefix, validate_prefix
+from multihost.lab.state import LabState, require_root
 
 if TYPE_CHECKING:
     from multihost.lab.netfaults import FaultSpec

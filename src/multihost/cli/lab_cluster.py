@@ -13,7 +13,7 @@ from typing import Any
 from multihost.cli.common import add_json_flag, print_json
 from multihost.control import ControlError, request
 from multihost.lab import agents, faults
-from multihost.lab.build import LabError, LabState
+from multihost.lab.state import LabError, LabState
 
 Action = Callable[[str, str, str, Callable[..., int]], Any]
 StateOf = Callable[[argparse.Namespace], LabState]

@@ -15,9 +15,9 @@ from typing import Any
 
 from multihost.cli.common import add_json_flag, print_json, render_table
 from multihost.config import DATAPLANES as BACKENDS
-from multihost.lab import build as labbuild
 from multihost.lab import demo, faults
-from multihost.lab.topology import validate_prefix
+from multihost.lab.naming import validate_prefix
+from multihost.lab.state import require_root
 
 Action = Callable[[str, str, str, Callable[..., int]], Any]
 
@@ -73,7 +73,7 @@ def register_actions(action: Action, state_of: Callable[[argparse.Namespace], An
 
 
 def run(args: argparse.Namespace) -> int:
-    labbuild.require_root()
+    require_root()
     prefix = validate_prefix(args.prefix or demo.DEFAULT_PREFIX)
     cfg = demo.DemoConfig(
         connections=args.connections,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from multihost.cli.common import add_json_flag, print_json, render_table
-from multihost.cli.lab import FILES
-from multihost.lab.build import LabState, require_root
+from multihost.cli.lab_common import FILES
+from multihost.lab.state import LabState, require_root
 
 Action = Callable[[str, str, str, Callable[..., int]], Any]
 StateOf = Callable[[argparse.Namespace], LabState]

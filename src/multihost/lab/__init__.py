@@ -1,11 +1,14 @@
 """The lab: a cluster of network namespaces on one Linux host to demonstrate ``multihost``.
 
-As Mininet does, the lab is first *described* (:mod:`multihost.lab.topology`, pure: names,
-addresses, MACs, the traffic IP, the group and the hash seed) and then *built*
-(:mod:`multihost.lab.build`, pyroute2: namespaces, a bridge with IGMP snooping as the switch,
-veth pairs, addresses, nginx and a UDP echo service per node, then the agents).  Everything
-a build creates or starts is recorded in ``/run/multihost-lab/<prefix>/state.json``, and
-:mod:`multihost.lab.clean` removes the leftovers of any lab with a prefix, even after a crash.
+As Mininet does, the lab is first *described* (:mod:`multihost.lab.topology`, pure: names
+(:mod:`multihost.lab.naming`), addresses and MACs (:mod:`multihost.lab.addressing`), the
+traffic IP, the group and the hash seed) and then *built* (:mod:`multihost.lab.build`:
+namespaces, a bridge with IGMP snooping as the switch, veth pairs and addresses through
+pyroute2 (:mod:`multihost.lab.wiring`), nginx and a UDP echo service per node
+(:mod:`multihost.lab.services`, :mod:`multihost.lab.processes`), then the agents).
+Everything a build creates or starts is recorded in ``/run/multihost-lab/<prefix>/state.json``
+(:mod:`multihost.lab.state`), and :mod:`multihost.lab.clean` removes the leftovers of any lab
+with a prefix, even after a crash.
 :mod:`multihost.lab.probe` sends TCP, UDP or ICMP probes from a client and compares the node
 that answered each flow with the model's prediction.
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from multihost.control import ControlError, request
+from multihost.lab.processes import spawn
+from multihost.lab.state import LabError, LabState
 
 if TYPE_CHECKING:
-    from multihost.lab.build import LabState
     from multihost.lab.topology import Topology
 
 READY_TIMEOUT = 20.0
@@ -193,8 +194,6 @@ def start_agents(
     metrics on ``127.0.0.1:METRICS_PORT`` inside its node's namespace; ``backend``: the agents'
     ``cluster.dataplane`` (``auto``, ``xdp`` or ``nft``).
     """
-    from multihost.lab.build import _spawn
-
     d = state.directory / "agents"
     d.mkdir(mode=0o700, exist_ok=True)
     key = d / "key"
@@ -244,7 +243,7 @@ def start_agents(
         ]
         if manual:
             argv.append("--manual")
-        rec = _spawn(state, node, f"agent-{node.name}", argv, match=str(sock))
+        rec = spawn(state, node, f"agent-{node.name}", argv, match=str(sock))
         info["processes"].append(
             {
                 "name": rec.name,
@@ -257,7 +256,7 @@ def start_agents(
                 "argv": argv,
             }
         )
-        # _spawn recorded it with the lab's processes too; the agents are listed here so
+        # spawn recorded it with the lab's processes too; the agents are listed here so
         # they are stopped first, and removed from the services list to avoid a double stop.
         state.processes.remove(rec)
         state.save()
@@ -278,8 +277,6 @@ def start_agents(
 
 def wait_ready(state: LabState, node: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
     """Poll the agent's control socket until it answers ``status``."""
-    from multihost.lab.build import LabError
-
     sock = control_socket(state, node)
     deadline = time.monotonic() + timeout
     last = ""
@@ -318,8 +315,6 @@ def _tail(path: str) -> str:
 
 def push_live(state: LabState, live: list[str]) -> None:
     """Manual mode: every agent releases what it loses, then every agent takes its share."""
-    from multihost.lab.build import LabError
-
     if not state.agents:
         return
     if not _manual(state):

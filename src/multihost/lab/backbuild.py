@@ -37,21 +37,10 @@ from multihost.lab.backnet import (
     client_link,
     router_address_for,
 )
-from multihost.lab.build import (
-    NGINX,
-    LabError,
-    LabState,
-    ProcessRecord,
-    _index,
-    _ipr,
-    _spawn,
-    add_veth,
-    configure_host,
-    nft_script,
-    sysctl,
-    wait_listening,
-)
+from multihost.lab.processes import NGINX, spawn, wait_listening
+from multihost.lab.state import LabError, LabState, ProcessRecord
 from multihost.lab.topology import Host, Topology
+from multihost.lab.wiring import add_veth, configure_host, ifindex, iproute, nft_script, sysctl
 
 #: The lab's own nft table on nodes (it counts the back ends' replies; the agents' table
 #: marks them).  Deleted with the node's namespace.
@@ -119,13 +108,13 @@ def wire_router(state: LabState) -> None:
     topo = state.topology
     rt = _router(state)
     sw = topo.switch
-    with _ipr(sw.netns) as ipr:
+    with iproute(sw.netns) as ipr:
         port = add_veth(ipr, rt.switch_port, rt.interface, rt.netns, rt.mac)
-        ipr.link("set", index=port, master=_index(ipr, sw.bridge))
+        ipr.link("set", index=port, master=ifindex(ipr, sw.bridge))
         ipr.link("set", index=port, state="up")
-    with _ipr(rt.netns) as ipr:
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
-        dev = _index(ipr, rt.interface)
+    with iproute(rt.netns) as ipr:
+        ipr.link("set", index=ifindex(ipr, "lo"), state="up")
+        dev = ifindex(ipr, rt.interface)
         ipr.addr("add", index=dev, address=rt.address, prefixlen=_prefixlen(topo))
         ipr.link("set", index=dev, state="up")
         for k, c in enumerate(topo.clients, 1):
@@ -141,10 +130,10 @@ def wire_router(state: LabState) -> None:
     nft_script(rt.netns, ROUTER_NFT)
     for k, c in enumerate(topo.clients, 1):
         configure_host(c)
-        with _ipr(c.netns) as ipr:
+        with iproute(c.netns) as ipr:
             ipr.route("add", dst="0.0.0.0/0", gateway=router_address_for(k))
     for n in topo.nodes:  # the nodes' way back to the clients
-        with _ipr(n.netns) as ipr:
+        with iproute(n.netns) as ipr:
             ipr.route("add", dst=str(ROUTED_SUBNET), gateway=rt.address)
     set_router_neigh(state)
 
@@ -159,12 +148,12 @@ def set_router_neigh(state: LabState) -> None:
     rt = _router(state)
     if rt.neigh.value != "static":
         return
-    with _ipr(rt.netns) as ipr:
+    with iproute(rt.netns) as ipr:
         ipr.neigh(
             "replace",
             dst=topo.vip,
             lladdr=topo.group_mac,
-            ifindex=_index(ipr, rt.interface),
+            ifindex=ifindex(ipr, rt.interface),
             state=0x80,  # NUD_PERMANENT
         )
 
@@ -188,8 +177,8 @@ def wire_backnet(state: LabState) -> None:
     """The back-end switch (a plain flooding bridge), a veth per node and back end."""
     topo = state.topology
     bn = _backnet(state)
-    with _ipr(bn.netns) as ipr:
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
+    with iproute(bn.netns) as ipr:
+        ipr.link("set", index=ifindex(ipr, "lo"), state="up")
         ipr.link(
             "add",
             ifname=bn.bridge,
@@ -199,7 +188,7 @@ def wire_backnet(state: LabState) -> None:
             br_nf_call_ip6tables=0,
             br_nf_call_arptables=0,
         )
-        bridge = _index(ipr, bn.bridge)
+        bridge = ifindex(ipr, bn.bridge)
         ipr.link("set", index=bridge, state="up")
         ends: list[tuple[str, str, str, str]] = [  # (port, peer netns, peer ifname, MAC)
             (f"p-{n.name}", n.netns, bn.interface, bn.node_mac(i)) for i, n in enumerate(topo.nodes)
@@ -210,17 +199,17 @@ def wire_backnet(state: LabState) -> None:
             ipr.link("set", index=idx, master=bridge)
             ipr.link("set", index=idx, state="up")
     for n in topo.nodes:
-        with _ipr(n.netns) as ipr:
-            dev = _index(ipr, bn.interface)
+        with iproute(n.netns) as ipr:
+            dev = ifindex(ipr, bn.interface)
             ipr.addr("add", index=dev, address=bn.gateway(n.name), prefixlen=bn.prefixlen)
             ipr.link("set", index=dev, state="up")
         # ARP requests to back ends carry the node's own address, never a client's
         # (the proxies' sockets are bound to client addresses).
         sysctl(n.netns, f"net.ipv4.conf.{bn.interface}.arp_announce", "2")
     for b in bn.backends:
-        with _ipr(b.netns) as ipr:
-            ipr.link("set", index=_index(ipr, "lo"), state="up")
-            dev = _index(ipr, b.interface)
+        with iproute(b.netns) as ipr:
+            ipr.link("set", index=ifindex(ipr, "lo"), state="up")
+            dev = ifindex(ipr, b.interface)
             # Only the back end's own address here; routes mode adds one per node with
             # 'multihost backend-routes --apply' (apply_return_routes).
             ipr.addr("add", index=dev, address=b.address, prefixlen=bn.prefixlen)
@@ -367,7 +356,7 @@ def start_haproxy(state: LabState, node: Host) -> ProcessRecord:
     conf = d / "haproxy.cfg"
     conf.write_text(haproxy_conf(state.topology, node.name))
     argv = [HAPROXY, "-db", "-f", str(conf)]
-    return _spawn(state, node, f"haproxy-{node.name}", argv, match=str(conf))
+    return spawn(state, node, f"haproxy-{node.name}", argv, match=str(conf))
 
 
 def proxy_http(topo: Topology, node: str) -> str:
@@ -403,7 +392,7 @@ def start_backends(state: LabState) -> None:
         conf = d / "nginx.conf"
         conf.write_text(BACKEND_CONF.format(name=b.name, dir=d))
         argv = [NGINX, "-p", f"{d}/", "-e", str(d / "error.log"), "-c", str(conf)]
-        pending.append(_spawn(state, b, f"nginx-{b.name}", argv, match=str(conf)))
+        pending.append(spawn(state, b, f"nginx-{b.name}", argv, match=str(conf)))
     for rec in pending:
         wait_listening(rec, "tcp", 80)
     state.save()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multihost.lab import backbuild
-from multihost.lab.build import LabState
+from multihost.lab.state import LabState
 
 
 @dataclass

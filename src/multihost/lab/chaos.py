@@ -34,9 +34,9 @@ from typing import Any
 
 from multihost.control import ControlError, request
 from multihost.lab import agents, build, faults
-from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean
 from multihost.lab.failover import agent_status, wait_converged
+from multihost.lab.state import LabError, LabState, load_state
 from multihost.lab.topology import describe
 from multihost.lab.worker import NetnsWorker
 
@@ -428,7 +428,7 @@ def run_lab(
     """:func:`run` on the lab with ``prefix``; builds a ``nodes``-node lab if there is none
     (default 4, ``quorum`` as given; removed afterwards unless ``keep``; ``max_drain_ms``
     defaults to outlast the run)."""
-    state = build.load_state(prefix)
+    state = load_state(prefix)
     built = state is None
     if state is None:
         drain = max_drain_ms if max_drain_ms is not None else int((duration + 120) * 1000)

@@ -6,7 +6,7 @@ marker, so a reused PID is never signalled), stopping recorded processes, findin
 still inside a lab namespace (orphaned nginx workers, ``lab exec`` shells), deleting the
 lab's namespaces and its state directory, and reporting what was removed.
 
-Must not: touch a namespace whose name does not match :func:`topology.netns_pattern`
+Must not: touch a namespace whose name does not match :func:`naming.netns_pattern`
 exactly (``<prefix>sw``, ``<prefix>A``..``H``, ``<prefix>c1``..``c8``), a path other than
 ``/run/multihost-lab/<prefix>``, or a process that is neither recorded by this lab nor
 inside one of its namespaces.  Never kills by name.
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multihost.lab.topology import NETNS_DIR, netns_pattern, state_dir, state_file
+from multihost.lab.naming import NETNS_DIR, netns_pattern, state_dir, state_file
 
 STOP_TIMEOUT = 5.0
 KILL_TIMEOUT = 3.0

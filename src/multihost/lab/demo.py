@@ -29,9 +29,9 @@ from typing import Any
 
 from multihost.assignment import assign, slots_of
 from multihost.lab import build, failover, faults
-from multihost.lab.build import LabError, LabState
 from multihost.lab.clean import clean
 from multihost.lab.probe import run_probe
+from multihost.lab.state import LabError, LabState
 from multihost.lab.topology import describe
 from multihost.tablechoice import table_for
 

@@ -38,7 +38,7 @@ from multihost.assignment import assign, slots_of
 from multihost.control import ControlError, request
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab import agents, faults
-from multihost.lab.build import LabError, LabState
+from multihost.lab.state import LabError, LabState
 from multihost.lab.topology import PROBE_PORTS, Topology
 from multihost.lab.worker import NetnsWorker
 

@@ -18,8 +18,9 @@ import time
 from typing import Any
 
 from multihost.lab import agents
-from multihost.lab.build import LabError, LabState, _spawn
 from multihost.lab.clean import not_ours, proc_start_time
+from multihost.lab.processes import spawn
+from multihost.lab.state import LabError, LabState
 
 HOWS = ("crash", "link")
 
@@ -87,7 +88,7 @@ def recover(state: LabState, node: str) -> dict[str, Any]:
         rec = _record(state, node)
         host = state.topology.host(node)
         argv = [str(a) for a in rec["argv"]]
-        new = _spawn(state, host, f"agent-{node}", argv, match=str(rec["match"]))
+        new = spawn(state, host, f"agent-{node}", argv, match=str(rec["match"]))
         state.processes.remove(new)
         for p in state.agents["processes"]:
             if p.get("node") == node:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multihost.lab.agents import HEARTBEAT_PORT
-from multihost.lab.build import LabError, LabState, nft_script
+from multihost.lab.state import LabError, LabState
+from multihost.lab.wiring import nft_script
 
 TABLE = "mhchaos"
 SWITCH = "sw"

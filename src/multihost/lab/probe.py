@@ -34,8 +34,9 @@ import multihost
 from multihost.assignment import assign, slots_of
 from multihost.flowhash import Flow, HashMode, flow_bucket
 from multihost.lab import backprobe
-from multihost.lab.build import LabError, LabState
-from multihost.lab.topology import PROBE_PORTS, Host, Topology, TopologyError
+from multihost.lab.naming import TopologyError
+from multihost.lab.state import LabError, LabState
+from multihost.lab.topology import PROBE_PORTS, Host, Topology
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 PORT_RANGE = PROBE_PORTS

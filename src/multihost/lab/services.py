@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from multihost.lab import build
+from multihost.lab import processes
 from multihost.lab.backnet import Proxy
-from multihost.lab.build import NGINX, LabState, ProcessRecord, _spawn
 from multihost.lab.clean import proc_cmdline
+from multihost.lab.processes import NGINX, spawn
+from multihost.lab.state import LabState, ProcessRecord
 from multihost.lab.topology import Host
 
 NGINX_CONF = """\
@@ -69,10 +70,10 @@ def start_services(state: LabState) -> None:
         argv = [sys.executable, "-m", "multihost.lab.udpecho", "--name", node.name]
         argv += ["--port", str(topo.echo_port), *(["--ipv6"] if topo.ipv6 else [])]
         match = f"multihost.lab.udpecho --name {node.name}"
-        rec = _spawn(state, node, f"udpecho-{node.name}", argv, match=match)
+        rec = spawn(state, node, f"udpecho-{node.name}", argv, match=match)
         pending.append((rec, "udp", topo.echo_port))
     for rec, proto, port in pending:
-        build.wait_listening(rec, proto, port)  # through the module: tests replace it
+        processes.wait_listening(rec, proto, port)  # through the module: tests replace it
         rec.cmdline = proc_cmdline(rec.pid)
     state.save()
 
@@ -106,4 +107,4 @@ def _start_nginx(state: LabState, node: Host) -> ProcessRecord:
         )
     )
     argv = [NGINX, "-p", f"{d}/", "-e", str(d / "error.log"), "-c", str(conf)]
-    return _spawn(state, node, f"nginx-{node.name}", argv, match=str(conf))
+    return spawn(state, node, f"nginx-{node.name}", argv, match=str(conf))

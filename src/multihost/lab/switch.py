@@ -1,7 +1,7 @@
 """The lab's switch: a Linux bridge in its own namespace, and how it treats multicast.
 
 Owns: :class:`SwitchMode` (what ``lab up --switch`` chooses) and :class:`Switch` (the bridge's
-multicast settings that follow from it).  Must not: create anything (pure; ``lab.build``
+multicast settings that follow from it).  Must not: create anything (pure; ``lab.wiring``
 configures the bridge); docs/switches.md explains the modes and what real switches do.
 """
 

@@ -1,45 +1,39 @@
-"""Pure description of a lab: names, addresses, MACs, the traffic IP, the group, the seed.
+"""Pure description of a lab: hosts, addresses, MACs, the traffic IP, the group, the seed.
 
-Owns: the naming scheme (every namespace is ``<prefix><role>``: ``<prefix>sw`` for the
-switch, ``<prefix>A``... for nodes, ``<prefix>c1``... for clients, and in transparent or
-routed labs ``<prefix>bsw``, ``<prefix>b1``... and ``<prefix>rt``; :func:`netns_pattern` is
-the exact pattern the cleaner matches), the addressing plan inside 198.18.0.0/15 (behind the
-nodes and in front of the clients: :mod:`multihost.lab.backnet`), the group inside
-239.192.0.0/14, the switch (:mod:`multihost.lab.switch`), and the JSON form of a topology
-(``to_dict``/``from_dict``; ``summary`` is ``lab up --json``).
+Owns: :class:`Topology` (a whole lab: its switch (:mod:`multihost.lab.switch`), nodes and
+clients (:mod:`multihost.lab.hosts`, laid out by :mod:`multihost.lab.addressing`), traffic
+IPs, groups, seed, table, and in transparent or routed labs what is behind the nodes and in
+front of the clients: :mod:`multihost.lab.backnet`), :func:`describe` (a lab from ``lab up``'s
+choices), :func:`check` (the hard rules every topology obeys: the naming scheme of
+:mod:`multihost.lab.naming`, the addressing plan of :mod:`multihost.lab.addressing`), and the
+JSON form of a topology (``to_dict``/``from_dict``; ``summary`` is ``lab up --json``).
 
 Must not: create, read or delete anything (no sockets, files, processes or netlink);
 :mod:`multihost.lab.build` turns a :class:`Topology` into namespaces.
-
-Addressing plan (one /16 broadcast domain, every host on-link)::
-
-    198.18.0.100         the traffic IP (VIP), port 80 (nginx) and 7 (UDP echo)
-    198.18.0.11 ...      nodes A, B, ... (A = .11)
-    198.18.0.201 ...     clients c1, c2, ... (primary address)
-    198.18.K.1 ...       client cK's extra source addresses (ICMP hashes on addresses only)
-
-With ``ipv6`` (``lab up --ipv6``) the lab is dual stack and its heartbeats go over IPv6: every
-host also gets an address in one on-link /64 of the documentation range, the traffic IP group
-gets an IPv6 traffic IP, and the cluster group is ``ff15::1`` (site-local, transient; MAC
-``33:33:00:00:00:01``), with 239.192.0.1 kept for the IPv4 traffic IP's ARP MAC::
-
-    2001:db8::100        the IPv6 traffic IP (VIP6)
-    2001:db8::11 ...     nodes A, B, ... (node addresses: heartbeats are IPv6)
-    2001:db8::201 ...    clients c1, c2, ...
-    2001:db8::K:1 ...    client cK's extra IPv6 source addresses
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
-import re
 import secrets
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from multihost.assignment import PreferenceTable
+from multihost.lab.addressing import (
+    DEFAULT_GROUP,
+    DEFAULT_GROUP6,
+    DEFAULT_VIP,
+    DEFAULT_VIP6,
+    GROUP_RANGE,
+    GROUP_RANGE6,
+    LAB_RANGE,
+    SUBNET,
+    SUBNET6,
+    check_host,
+    client_hosts,
+    node_hosts,
+)
 from multihost.lab.backnet import (
     BackNet,
     NeighMode,
@@ -47,88 +41,37 @@ from multihost.lab.backnet import (
     ReturnMode,
     Router,
     check_backnet,
-    client_addresses,
     client_link,
     describe_backnet,
     describe_router,
     front_hash,
 )
 from multihost.lab.hosts import Host, host_dict, host_from
+from multihost.lab.naming import (
+    MAX_CLIENTS,
+    MAX_NODES,
+    NODE_NAMES,
+    TopologyError,
+    default_prefix,
+    netns_pattern,
+    validate_prefix,
+)
 from multihost.lab.switch import Switch, SwitchMode
 from multihost.macaddr import format_mac, multicast_mac
 from multihost.tablechoice import MAX_TABLE_SLOTS, TABLE_KINDS, cluster_table
 
-__all__ = ["Host", "Switch", "SwitchMode", "Topology", "TopologyError", "describe"]
+__all__ = ["Host", "Switch", "SwitchMode", "Topology", "describe"]
 
-#: Parent of every lab's state directory (``/run/multihost-lab/<prefix>/``).
-RUN_DIR = Path("/run/multihost-lab")
-#: Namespaces live here (iproute2's convention, also pyroute2's).
-NETNS_DIR = Path("/run/netns")
-DEFAULT_PREFIX = "mh-"
-PREFIX_ENV = "MULTIHOST_LAB_PREFIX"
-#: Benchmarking range (RFC 2544): the only addresses a lab host ever gets.
-LAB_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
-#: Organisation-local scope (RFC 2365): the only groups a lab uses.
-GROUP_RANGE = ipaddress.IPv4Network("239.192.0.0/14")
-SUBNET = ipaddress.IPv4Network("198.18.0.0/16")
-DEFAULT_VIP = "198.18.0.100"
-DEFAULT_GROUP = "239.192.0.1"
-#: Documentation range (RFC 3849) and transient site-local groups: the lab's IPv6 plan.
-LAB_RANGE6 = ipaddress.IPv6Network("2001:db8::/32")
-GROUP_RANGE6 = ipaddress.IPv6Network("ff15::/16")
-SUBNET6 = ipaddress.IPv6Network("2001:db8::/64")
-DEFAULT_VIP6 = "2001:db8::100"
-DEFAULT_GROUP6 = "ff15::1"
 #: ``multihost.assignment.default_table().buckets`` (8! orderings): labs of up to 8 nodes;
 #: bigger (or weighted) labs use their cluster table's (``Topology.table``).
 BUCKETS = 40320
 #: Source ports the lab's probes choose explicitly ([lo, hi)).  A client namespace's own
-#: ephemeral ports (curl, wrk) start at ``hi`` (``build.configure_host``), so a probe's
+#: ephemeral ports (curl, wrk) start at ``hi`` (``wiring.configure_host``), so a probe's
 #: planned 4-tuple never meets an earlier curl's TIME_WAIT (connect: EADDRNOTAVAIL).
 PROBE_PORTS = (10000, 61000)
 HTTP_PORT = 80
 ECHO_PORT = 7
-MAX_NODES = 16  # node slots 0..15 (heartbeat version 2)
-MAX_CLIENTS = 8
-#: Extra source addresses per client, so ICMP probes (address-only hash) spread over nodes.
-EXTRA_SOURCES = 16
-NODE_NAMES = "ABCDEFGHIJKLMNOP"
 HASH_MODE = "4-tuple"
-
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]{0,18}-$")
-
-
-class TopologyError(ValueError):
-    """A lab description that cannot be built (the message names the offending value)."""
-
-
-def default_prefix() -> str:
-    """``$MULTIHOST_LAB_PREFIX`` if set, else ``mh-``."""
-    return os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
-
-
-def validate_prefix(prefix: str) -> str:
-    """Return ``prefix`` if usable: 2-20 of ``[A-Za-z0-9_.]`` ending in ``-``."""
-    if not _PREFIX_RE.match(prefix):
-        raise TopologyError(
-            f"lab prefix {prefix!r} must be 2-20 characters of letters, digits, '_' or '.', "
-            "ending in '-' (e.g. 'mh-')"
-        )
-    return prefix
-
-
-def netns_pattern(prefix: str) -> re.Pattern[str]:
-    """Exactly the namespace names a lab with ``prefix`` can create (and nothing longer)."""
-    names = r"(?:sw|bsw|rt|[A-P]|c[1-8]|b[1-8])"
-    return re.compile(rf"^{re.escape(validate_prefix(prefix))}{names}$")
-
-
-def state_dir(prefix: str) -> Path:
-    return RUN_DIR / validate_prefix(prefix)
-
-
-def state_file(prefix: str) -> Path:
-    return state_dir(prefix) / "state.json"
 
 
 @dataclass(frozen=True)
@@ -348,11 +291,6 @@ class Topology:
         return topo
 
 
-def _mac(role: int, index: int) -> str:
-    # Locally administered unicast (02:...), "mh" (6d:68), role byte, index.
-    return format_mac(bytes((0x02, 0x6D, 0x68, role, 0x00, index)))
-
-
 def describe(
     nodes: int,
     clients: int = 1,
@@ -373,7 +311,7 @@ def describe(
     """Describe a lab of ``nodes`` nodes (A, B, ...) and ``clients`` clients (c1, ...).
 
     ``prefix`` defaults to :func:`default_prefix`; ``seed`` to a random 32-bit value;
-    ``ipv6``: dual stack with IPv6 heartbeats (the module's addressing plan);
+    ``ipv6``: dual stack with IPv6 heartbeats (:mod:`multihost.lab.addressing`'s plan);
     ``transparent``: a back-end network with this return mode (:mod:`multihost.lab.backnet`);
     ``proxy``: the nodes' transparent proxy (default: :func:`backnet.default_proxy`);
     ``routed``: the clients sit behind a router (``router_neigh``: how it learns the VIP);
@@ -405,71 +343,20 @@ def describe(
         raise TopologyError("a routed lab is IPv4 only (--routed with --ipv6)")
     if transparent is not None and ipv6:
         raise TopologyError("a transparent lab is IPv4 only (--transparent with --ipv6)")
-    net = SUBNET
-    node_hosts = tuple(
-        Host(
-            name=name,
-            role="node",
-            netns=f"{prefix}{name}",
-            interface="eth0",
-            switch_port=f"p-{name}",
-            mac=_mac(0x0A, i + 1),
-            address=str(net.network_address + 11 + i),
-            prefixlen=net.prefixlen,
-            addresses6=(str(SUBNET6.network_address + 0x11 + i),) if ipv6 else (),
-        )
-        for i, name in enumerate(names)
-    )
-    client_hosts = tuple(
-        Host(
-            name=f"c{k}",
-            role="client",
-            netns=f"{prefix}c{k}",
-            interface="eth0",
-            switch_port=f"p-c{k}",
-            mac=_mac(0x0C, k),
-            address=str(net.network_address + 200 + k),
-            prefixlen=net.prefixlen,
-            extra_addresses=tuple(
-                str(net.network_address + 256 * k + j) for j in range(1, EXTRA_SOURCES + 1)
-            ),
-            addresses6=(
-                (
-                    str(SUBNET6.network_address + 0x200 + k),
-                    *(
-                        str(SUBNET6.network_address + (k << 16) + j)
-                        for j in range(1, EXTRA_SOURCES + 1)
-                    ),
-                )
-                if ipv6
-                else ()
-            ),
-        )
-        for k in range(1, clients + 1)
-    )
-    if routed:  # each client on a /24 link of its own to the router (interface ck there)
-        client_hosts = tuple(
-            replace(
-                c,
-                switch_port=c.name,
-                address=client_addresses(k, EXTRA_SOURCES)[0],
-                extra_addresses=client_addresses(k, EXTRA_SOURCES)[1],
-                prefixlen=client_link(k).prefixlen,
-            )
-            for k, c in enumerate(client_hosts, 1)
-        )
+    lab_nodes = node_hosts(prefix, names, ipv6=ipv6)
+    lab_clients = client_hosts(prefix, clients, ipv6=ipv6, routed=routed)
     backnet = (
         None
         if transparent is None
         else describe_backnet(
-            prefix, tuple(n.name for n in node_hosts), ReturnMode(transparent), proxy=proxy
+            prefix, tuple(n.name for n in lab_nodes), ReturnMode(transparent), proxy=proxy
         )
     )
     topo = Topology(
         prefix=prefix,
         switch=Switch(netns=f"{prefix}sw", mode=SwitchMode(switch_mode)),
-        nodes=node_hosts,
-        clients=client_hosts,
+        nodes=lab_nodes,
+        clients=lab_clients,
         vip=vip,
         group=group,
         seed=seed,
@@ -541,23 +428,7 @@ def check(topo: Topology) -> None:
         net = subnet
         if topo.router is not None and h.role == "client":
             net = client_link(int(h.name[1:]))
-        for a in h.addresses:
-            if ipaddress.IPv4Address(a) not in net:
-                raise TopologyError(f"{h.name}: address {a} is outside {net}")
-            if a in seen:
-                raise TopologyError(f"{h.name}: address {a} is used twice")
-            seen.add(a)
-        for a in h.addresses6:
-            if ipaddress.IPv6Address(a) not in SUBNET6 or not SUBNET6.subnet_of(LAB_RANGE6):
-                raise TopologyError(f"{h.name}: address {a} is outside {SUBNET6}")
-            if a in seen:
-                raise TopologyError(f"{h.name}: address {a} is used twice")
-            seen.add(a)
-        if bool(h.addresses6) != topo.ipv6:
-            raise TopologyError(f"{h.name}: IPv6 addresses exactly in a dual-stack lab")
-        if h.mac in macs:
-            raise TopologyError(f"{h.name}: MAC {h.mac} is used twice")
-        macs.add(h.mac)
+        check_host(h, net, ipv6=topo.ipv6, seen=seen, macs=macs)
     if topo.backnet is not None:
         if topo.ipv6:
             raise TopologyError("a transparent lab is IPv4 only")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import multihost
-from multihost.lab.build import LabError
+from multihost.lab.state import LabError
 
 
 class NetnsWorker:
