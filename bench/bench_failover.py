@@ -128,6 +128,13 @@ def run(
     return {"machine": info, "settings": settings, "rows": rows}
 
 
+def backend_of(data: dict[str, Any]) -> str:
+    """How the lab's agents programmed the kernel: an nft transaction or an XDP map write."""
+    backends = set(data.get("machine", {}).get("dataplane", {}).values())  # node -> backend
+    names = {"nft": "nft transaction", "xdp": "XDP table flip"}
+    return names.get(backends.pop(), "data plane") if len(backends) == 1 else "data plane"
+
+
 def report(data: dict[str, Any]) -> str:
     rows = data["rows"]
     lines = [
@@ -166,7 +173,7 @@ def verdict(data: dict[str, Any]) -> list[str]:
     s = fc.summary(took)
     if s["n"]:
         out.append(
-            f"kernel update (nft transaction) per view change: p50 {s['p50']} ms, p99 "
+            f"kernel update ({backend_of(data)}) per view change: p50 {s['p50']} ms, p99 "
             f"{s['p99']} ms, max {s['max']} ms over {s['n']} updates (target <= "
             f"{TARGET_REPROGRAM:.0f} ms: {'met' if s['p99'] <= TARGET_REPROGRAM else 'NOT met'}"
             " at p99)"
