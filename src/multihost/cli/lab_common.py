@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 
 from multihost.cli.common import OperationError, UsageError, render_table
+from multihost.config import DATAPLANES
 from multihost.lab.naming import PREFIX_ENV, TopologyError, default_prefix, validate_prefix
 from multihost.lab.state import LabError, LabState, load_state
 from multihost.tablechoice import table_identity
@@ -88,3 +89,13 @@ def print_overview(state: LabState) -> None:
             + ", node gateways "
             + " ".join(f"{n}={a}" for n, a in bn.gateways)
         )
+
+
+def add_backend_option(a: argparse.ArgumentParser) -> None:
+    """``--backend``, for the actions that build a lab and start its agents."""
+    a.add_argument(
+        "--backend",
+        choices=DATAPLANES,
+        default="auto",
+        help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
+    )

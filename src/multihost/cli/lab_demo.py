@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any
 
 from multihost.cli.common import add_json_flag, print_json, render_table
-from multihost.config import DATAPLANES as BACKENDS
+from multihost.cli.lab_common import add_backend_option
 from multihost.lab import demo, faults
 from multihost.lab.naming import validate_prefix
 from multihost.lab.state import require_root
@@ -58,12 +58,7 @@ def register_actions(action: Action, state_of: Callable[[argparse.Namespace], An
         help="TCP connections per step (default 2000)",
     )
     a.add_argument("--how", choices=faults.HOWS, default="crash", help="default: crash")
-    a.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
-    )
+    add_backend_option(a)
     a.add_argument(
         "--ipv6",
         action="store_true",

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from multihost.cli.common import UsageError, add_json_flag, print_json
-from multihost.cli.lab_common import FILES, prefix_of, print_overview
-from multihost.config import DATAPLANES as BACKENDS
+from multihost.cli.lab_common import FILES, add_backend_option, prefix_of, print_overview
 from multihost.lab import build as labbuild
 from multihost.lab.backnet import NeighMode, Proxy, ReturnMode
 from multihost.lab.naming import MAX_CLIENTS, MAX_NODES
@@ -125,12 +124,7 @@ def register_actions(action: Action) -> None:
     a.add_argument(
         "--max-drain-ms", type=int, metavar="MS", help="cluster.max_drain_ms (default 60000)"
     )
-    a.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="the agents' data plane: cluster.dataplane (default auto: xdp if it can run)",
-    )
+    add_backend_option(a)
     a.add_argument(
         "--ipv6",
         action="store_true",
