@@ -11,16 +11,20 @@ import ipaddress
 import os
 import random
 import socket
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from multihost.dataplane import libbpf
 from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, ReturnSpec, RulesetSpec
-from multihost.dataplane.xdp import XdpDataplane
-from multihost.dataplane.xdplayout import BucketState
+from multihost.dataplane.xdp import TICK_NS, XdpDataplane
+from multihost.dataplane.xdplayout import NODE, BucketState
 from multihost.dataplane.xdpobject import is_bpffs, unavailable_reason
 from multihost.flowhash import RETURN_MODES, Flow, HashMode, flow_bucket
+from tests.netns import nsutil
 from tests.netns import xdpframes as xf
 from tests.netns.nsutil import netns_group, ns_run
 
@@ -237,6 +241,43 @@ def test_lease_lapse_stops_new_flows_only(netns: str, pin_dir: Path) -> None:
         assert all(dp.test_run(xf.frame(f))[0] == xf.XDP_PASS for f in flows)
         dp.set_lease(None)
         assert dp.lease_held()
+    finally:
+        dp.remove()
+
+
+def test_lease_in_jiffies_lapses_by_itself_no_later_than_its_deadline(
+    netns: str, pin_dir: Path
+) -> None:
+    """The program compares the lease with jiffies (one inlined load).  Converted from the
+    agent's CLOCK_MONOTONIC deadline, it ends no later than that deadline and at most about
+    two ticks (the coarse clock's resolution) before it; a 300 ms lease then lapses in the
+    kernel with no write from anybody."""
+    tick = TICK_NS
+    spec = _spec(HashMode.FOUR_TUPLE, 3)
+    dp = XdpDataplane(spec, "x0", pin_dir, netns=netns)
+    flow = Flow(xf.addr("198.18.3.9"), 40009, VIP4, 80, "udp")
+    try:
+        dp.install({"web": GroupBuckets(owned=frozenset(range(BUCKETS)))})
+        for ms in (61_500, 400, 20):
+            deadline = time.monotonic_ns() + ms * 1_000_000
+            dp.set_lease(ms)
+            raw = libbpf.map_lookup(dp._fd("mh_node"), struct.pack("=I", 0), NODE.size)
+            assert raw is not None
+            (lease,) = struct.unpack_from("=Q", raw)
+            jiffies, coarse = dp._clocks()
+            ends = coarse + (lease - jiffies) * tick  # jiffies reaches `lease` no earlier
+            assert ends <= deadline, (ms, deadline - ends)
+            assert ends > deadline - 3 * tick, (ms, deadline - ends)
+            assert dp.lease_held()
+        dp.set_lease(300)
+        started = time.monotonic()
+        assert dp.test_run(xf.frame(flow))[0] == xf.XDP_PASS
+        nsutil.wait_until(
+            lambda: dp.test_run(xf.frame(flow))[0] == xf.XDP_DROP, 5.0, 0.002, "the lease to lapse"
+        )
+        assert 0.3 - 3 * tick / 1e9 < time.monotonic() - started
+        assert not dp.lease_held()
+        assert dp.counters()["web"]["xdp_lease_lapsed_packets"] >= 1
     finally:
         dp.remove()
 

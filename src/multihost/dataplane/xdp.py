@@ -17,9 +17,10 @@ agent uses (``install``, ``update``, ``set_lease``, ``lease_held``, ``read_state
 ``counters``, ``flow_rows``, ``remove``, ``close``, ``describe``), so either backend drops in.
 
 Fail-closed without an nft hook: the program stays attached when the agent dies (netlink XDP
-attachment is not tied to a process), and its lease (``mh_node.lease_expires_ns``, compared
-with ``bpf_ktime_get_coarse_ns()``, written one tick early) lapses by itself, after which
-the node takes no new flow -- before any peer may declare it dead.
+attachment is not tied to a process), and its lease (``mh_node.lease_jiffies``, compared
+with ``bpf_jiffies64()``, one load; converted from the agent's CLOCK_MONOTONIC deadline one
+tick early) lapses by itself, after which the node takes no new flow -- before any peer may
+declare it dead.
 
 Must not: decide ownership, render nft rules, or touch any interface but the one it is given
 (in the calling thread's network namespace, or ``netns``).
@@ -70,8 +71,8 @@ _STATE_CODE = {
 #: (conntrack's unreplied UDP timeout).
 UDP_FLOW_LIVE_S = 30.0
 Row = tuple[str, int, str, int, int, int | None]  # as conntrack.Row: proto is a number
-#: Resolution of CLOCK_MONOTONIC_COARSE (6 on Linux; the program's bpf_ktime_get_coarse_ns).
-_COARSE_NS = int(time.clock_getres(getattr(time, "CLOCK_MONOTONIC_COARSE", 6)) * 1e9)
+#: Resolution of CLOCK_MONOTONIC_COARSE (6 on Linux): the kernel's tick, one jiffy.
+TICK_NS = int(time.clock_getres(getattr(time, "CLOCK_MONOTONIC_COARSE", 6)) * 1e9)
 
 
 class XdpDataplane(XdpAttachment):
@@ -119,6 +120,7 @@ class XdpDataplane(XdpAttachment):
         self.obj_path = obj
         self._fds: dict[str, int] = {}
         self._prog_fd: int | None = None
+        self._clock_fd: int | None = None
         self._mm: mmap.mmap | None = None
         self._state: dict[str, GroupBuckets] | None = None
         self._tables: dict[str, npt.NDArray[np.uint8]] = {}
@@ -211,16 +213,17 @@ class XdpDataplane(XdpAttachment):
             self._lease = LEASE_FOREVER
         elif expires_ms <= 0:
             self._lease = 0
-        else:  # one coarse tick early: the program reads the coarse clock (see the C)
-            self._lease = time.monotonic_ns() + int(expires_ms) * 1_000_000 - _COARSE_NS
-            self._lease = max(self._lease, 1)
+        else:  # in jiffies, one tick early (see _lease_jiffies and the C)
+            deadline = time.monotonic_ns() + int(expires_ms) * 1_000_000
+            self._lease = self._lease_jiffies(deadline, TICK_NS)
         self._write_node()
 
     def lease_held(self) -> bool:
+        """Whether the program takes new flows now (its lease against the kernel's jiffies)."""
         raw = libbpf.map_lookup(self._fd("mh_node"), pack("=I", 0), NODE.size)
         if raw is None:
             return False
-        return bool(struct.unpack_from("=Q", raw)[0] > time.monotonic_ns())
+        return bool(struct.unpack_from("=Q", raw)[0] > self._clocks()[0])
 
     def read_state(self) -> dict[str, GroupBuckets]:
         """The active tables as the kernel holds them (for checks)."""

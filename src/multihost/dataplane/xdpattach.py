@@ -32,7 +32,13 @@ from multihost.dataplane import libbpf
 from multihost.dataplane.libbpf import BpfError, BpfObject
 from multihost.dataplane.nft import netns_entered
 from multihost.dataplane.ruleset import GroupBuckets
-from multihost.dataplane.xdplayout import MAP_NAMES, NODE, PROGRAM_NAME, bucket_elements
+from multihost.dataplane.xdplayout import (
+    CLOCK_PROGRAM_NAME,
+    MAP_NAMES,
+    NODE,
+    PROGRAM_NAME,
+    bucket_elements,
+)
 from multihost.dataplane.xdpmaps import XdpMaps, pack
 from multihost.dataplane.xdpobject import (
     BTF_PATH,
@@ -128,12 +134,13 @@ class XdpAttachment(XdpMaps):
         if not prog_pin.exists():
             return None
         fds: dict[str, int] = {}
-        prog_fd = None
+        prog_fd = clock_fd = None
         try:
             prog_fd = libbpf.obj_get(str(prog_pin))
             pid = libbpf.prog_id(prog_fd)
             if libbpf.xdp_query_id(ifindex) != pid:
                 raise XdpError("pinned program is not the one attached")
+            clock_fd = libbpf.obj_get(str(self.pin_dir / "clock"))
             for name in MAP_NAMES:
                 fds[name] = libbpf.obj_get(str(self.pin_dir / name))
             raw = libbpf.map_lookup(fds["mh_node"], pack("=I", 0), NODE.size)
@@ -146,12 +153,11 @@ class XdpAttachment(XdpMaps):
                 "native" if libbpf.xdp_query_id(ifindex, libbpf.XDP_FLAGS_DRV_MODE) else "generic"
             )
         except (BpfError, XdpError, OSError):
-            for fd in fds.values():
-                os.close(fd)
-            if prog_fd is not None:
-                os.close(prog_fd)
+            for fd in (*fds.values(), prog_fd, clock_fd):
+                if fd is not None:
+                    os.close(fd)
             return None
-        self._fds, self._prog_fd = fds, prog_fd
+        self._fds, self._prog_fd, self._clock_fd = fds, prog_fd, clock_fd
         self._read_active()
         return Attached(ifindex, mode, pid, adopted=True)
 
@@ -176,11 +182,12 @@ class XdpAttachment(XdpMaps):
                 raise XdpError(f"the kernel refused the XDP program: {e}") from e
             fds = {name: os.dup(obj.map_fd(name)) for name in MAP_NAMES}
             prog_fd = os.dup(obj.program_fd(PROGRAM_NAME))
+            clock_fd = os.dup(obj.program_fd(CLOCK_PROGRAM_NAME))
         except BpfError as e:  # an object without our maps or program
             raise XdpError(f"XDP object {self.obj_path} does not match this loader: {e}") from e
         finally:
             obj.close()
-        self._fds, self._prog_fd = fds, prog_fd
+        self._fds, self._prog_fd, self._clock_fd = fds, prog_fd, clock_fd
         self._active = {g.name: 1 for g in self.spec.groups}  # first publish writes half 0
         try:
             self._write_node()
@@ -250,6 +257,8 @@ class XdpAttachment(XdpMaps):
         if not is_bpffs(self.pin_dir):
             raise XdpError(f"{self.pin_dir} is not on a BPF filesystem (mount -t bpf bpf DIR)")
         libbpf.obj_pin(self._prog_fd, str(self.pin_dir / "prog"))
+        if self._clock_fd is not None:
+            libbpf.obj_pin(self._clock_fd, str(self.pin_dir / "clock"))
         for name, fd in self._fds.items():
             libbpf.obj_pin(fd, str(self.pin_dir / name))
 
@@ -262,7 +271,7 @@ def unpin(pin_dir: Path) -> None:
     """Remove a pin directory's pins (and the directory); fine if it is absent."""
     if not pin_dir.is_dir():
         return
-    for name in ("prog", *MAP_NAMES):
+    for name in ("prog", "clock", *MAP_NAMES):
         with contextlib.suppress(FileNotFoundError):
             (pin_dir / name).unlink()
     with contextlib.suppress(OSError):

@@ -19,7 +19,7 @@ Maps (all sized here; ``buckets`` sized by the loader before load):
 ``mh_addrs``       hash         traffic IP (family + 16 address bytes) -> group index
 ``mh_groups``      array        group index -> active table copy, base offsets, seed, mode
 ``mh_buckets``     array        bucket states, 1 byte per bucket, 8 per element; mmapable
-``mh_node``        array[1]     lease expiry (CLOCK_MONOTONIC ns), the interface's MAC
+``mh_node``        array[1]     lease expiry (jiffies), the interface's MAC
 ``mh_stats``       percpu array group -> packets/bytes per verdict, last bucket seen
 ``mh_frags``       LRU hash     (family, proto, id, saddr, daddr) -> verdict of 1st fragment
 ``mh_udp_flows``   LRU hash     UDP (and other port protocols') flows passed in handover
@@ -63,6 +63,10 @@ MAP_NAMES = (
     "mh_ifaces",
 )
 PROGRAM_NAME = "mh_xdp"
+#: The clock program (never attached): ``BPF_PROG_RUN`` on a scratch frame returns
+#: :data:`CLOCKS` (jiffies, CLOCK_MONOTONIC_COARSE ns) at the frame's start; pinned as
+#: ``clock``, beside ``prog``.
+CLOCK_PROGRAM_NAME = "mh_clock"
 
 MAX_ADDRS = 4096
 #: Slots of the IPv4 fast path (a power of two); see :func:`vip4_slot`.
@@ -122,7 +126,7 @@ HASH_MODES = {
     HashMode.DESTINATION_IP_PORT: 5,
 }
 
-#: ``mh_node.lease_expires_ns`` meaning "held, no expiry" (the program compares with now).
+#: ``mh_node.lease_jiffies`` meaning "held, no expiry" (the program compares with jiffies).
 LEASE_FOREVER = (1 << 64) - 1
 
 # ------------------------------------------------------------------ struct layouts
@@ -193,7 +197,7 @@ IFACE = Struct(
 NODE = Struct(
     "mh_node",
     (
-        ("__u64", "lease_expires_ns", 0, "Q"),  # CLOCK_MONOTONIC; 0 = lapsed
+        ("__u64", "lease_jiffies", 0, "Q"),  # held while jiffies < this; 0 = lapsed
         ("__u8", "mac", 6, "s"),  # the interface's own MAC: owned packets become HOST
         ("__u8", "pad", 2, "s"),
         ("__u8", "layout", 32, "s"),  # LAYOUT_DIGEST of the loader that filled the maps
@@ -236,6 +240,10 @@ FLOW_KEY = Struct(
     ),
 )
 FLOW_VAL = Struct("mh_flow_val", (("__u64", "last_seen_ns", 0, "Q"),))
+CLOCKS = Struct(
+    "mh_clocks",
+    (("__u64", "jiffies", 0, "Q"), ("__u64", "coarse_ns", 0, "Q")),  # read by mh_clock
+)
 
 STRUCTS = (
     ADDR_KEY,
@@ -249,6 +257,7 @@ STRUCTS = (
     FRAG_VAL,
     FLOW_KEY,
     FLOW_VAL,
+    CLOCKS,
 )
 
 #: Bytes of bucket state per ``mh_buckets`` element (an array value is 8-byte aligned).

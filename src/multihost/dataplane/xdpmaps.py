@@ -35,6 +35,7 @@ from multihost.dataplane.xdplayout import (
     ADDR_KEY,
     ADDR_VAL,
     BUCKETS_PER_ELEMENT,
+    CLOCKS,
     GROUP,
     HASH_MODES,
     IFACE,
@@ -64,6 +65,7 @@ class XdpMaps:
     spec: RulesetSpec
     _fds: dict[str, int]
     _prog_fd: int | None
+    _clock_fd: int | None
     _mm: mmap.mmap | None
     _tables: dict[str, npt.NDArray[np.uint8]]
     _active: dict[str, int]
@@ -83,10 +85,12 @@ class XdpMaps:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = {}
-        if self._prog_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._prog_fd)
-            self._prog_fd = None
+        for prog in (self._prog_fd, self._clock_fd):
+            if prog is not None:
+                with contextlib.suppress(OSError):
+                    os.close(prog)
+        self._prog_fd = None
+        self._clock_fd = None
 
     # ------------------------------------------------------------------ map writes, reads
     def _fd(self, name: str) -> int:
@@ -94,6 +98,28 @@ class XdpMaps:
         if fd is None:
             raise XdpError("the XDP data plane is not installed")
         return fd
+
+    def _clocks(self) -> tuple[int, int]:
+        """(jiffies, CLOCK_MONOTONIC_COARSE ns), read together by the kernel (``mh_clock``:
+        one ``BPF_PROG_RUN`` of a program that is never attached)."""
+        if self._clock_fd is None:
+            raise XdpError("the XDP data plane is not installed")
+        _, out, _ = libbpf.test_run(self._clock_fd, bytes(64))
+        jiffies, coarse_ns = struct.unpack_from(CLOCKS.fmt, out)
+        return int(jiffies), int(coarse_ns)
+
+    def _lease_jiffies(self, deadline_ns: int, tick_ns: int) -> int:
+        """The ``mh_node.lease_jiffies`` of a CLOCK_MONOTONIC deadline (0: lapsed).
+
+        jiffies and the coarse clock advance together, one tick at a time, and may both
+        lag real time (the program compares what it reads).  From a pair read now,
+        ``jiffies + k`` is reached no earlier than ``coarse_ns + k * tick_ns``; the program
+        passes while jiffies < ``jiffies + k``, i.e. until jiffies reaches it, so with
+        ``(k + 1) * tick_ns <= deadline_ns - coarse_ns`` it stops, like the coarse clock did
+        with an expiry one tick early, no later than the deadline."""
+        jiffies, coarse_ns = self._clocks()
+        k = (deadline_ns - coarse_ns) // tick_ns - 1
+        return jiffies + k if k > 0 else 0
 
     def _write_node(self) -> None:
         if self._build is None:  # read once: a lease write (~10/s) must not read files

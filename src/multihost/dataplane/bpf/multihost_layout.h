@@ -73,7 +73,7 @@ struct mh_iface {
 _Static_assert(sizeof(struct mh_iface) == 28, "mh_iface layout");
 
 struct mh_node {
-	__u64 lease_expires_ns;
+	__u64 lease_jiffies;
 	__u8 mac[6];
 	__u8 pad[2];
 	__u8 layout[32];
@@ -119,5 +119,11 @@ struct mh_flow_val {
 	__u64 last_seen_ns;
 };
 _Static_assert(sizeof(struct mh_flow_val) == 8, "mh_flow_val layout");
+
+struct mh_clocks {
+	__u64 jiffies;
+	__u64 coarse_ns;
+};
+_Static_assert(sizeof(struct mh_clocks) == 16, "mh_clocks layout");
 
 #endif

@@ -29,13 +29,15 @@
  * fragments follow the verdict of their datagram's first fragment (mh_frags, LRU).
  * Everything else not addressed to a traffic IP passes untouched.
  *
- * The lease is compared with bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE: ~12 ns
- * against ~35 ns for the precise clock on this VM); the loader writes expiries one coarse
- * tick early, so the lease still lapses no later than its precise deadline.
+ * The lease is a deadline in jiffies (mh_node.lease_jiffies), compared with bpf_jiffies64(),
+ * which the verifier inlines into one load: the coarse clock, bpf_ktime_get_coarse_ns(),
+ * is a helper call that cost 18 of the owned path's 63 ns here.  The loader converts its
+ * CLOCK_MONOTONIC deadline with a (jiffies, coarse ns) pair read by mh_clock just before,
+ * one tick early, so the lease still lapses no later than its deadline.
  *
  * Must not: keep state the loader cannot see (all state is in the maps declared in
  * multihost_layout.h, generated from multihost/dataplane/xdplayout.py), or call helpers
- * beyond map access, the clock and socket lookup.
+ * beyond map access, the clocks and socket lookup.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -382,7 +384,7 @@ static __always_inline __u32 decide(struct xdp_md *ctx, const struct pkt *p, __u
 	struct mh_flow_val fv = {};
 
 	if (state == MH_STATE_OWNED) {
-		if (bpf_ktime_get_coarse_ns() < node->lease_expires_ns)
+		if (bpf_jiffies64() < node->lease_jiffies)
 			return MH_V_OWNED;
 		/* lease lapsed: this node takes no new flow (docs/handover.md) */
 		if (tcp && !pure_syn(p) && local_tcp(ctx, p))
@@ -401,7 +403,7 @@ static __always_inline __u32 decide(struct xdp_md *ctx, const struct pkt *p, __u
 	if (state == MH_STATE_INCOMING) {
 		if (tcp) {
 			if (pure_syn(p))
-				return bpf_ktime_get_coarse_ns() < node->lease_expires_ns
+				return bpf_jiffies64() < node->lease_jiffies
 					       ? MH_V_HANDOVER_PASSED
 					       : MH_V_LEASE_LAPSED;
 			return local_tcp(ctx, p) ? MH_V_HANDOVER_PASSED : MH_V_HANDOVER_DROPPED;
@@ -652,6 +654,23 @@ int mh_xdp(struct xdp_md *ctx)
 		return ipv4(ctx, eth, eth + 1, end);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
 		return ipv6(ctx, eth, eth + 1, end);
+	return XDP_PASS;
+}
+
+/* The loader's clock pair, run with BPF_PROG_RUN on a scratch frame (never attached):
+ * struct mh_clocks at the start of the frame = (jiffies, CLOCK_MONOTONIC_COARSE ns), read
+ * together, so the loader can turn a lease deadline into jiffies. */
+SEC("xdp")
+int mh_clock(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct mh_clocks *c = data;
+
+	if ((void *)(c + 1) > end)
+		return XDP_ABORTED;
+	c->jiffies = bpf_jiffies64();
+	c->coarse_ns = bpf_ktime_get_coarse_ns();
 	return XDP_PASS;
 }
 
