@@ -40,23 +40,13 @@ def _sigkill_xdp(lab: LabState, pid: int) -> None:
     """XDP backend: the program stays attached and pinned after SIGKILL; its kernel lease
     (manual mode: renewed every second for 3 s) lapses and D takes no new flow; 'multihost
     cleanup' then detaches and unpins it."""
-    from multihost.dataplane import libbpf
-    from multihost.dataplane.xdplayout import NODE
+    from multihost.dataplane.xdpattach import pinned_lease_held
 
     d = lab.topology.host("D")
     pins = agents.bpffs_dir(lab) / f"{lab.topology.prefix.rstrip('-')}-D"
+    assert pinned_lease_held(pins)
     os.kill(pid, signal.SIGKILL)
-    fd = libbpf.obj_get(str(pins / "mh_node"))
-    try:
-
-        def lapsed() -> bool:
-            raw = libbpf.map_lookup(fd, bytes(4), NODE.size)
-            assert raw is not None
-            return int.from_bytes(raw[:8], "little") < time.monotonic_ns()
-
-        wait_until(lapsed, 5, "D's kernel lease to lapse")
-    finally:
-        os.close(fd)
+    wait_until(lambda: not pinned_lease_held(pins), 5, "D's kernel lease to lapse")
     assert "xdp" in _link(d.netns, d.interface)  # still filtering: others' buckets dropped
     for proto, n in (("tcp", 400), ("udp", 400)):
         r = run_probe(lab, proto, n, port_seed=8, timeout=1.0)

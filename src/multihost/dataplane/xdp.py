@@ -53,13 +53,12 @@ from multihost.dataplane.xdplayout import (
     FLOW_VAL,
     GROUP,
     LEASE_FOREVER,
-    NODE,
     BucketState,
     Verdict,
     group_bases,
     limits_problem,
 )
-from multihost.dataplane.xdpmaps import pack
+from multihost.dataplane.xdpmaps import lease_held_now, pack
 from multihost.dataplane.xdpobject import OBJECT, XdpError
 
 _STATE_CODE = {
@@ -220,10 +219,9 @@ class XdpDataplane(XdpAttachment):
 
     def lease_held(self) -> bool:
         """Whether the program takes new flows now (its lease against the kernel's jiffies)."""
-        raw = libbpf.map_lookup(self._fd("mh_node"), pack("=I", 0), NODE.size)
-        if raw is None:
-            return False
-        return bool(struct.unpack_from("=Q", raw)[0] > self._clocks()[0])
+        if self._clock_fd is None:
+            raise XdpError("the XDP data plane is not installed")
+        return lease_held_now(self._fd("mh_node"), self._clock_fd)
 
     def read_state(self) -> dict[str, GroupBuckets]:
         """The active tables as the kernel holds them (for checks)."""

@@ -39,7 +39,7 @@ from multihost.dataplane.xdplayout import (
     PROGRAM_NAME,
     bucket_elements,
 )
-from multihost.dataplane.xdpmaps import XdpMaps, pack
+from multihost.dataplane.xdpmaps import XdpMaps, lease_held_now, pack
 from multihost.dataplane.xdpobject import (
     BTF_PATH,
     XdpError,
@@ -265,6 +265,20 @@ class XdpAttachment(XdpMaps):
 
 def _mode_flags(mode: str) -> int:
     return libbpf.XDP_FLAGS_DRV_MODE if mode == "native" else libbpf.XDP_FLAGS_SKB_MODE
+
+
+def pinned_lease_held(pin_dir: Path) -> bool:
+    """Whether the pinned program under ``pin_dir`` takes new flows now (for a node whose
+    agent is gone: its lease lapses by itself)."""
+    node_fd = libbpf.obj_get(str(pin_dir / "mh_node"))
+    try:
+        clock_fd = libbpf.obj_get(str(pin_dir / "clock"))
+        try:
+            return lease_held_now(node_fd, clock_fd)
+        finally:
+            os.close(clock_fd)
+    finally:
+        os.close(node_fd)
 
 
 def unpin(pin_dir: Path) -> None:

@@ -59,6 +59,23 @@ def addr_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     return pack(ADDR_KEY.fmt, addr.version, addr.packed.ljust(16, b"\0"))
 
 
+def kernel_clocks(clock_fd: int) -> tuple[int, int]:
+    """(jiffies, CLOCK_MONOTONIC_COARSE ns), read together by the kernel: one
+    ``BPF_PROG_RUN`` of ``mh_clock`` (``clock_fd``), a program that is never attached."""
+    _, out, _ = libbpf.test_run(clock_fd, bytes(64))
+    jiffies, coarse_ns = struct.unpack_from(CLOCKS.fmt, out)
+    return int(jiffies), int(coarse_ns)
+
+
+def lease_held_now(node_fd: int, clock_fd: int) -> bool:
+    """Whether the program takes new flows now: ``mh_node.lease_jiffies`` against the
+    kernel's jiffies (what the program compares)."""
+    raw = libbpf.map_lookup(node_fd, pack("=I", 0), NODE.size)
+    if raw is None:
+        return False
+    return bool(struct.unpack_from("=Q", raw)[0] > kernel_clocks(clock_fd)[0])
+
+
 class XdpMaps:
     """The program's and maps' descriptors and the map contents (see module docstring)."""
 
@@ -100,13 +117,9 @@ class XdpMaps:
         return fd
 
     def _clocks(self) -> tuple[int, int]:
-        """(jiffies, CLOCK_MONOTONIC_COARSE ns), read together by the kernel (``mh_clock``:
-        one ``BPF_PROG_RUN`` of a program that is never attached)."""
         if self._clock_fd is None:
             raise XdpError("the XDP data plane is not installed")
-        _, out, _ = libbpf.test_run(self._clock_fd, bytes(64))
-        jiffies, coarse_ns = struct.unpack_from(CLOCKS.fmt, out)
-        return int(jiffies), int(coarse_ns)
+        return kernel_clocks(self._clock_fd)
 
     def _lease_jiffies(self, deadline_ns: int, tick_ns: int) -> int:
         """The ``mh_node.lease_jiffies`` of a CLOCK_MONOTONIC deadline (0: lapsed).
