@@ -124,12 +124,13 @@ class XdpMaps:
     def _lease_jiffies(self, deadline_ns: int, tick_ns: int) -> int:
         """The ``mh_node.lease_jiffies`` of a CLOCK_MONOTONIC deadline (0: lapsed).
 
-        jiffies and the coarse clock advance together, one tick at a time, and may both
-        lag real time (the program compares what it reads).  From a pair read now,
-        ``jiffies + k`` is reached no earlier than ``coarse_ns + k * tick_ns``; the program
-        passes while jiffies < ``jiffies + k``, i.e. until jiffies reaches it, so with
-        ``(k + 1) * tick_ns <= deadline_ns - coarse_ns`` it stops, like the coarse clock did
-        with an expiry one tick early, no later than the deadline."""
+        jiffies and the coarse clock advance together, in the same timekeeping update, one
+        tick at a time, and lag real time alike (by up to a tick).  From a pair read
+        together, jiffies reaches ``jiffies + k`` when the coarse clock reaches
+        ``coarse_ns + k * tick_ns``.  The program passes while jiffies < ``jiffies + k``;
+        with ``(k + 1) * tick_ns <= deadline_ns - coarse_ns`` it stops by coarse time
+        ``deadline_ns - tick_ns``: one tick early, as the coarse-clock expiry was written,
+        so despite the lag it lapses no later than the deadline."""
         jiffies, coarse_ns = self._clocks()
         k = (deadline_ns - coarse_ns) // tick_ns - 1
         return jiffies + k if k > 0 else 0
