@@ -70,8 +70,6 @@ _STATE_CODE = {
 #: (conntrack's unreplied UDP timeout).
 UDP_FLOW_LIVE_S = 30.0
 Row = tuple[str, int, str, int, int, int | None]  # as conntrack.Row: proto is a number
-#: Resolution of CLOCK_MONOTONIC_COARSE (6 on Linux): the kernel's tick, one jiffy.
-TICK_NS = int(time.clock_getres(getattr(time, "CLOCK_MONOTONIC_COARSE", 6)) * 1e9)
 
 
 class XdpDataplane(XdpAttachment):
@@ -214,7 +212,7 @@ class XdpDataplane(XdpAttachment):
             self._lease = 0
         else:  # in jiffies, one tick early (see _lease_jiffies and the C)
             deadline = time.monotonic_ns() + int(expires_ms) * 1_000_000
-            self._lease = self._lease_jiffies(deadline, TICK_NS)
+            self._lease = self._lease_jiffies(deadline)
         self._write_node()
 
     def lease_held(self) -> bool:

@@ -50,7 +50,7 @@ from enum import IntEnum
 
 from multihost.flowhash import HashMode
 
-#: Pin-directory names are these map names; the program's own pin is ``prog``.
+#: Pin-directory names are these map names; the programs' pins are ``prog`` and ``clock``.
 MAP_NAMES = (
     "mh_vip4",
     "mh_addrs",

@@ -1,8 +1,9 @@
 """The XDP program's maps as the loader writes and reads them.
 
 Owns: the descriptors of a loaded or adopted program and its maps (and closing them), and
-what the maps hold as this side writes it: the node entry (``mh_node``: kernel lease, the
-cluster interface's MAC, the build id, read once), the traffic IPs (``mh_addrs``, and the
+what the maps hold as this side writes it: the node entry (``mh_node``: kernel lease in
+jiffies, converted with a clock pair read by ``mh_clock``; the cluster interface's MAC; the
+build id, read once), the traffic IPs (``mh_addrs``, and the
 ``mh_vip4`` fast path), the return groups (their ``mh_groups`` entries, and ``mh_ifaces``),
 each front group's bucket table written into the inactive half of the mmapped
 ``mh_buckets`` then published with one ``mh_groups`` update (the double buffer of
@@ -24,6 +25,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 import numpy as np
@@ -57,6 +59,10 @@ def pack(fmt: str, *values: Any) -> bytes:
 
 def addr_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     return pack(ADDR_KEY.fmt, addr.version, addr.packed.ljust(16, b"\0"))
+
+
+#: Resolution of CLOCK_MONOTONIC_COARSE (6 on Linux): the kernel's tick, one jiffy.
+TICK_NS = int(time.clock_getres(getattr(time, "CLOCK_MONOTONIC_COARSE", 6)) * 1e9)
 
 
 def kernel_clocks(clock_fd: int) -> tuple[int, int]:
@@ -121,18 +127,18 @@ class XdpMaps:
             raise XdpError("the XDP data plane is not installed")
         return kernel_clocks(self._clock_fd)
 
-    def _lease_jiffies(self, deadline_ns: int, tick_ns: int) -> int:
+    def _lease_jiffies(self, deadline_ns: int) -> int:
         """The ``mh_node.lease_jiffies`` of a CLOCK_MONOTONIC deadline (0: lapsed).
 
         jiffies and the coarse clock advance together, in the same timekeeping update, one
         tick at a time, and lag real time alike (by up to a tick).  From a pair read
         together, jiffies reaches ``jiffies + k`` when the coarse clock reaches
-        ``coarse_ns + k * tick_ns``.  The program passes while jiffies < ``jiffies + k``;
-        with ``(k + 1) * tick_ns <= deadline_ns - coarse_ns`` it stops by coarse time
-        ``deadline_ns - tick_ns``: one tick early, as the coarse-clock expiry was written,
+        ``coarse_ns + k * TICK_NS``.  The program passes while jiffies < ``jiffies + k``;
+        with ``(k + 1) * TICK_NS <= deadline_ns - coarse_ns`` it stops by coarse time
+        ``deadline_ns - TICK_NS``: one tick early, as the coarse-clock expiry was written,
         so despite the lag it lapses no later than the deadline."""
         jiffies, coarse_ns = self._clocks()
-        k = (deadline_ns - coarse_ns) // tick_ns - 1
+        k = (deadline_ns - coarse_ns) // TICK_NS - 1
         return jiffies + k if k > 0 else 0
 
     def _write_node(self) -> None:
