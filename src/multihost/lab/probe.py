@@ -77,11 +77,16 @@ class ProbeResult:
     hash_keys: int = 0
 
     @property
+    def keys(self) -> int:
+        """The independent hash keys among the flows (``hash_keys``, else one per flow)."""
+        return self.hash_keys or self.connections
+
+    @property
     def band(self) -> dict[str, tuple[int, int]]:
         """Per live node: the central 99.9 % of Binomial(keys, share), in flows: a node
         holding ``k`` of the keys answers between ``k`` times the fewest and ``k`` times the
         most flows one key carries (one flow per key for TCP and UDP)."""
-        keys = self.hash_keys or self.connections
+        keys = self.keys
         fewest, most = self.connections // keys, -(-self.connections // keys)
         return {
             m: (lo * fewest, hi * most)
@@ -125,7 +130,7 @@ class ProbeResult:
             "shares": {m: _fraction(f) for m, f in self.shares.items()},
             "band": {m: list(b) for m, b in self.band.items()},
             "outside_band": self.outside_band,
-            "hash_keys": self.hash_keys or self.connections,
+            "hash_keys": self.keys,
             "errors": self.errors,
             "examples": self.examples,
             "port_seed": self.port_seed,
