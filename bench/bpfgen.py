@@ -52,6 +52,7 @@ BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_PSEUDO_MAP_FD = 1
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
 FUNC_MAP_LOOKUP_ELEM = 1
+FUNC_REDIRECT = 23  # bpf_redirect(ifindex, flags): XDP_REDIRECT out of that device
 FLOW_ENTRY = struct.Struct("=4s2s2s")  # saddr, IPv4 header checksum, sport: wire bytes
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -232,6 +233,13 @@ def load_flow_program(counter_fd: int, flows_fd: int, mask: int, action: int) ->
 def load_action_program(action: int) -> int:
     """The XDP floor: a program that only returns ``action`` (2 = XDP_PASS, 1 = XDP_DROP)."""
     return _prog_load(_mov_imm(0, action) + _EXIT, b"mhtB_floor")
+
+
+def load_redirect_program(ifindex: int) -> int:
+    """A one-port XDP "wire": every frame is redirected out of ``ifindex`` (a veth, so it
+    reaches the veth's peer as an ``xdp_frame``, as a NIC's frames reach its driver)."""
+    insns = _mov_imm(1, ifindex) + _mov_imm(2, 0) + _call(FUNC_REDIRECT) + _EXIT
+    return _prog_load(insns, b"mhtB_wire")
 
 
 def xdp_link(prog_fd: int, ifindex: int, native: bool = True) -> int:

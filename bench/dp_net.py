@@ -2,7 +2,8 @@
 
 Owns: the ``mhtB-<pid>-<role>`` namespaces (created here, always deleted by :class:`Lab`'s
 ``close``, stale ones of dead benchmark processes removed first), the veth pairs between
-the sender namespace and one receiver namespace per variant, their 198.18.0.0/15 addresses,
+the sender namespace and one receiver namespace per variant, the emulated-NIC wires and
+client namespaces of :meth:`Lab.wire`, their 198.18.0.0/15 addresses,
 the per-namespace readings the benchmark needs (``/proc/net/snmp``, ``/proc/net/dev``),
 CPU readings (``/proc/stat``, ``/proc/<pid>/schedstat``) and iperf3 processes started here
 (stopped by PID).
@@ -24,6 +25,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import bpfgen
 from multihost.dataplane.nft import netns_entered
 
 PREFIX = "mhtB-"
@@ -167,45 +169,87 @@ class Lab:
     index: dict[str, int] = field(default_factory=dict)
     sinks: list[socket.socket] = field(default_factory=list)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)  # namespaces made by wire()
+    fds: list[int] = field(default_factory=list)  # wire programs and their links
 
     def open(self, roles: list[str]) -> None:
         cleanup_stale()
-        pid = os.getpid()
-        self.sender = f"{PREFIX}{pid}-snd"
+        self.sender = f"{PREFIX}{os.getpid()}-snd"
         run("ip", "netns", "add", self.sender)
         ip_batch(self.sender, ["link set lo up"])
         for sysctl in ("net.ipv4.tcp_tw_reuse=1",):
             ns_run(self.sender, "sysctl", "-qw", sysctl)
-        for i, role in enumerate(roles, start=1):
-            ns = f"{PREFIX}{pid}-{role}"
-            run("ip", "netns", "add", ns)
-            self.receivers[role] = ns
-            self.index[role] = i
-            run(
-                "ip", "-n", self.sender, "link", "add", f"s-{role}", "type", "veth",
-                "peer", "name", "r0", "netns", ns,
-            )  # fmt: skip
-            ip_batch(
-                self.sender, [f"addr add 198.18.{i}.1/24 dev s-{role}", f"link set s-{role} up"]
-            )
-            ip_batch(
-                ns,
-                [
-                    "link set lo up",
-                    f"addr add 198.18.{i}.2/24 dev r0",
-                    f"addr add {self.vip}/32 dev r0",
-                    "link set r0 up",
-                    f"route add {self.pool} via 198.18.{i}.1",
-                ],
-            )
-            ns_run(ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
-            ns_run(ns, "sysctl", "-qw", "net.ipv4.conf.r0.rp_filter=0")
-            ns_run(ns, "ethtool", "-K", "r0", "gro", "on")
-            with netns_entered(ns):
-                sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sink.bind((self.vip, self.dport))
-            self.sinks.append(sink)
+        for role in roles:
+            self.add(role)
+
+    def add(self, role: str) -> str:
+        """One more receiver namespace (index = the next number); its name."""
+        i = len(self.index) + 1
+        ns = f"{PREFIX}{os.getpid()}-{role}"
+        run("ip", "netns", "add", ns)
+        self.receivers[role] = ns
+        self.index[role] = i
+        run(
+            "ip", "-n", self.sender, "link", "add", f"s-{role}", "type", "veth",
+            "peer", "name", "r0", "netns", ns,
+        )  # fmt: skip
+        ip_batch(self.sender, [f"addr add 198.18.{i}.1/24 dev s-{role}", f"link set s-{role} up"])
+        ip_batch(
+            ns,
+            [
+                "link set lo up",
+                f"addr add 198.18.{i}.2/24 dev r0",
+                f"addr add {self.vip}/32 dev r0",
+                "link set r0 up",
+                f"route add {self.pool} via 198.18.{i}.1",
+            ],
+        )
+        ns_run(ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+        ns_run(ns, "sysctl", "-qw", "net.ipv4.conf.r0.rp_filter=0")
+        ns_run(ns, "ethtool", "-K", "r0", "gro", "on")
+        with netns_entered(ns):
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sink.bind((self.vip, self.dport))
+        self.sinks.append(sink)
+        return ns
+
+    def wire(self, role: str, neigh_mac: str | None) -> str:
+        """Turn ``role``'s veth into the far end of an emulated NIC; the client namespace.
+
+        A client namespace ``c-<role>`` gets ``c0`` (198.18.i.1/24, the traffic IP routed
+        out of it; ``neigh_mac`` as in :meth:`tcp_route`), whose peer ``w-<role>`` sits in
+        the sender namespace beside ``s-<role>``.  Two one-line XDP programs
+        (:func:`bench.bpfgen.load_redirect_program`) cross-connect ``w-<role>`` and
+        ``s-<role>``, so every frame reaches ``r0`` (and ``c0``) as an ``xdp_frame`` from
+        which the receiver builds a fresh skb after its own XDP program -- one frame per
+        MTU-sized segment, as from a NIC, instead of veth's GSO super-packets.  Checksum
+        offload is off on both ends (a redirected frame carries no partial checksum); GRO
+        stays on, so both receive in NAPI mode.  Both variants of a comparison use the same
+        wire, so its cost is in both."""
+        i = self.index[role]
+        client = f"{PREFIX}{os.getpid()}-c-{role}"
+        run("ip", "netns", "add", client)
+        self.clients.append(client)
+        run(
+            "ip", "-n", client, "link", "add", "c0", "type", "veth",
+            "peer", "name", f"w-{role}", "netns", self.sender,
+        )  # fmt: skip
+        route = [f"route add {self.vip}/32 dev c0"]
+        if neigh_mac:
+            route.append(f"neigh replace {self.vip} lladdr {neigh_mac} dev c0 nud permanent")
+        ip_batch(client, ["link set lo up", f"addr add 198.18.{i}.1/24 dev c0", "link set c0 up"])
+        ip_batch(client, route)
+        ns_run(client, "ethtool", "-K", "c0", "gro", "on", "tx", "off")
+        ns_run(self.receivers[role], "ethtool", "-K", "r0", "tx", "off")
+        ip_batch(self.sender, [f"addr flush dev s-{role}", f"link set w-{role} up"])
+        with netns_entered(self.sender):
+            w, s = socket.if_nametoindex(f"w-{role}"), socket.if_nametoindex(f"s-{role}")
+            for dev, out in ((w, s), (s, w)):
+                prog = bpfgen.load_redirect_program(out)
+                self.fds.append(prog)
+                self.fds.append(bpfgen.xdp_link(prog, dev))
+        return client
 
     def tcp_route(self, role: str, client: str, neigh_mac: str | None) -> None:
         """Send TCP from ``client`` (added to ``s-<role>``) to the traffic IP via that veth;
@@ -245,10 +289,14 @@ class Lab:
         for s in self.sinks:
             s.close()
         self.sinks.clear()
-        for ns in [*self.receivers.values(), self.sender]:
+        for fd in reversed(self.fds):  # a link's fd closed: detached
+            os.close(fd)
+        self.fds.clear()
+        for ns in [*self.clients, *self.receivers.values(), self.sender]:
             if ns:
                 run("ip", "netns", "delete", ns, check=False)
         self.receivers.clear()
+        self.clients.clear()
         self.sender = ""
 
 

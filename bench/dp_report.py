@@ -138,7 +138,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"* *TCP.*  iperf3, {cfg['tcp_seconds']:g} s per run, {cfg['tcp_rounds']} interleaved "
         "rounds of: no filter (unicast MAC: without the filter TCP drops multicast-MAC "
         "segments), the ruleset with the worst-case 2-of-8 set (multicast MAC; the control and "
-        "data connections use client ports the node owns), xt_cluster (multicast MAC)."
+        "data connections use client ports the node owns), xt_cluster (multicast MAC), the XDP "
+        "program in generic mode (GSO super-packets, as veth carries them), and a second pair "
+        "over an emulated NIC (`dp_net.Lab.wire`: two one-line XDP redirect programs hand every "
+        "frame to the receiver's veth as an `xdp_frame`, one MTU segment each, as a NIC driver "
+        "gets them): no filter, and the XDP program attached natively; (w) rows are ratios "
+        "against the (w) no-filter row."
     )
     add("")
     add(
@@ -190,6 +195,8 @@ def markdown(result: dict[str, Any]) -> str:
             "nft2": "(b) ruleset, 2 of 8 live",
             "xt": "(c) xt_cluster",
             "xdpg": "(x') XDP program (generic), owns every bucket",
+            "wnone": "(w) emulated NIC: no filter (the baseline of the row below)",
+            "wxdp": "(w) emulated NIC: XDP program (native), owns every bucket",
         }
         for key, e in tcp.items():
             add(
