@@ -44,6 +44,7 @@ from dataclasses import dataclass
 _SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD, BPF_PROG_RUN = 0, 2, 5, 10
 BPF_LINK_CREATE = 28
+BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
 BPF_XDP = 37  # attach type
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 BPF_MAP_TYPE_ARRAY = 2
@@ -248,6 +249,12 @@ def xdp_link(prog_fd: int, ifindex: int, native: bool = True) -> int:
     flags = XDP_FLAGS_DRV_MODE if native else XDP_FLAGS_SKB_MODE
     attr = _attr(64, ("=I", 0, prog_fd), ("=I", 4, ifindex), ("=I", 8, BPF_XDP), ("=I", 12, flags))
     return _bpf(BPF_LINK_CREATE, attr)
+
+
+def enable_run_time_stats() -> int:
+    """``BPF_ENABLE_STATS``: every program's ``run_time_ns`` / ``run_cnt`` are kept while the
+    returned fd is open (closing it ends that; nothing else to restore)."""
+    return _bpf(BPF_ENABLE_STATS, _attr(8, ("=I", 0, BPF_STATS_RUN_TIME)))
 
 
 def _prog_load(insns: bytes, name: bytes = b"mhtB_gen") -> int:

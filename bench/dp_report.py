@@ -204,6 +204,16 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_r(e['ratio_per_cpu'])} |"
             )
         add("")
+        share = result.get("tcp_program_share") or {}
+        if share:
+            add(
+                "The (w) XDP program itself on that path (kernel run-time statistics, "
+                f"{len(share['runs'])} runs): {share['ns_per_frame']['median']:.0f} ns a "
+                f"frame at {share['frames_per_s']['median']:,.0f} frames/s, "
+                f"{share['cpu_share']['median']:.2%} of the saturated CPU: a capacity of "
+                f"{share['capacity_ratio']:.3f} of the same path without it."
+            )
+            add("")
     add("**Verdict.**")
     add("")
     live_meds = [s[k]["ratio_rx_capacity"]["median"] for k in ("nft8", "nft4", "nft2")]

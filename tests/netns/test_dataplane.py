@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -155,8 +156,15 @@ def tcp_round(lab: Lab, dp: Backend, flows: list[FlowT], owned: set[FlowT]) -> s
     return nsutil.tcp_round(lab.client, lab.node, counter(dp, "web"), VIP, flows, owned=owned)
 
 
+class Ends(Protocol):
+    """A client namespace and a node namespace (a :class:`Lab` or any other pair)."""
+
+    client: str
+    node: str
+
+
 @contextlib.contextmanager
-def established(lab: Lab, flow: FlowT) -> Iterator[tuple[socket.socket, socket.socket]]:
+def established(lab: Ends, flow: FlowT) -> Iterator[tuple[socket.socket, socket.socket]]:
     """A TCP connection of ``flow`` (port 80) from the client to the node: (client, server)."""
     listener = nsutil.socket_in(lab.node, socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -39,6 +39,7 @@ from tests.netns.test_dataplane import (
     SPEC1,
     VIP,
     counter,
+    established,
     predicted,
     random_flows,
 )
@@ -123,34 +124,19 @@ def test_native_xdp_behind_a_nic_like_wire_serves_exactly_the_owned_tcp_flows(
 
 def _transfer(wired: Wired, flow: nsutil.FlowT, size: int) -> int:
     """Send ``size`` bytes over ``flow`` (client -> node, port 80); bytes the node read."""
-    listener = nsutil.socket_in(wired.node, socket.AF_INET, socket.SOCK_STREAM)
-    conn = nsutil.socket_in(wired.client, socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((str(VIP), 80))
-        listener.listen(4)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        conn.bind((str(flow[0]), flow[1]))
-        conn.settimeout(10)
-        conn.connect((str(VIP), 80))
-        served, _ = listener.accept()
-        with served:
-            served.settimeout(10)
-            got: list[int] = []
+    with established(wired, flow) as (conn, served):
+        got: list[int] = []
 
-            def read() -> None:  # concurrently: the sender blocks once the buffers are full
-                n = 0
-                while chunk := served.recv(1 << 16):
-                    n += len(chunk)
-                got.append(n)
+        def read() -> None:  # concurrently: the sender blocks once the buffers are full
+            n = 0
+            while chunk := served.recv(1 << 16):
+                n += len(chunk)
+            got.append(n)
 
-            reader = threading.Thread(target=read)
-            reader.start()
-            conn.sendall(b"x" * size)
-            conn.shutdown(socket.SHUT_WR)
-            reader.join(timeout=10)
-            assert got, "the node did not read to the end"
-            return got[0]
-    finally:
-        conn.close()
-        listener.close()
+        reader = threading.Thread(target=read)
+        reader.start()
+        conn.sendall(b"x" * size)
+        conn.shutdown(socket.SHUT_WR)
+        reader.join(timeout=10)
+        assert got, "the node did not read to the end"
+        return got[0]
