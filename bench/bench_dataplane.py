@@ -522,31 +522,46 @@ class Bench:
         if x is None or not runs:
             return {}
         prog_id = x.describe()["program_id"]
+        # The wire's one-call program on the same frames: what the statistics' own two clock
+        # reads add to a run (an upper bound: it includes bpf_redirect itself).
+        wire_id = bpfgen.prog_id(self.lab.wire_to_node["wxdp"])
         out: list[dict[str, float]] = []
         stats_fd = bpfgen.enable_run_time_stats()
         try:
             for n in range(runs):
                 t0, c0 = _prog_stats(prog_id)
+                w0, k0 = _prog_stats(wire_id)
                 r = self.iperf("wxdp", seconds, 100 + n)
                 t1, c1 = _prog_stats(prog_id)
-                wall = r["seconds"]
+                w1, k1 = _prog_stats(wire_id)
+                wall, frames = r["seconds"], max(c1 - c0, 1)
+                clock = (w1 - w0) / max(k1 - k0, 1)
+                ns = (t1 - t0) / frames
                 out.append(
                     {
                         "gbps": r["gbps"],
-                        "frames_per_s": (c1 - c0) / wall,
-                        "ns_per_frame": (t1 - t0) / max(c1 - c0, 1),
-                        "cpu_share": (t1 - t0) / (wall * 1e9),
+                        "frames_per_s": frames / wall,
+                        "ns_per_frame": ns,
+                        "wire_ns_per_frame": clock,
+                        "cpu_share": ns * frames / (wall * 1e9),
+                        "cpu_share_net": max(ns - clock, 0.0) * frames / (wall * 1e9),
                     }
                 )
         finally:
             bpfgen.close(stats_fd)
         share = stats([e["cpu_share"] for e in out])
+        net = stats([e["cpu_share_net"] for e in out])
         return {
             "runs": out,
             "ns_per_frame": stats([e["ns_per_frame"] for e in out]),
+            "wire_ns_per_frame": stats([e["wire_ns_per_frame"] for e in out]),
             "frames_per_s": stats([e["frames_per_s"] for e in out]),
             "cpu_share": share,
+            "cpu_share_net": net,
+            # raw: the program as the statistics time it (its lower bound); net: less the
+            # wire program's time, i.e. without the clock reads (its upper bound)
             "capacity_ratio": round(1 - share["median"], 4),
+            "capacity_ratio_net": round(1 - net["median"], 4),
         }
 
     def prog_ns(self, repeat: int = 200_000) -> dict[str, Any]:
@@ -753,6 +768,7 @@ def verdicts(
     tcp: dict[str, Any],
     few: dict[str, Any],
     share: dict[str, Any] | None = None,
+    prog_ns: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("nft8", "nft4", "nft2"):
@@ -787,9 +803,17 @@ def verdicts(
                 "met": r["median"] >= XDP_TCP_TARGET,
             }
             if key == "wxdp" and share:  # as for nft2: met only if every figure agrees
-                model = share["capacity_ratio"]
-                v["program_capacity_ratio"] = model
+                # In the path, the statistics time the program with two clock reads that
+                # cost as much as the program here: the truth lies between raw and net.
+                v["program_capacity_ratio"] = share["capacity_ratio"]
+                v["program_capacity_ratio_net"] = share["capacity_ratio_net"]
                 v["program_ns_per_frame"] = share["ns_per_frame"]["median"]
+                # Expected from the program's own cost (BPF_PROG_RUN, owned frame) at the
+                # frame rate the path carried.
+                fps = share["frames_per_s"]["median"]
+                owned_ns = (prog_ns or {}).get("owned_ns", {}).get("median")
+                model = 1 - owned_ns * fps / 1e9 if owned_ns else share["capacity_ratio"]
+                v["model_ratio"] = round(model, 4)
                 figures = (r["median"], c["median"], model)
                 v["met"] = min(figures) >= XDP_TCP_TARGET
                 v["status"] = (
@@ -942,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "tcp": tcp,
         "tcp_program_share": share,
-        "verdicts": verdicts(summary, tcp, few, share),
+        "verdicts": verdicts(summary, tcp, few, share, prog_ns),
         "few_flows": few,
         "filter_counters_total": counters,
         "xdp_program_ns": prog_ns,
@@ -955,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(w) XDP program on the TCP path: {share['ns_per_frame']['median']:.0f} ns/frame, "
             f"{share['frames_per_s']['median']:,.0f} frames/s, "
             f"{share['cpu_share']['median']:.2%} of the CPU -> capacity "
-            f"{share['capacity_ratio']:.3f}"
+            f"{share['capacity_ratio']:.3f} ({share['capacity_ratio_net']:.3f} less the "
+            f"statistics' clock reads, {share['wire_ns_per_frame']['median']:.0f} ns/frame)"
         )
     if few:
         subset = tuple(v for v in VARIANTS if v.key in FEW_KEYS)

@@ -171,6 +171,7 @@ class Lab:
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     clients: list[str] = field(default_factory=list)  # namespaces made by wire()
     fds: list[int] = field(default_factory=list)  # wire programs and their links
+    wire_to_node: dict[str, int] = field(default_factory=dict)  # role: that program's fd
 
     def open(self, roles: list[str]) -> None:
         cleanup_stale()
@@ -249,6 +250,8 @@ class Lab:
                 prog = bpfgen.load_redirect_program(out)
                 self.fds.append(prog)
                 self.fds.append(bpfgen.xdp_link(prog, dev))
+                if dev == w:
+                    self.wire_to_node[role] = prog
         return client
 
     def tcp_route(self, role: str, client: str, neigh_mac: str | None) -> None:
@@ -292,6 +295,7 @@ class Lab:
         for fd in reversed(self.fds):  # a link's fd closed: detached
             os.close(fd)
         self.fds.clear()
+        self.wire_to_node.clear()
         for ns in [*self.clients, *self.receivers.values(), self.sender]:
             if ns:
                 run("ip", "netns", "delete", ns, check=False)

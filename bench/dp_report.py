@@ -211,7 +211,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{len(share['runs'])} runs): {share['ns_per_frame']['median']:.0f} ns a "
                 f"frame at {share['frames_per_s']['median']:,.0f} frames/s, "
                 f"{share['cpu_share']['median']:.2%} of the saturated CPU: a capacity of "
-                f"{share['capacity_ratio']:.3f} of the same path without it."
+                f"{share['capacity_ratio']:.3f} of the same path without it "
+                f"({share['capacity_ratio_net']:.3f} less what the statistics' clock reads "
+                f"add, timed on the wire's one-call program: "
+                f"{share['wire_ns_per_frame']['median']:.0f} ns a frame)."
             )
             add("")
     add("**Verdict.**")
