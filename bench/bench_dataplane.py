@@ -32,7 +32,10 @@ Method (details in the generated markdown):
   Over plain veth TCP crosses as GSO super-packets (XDP runs generic there).  A second pair
   runs over an emulated NIC (``dp_net.Lab.wire``): frames reach the receiver one MTU
   segment at a time as ``xdp_frame``s, where the program runs natively before the skb
-  exists, GRO after it -- against the same wire without a filter.
+  exists, GRO after it -- against the same wire without a filter.  A few more runs of that
+  XDP row with the kernel's run-time statistics on (``--tcp-stat-runs``) give the program's
+  own share of the saturated CPU, bounded by what the statistics' clock reads add (timed on
+  the wire's one-call program): a capacity figure without the throughput's run-to-run noise.
 """
 
 from __future__ import annotations
