@@ -443,8 +443,12 @@ def test_agents_answer_the_gateway_and_deliver_each_reply_to_the_owner(
                     st = [request(socks[r], "status", timeout=1.0) for r in ("A", "B")]
                 except (ControlError, OSError):
                     return False
-                owned = [s["groups"]["web"]["owned"]["buckets"] for s in st]
-                return all(s["live"] == ["A", "B"] for s in st) and sum(owned) == cfg.buckets
+                web = [s["groups"]["web"] for s in st]
+                owned = sum(w["owned"]["buckets"] for w in web)
+                # and no handover in flight: a new flow of a draining bucket is still the old
+                # holder's, so the prediction below holds only once every move is done
+                settled = all(w["draining"] == 0 and w["incoming"] == 0 for w in web)
+                return all(s["live"] == ["A", "B"] for s in st) and owned == cfg.buckets and settled
 
             nsutil.wait_until(serving, timeout=20.0, interval=0.05, what="both agents serving")
             mine = {r: targets(cfg, r, ("A", "B"))["web"] for r in ("A", "B")}
