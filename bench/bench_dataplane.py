@@ -60,6 +60,7 @@ if __package__ in (None, ""):
 
 from bench import bpfgen, dp_flows, dp_net, dp_report
 from multihost.assignment import assign
+from multihost.dataplane import libbpf
 from multihost.dataplane.nft import Dataplane, Nft, netns_entered
 from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, RulesetSpec
 from multihost.dataplane.rulesettables import jhash_expr
@@ -527,7 +528,7 @@ class Bench:
         prog_id = x.describe()["program_id"]
         # The wire's one-call program on the same frames: what the statistics' own two clock
         # reads add to a run (an upper bound: it includes bpf_redirect itself).
-        wire_id = bpfgen.prog_id(self.lab.wire_to_node["wxdp"])
+        wire_id = libbpf.prog_id(self.lab.wire_to_node["wxdp"])
         out: list[dict[str, float]] = []
         stats_fd = bpfgen.enable_run_time_stats()
         try:

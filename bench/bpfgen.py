@@ -45,7 +45,6 @@ _SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD, BPF_PROG_RUN = 0, 2, 5, 10
 BPF_LINK_CREATE = 28
 BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
-BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_XDP = 37  # attach type
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 BPF_MAP_TYPE_ARRAY = 2
@@ -256,14 +255,6 @@ def enable_run_time_stats() -> int:
     """``BPF_ENABLE_STATS``: every program's ``run_time_ns`` / ``run_cnt`` are kept while the
     returned fd is open (closing it ends that; nothing else to restore)."""
     return _bpf(BPF_ENABLE_STATS, _attr(8, ("=I", 0, BPF_STATS_RUN_TIME)))
-
-
-def prog_id(fd: int) -> int:
-    """The kernel's id of the program behind ``fd`` (``bpf_prog_info.id``)."""
-    info = ctypes.create_string_buffer(256)
-    attr = _attr(16, ("=I", 0, fd), ("=I", 4, len(info)), ("=Q", 8, _addr(info)))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    return int(struct.unpack_from("=I", info, 4)[0])
 
 
 def _prog_load(insns: bytes, name: bytes = b"mhtB_gen") -> int:
