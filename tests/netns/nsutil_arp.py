@@ -289,6 +289,10 @@ class ResponderProcess:
                     stream.close()
 
 
+#: ``start(ns, addresses=(VIP, VIP6), **kw)``: a responder the conftest fixture stops after.
+Start = Callable[..., ResponderProcess]
+
+
 # ------------------------------------------------------------------ frames and matchers
 
 

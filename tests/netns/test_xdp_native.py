@@ -29,7 +29,7 @@ from multihost.dataplane.ruleset import GroupBuckets
 from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import HashMode
 from tests.netns import nsutil
-from tests.netns.test_dataplane import (
+from tests.netns.nsutil_dp import (
     CLIENT,
     GROUP,
     GROUP_MAC,

@@ -8,7 +8,8 @@ boot id, new core), pauses (a stopped process or VM: nothing reaches the core un
 resumes, then everything queued does), a modelled agent that applies each
 ``ClaimsChanged`` after a random lag (in order) and confirms it, and the checks: the
 safety invariant over what every node's kernel serves, evaluated after every step;
-convergence and coverage helpers for liveness.
+convergence and coverage helpers for liveness.  Configs and timing are in
+tests/sim/netsim_config.py; survivors' outages after crashes in tests/sim/netsim_outage.py.
 
 The driver always advances to the earliest of (next queued event, earliest core deadline).
 
@@ -27,32 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from multihost.assignment import default_table
 from multihost.membership.config import MembershipConfig
 from multihost.membership.effects import ClaimsChanged, Effect, Log, Rejected, Send, ViewChanged
 from multihost.membership.ownership import BoolArray, empty
 from multihost.membership.ownership import share_mask as table_share_mask
 from multihost.membership.protocol import MembershipCore
-
-KEY = b"sim-cluster-key-0123456789abcdef"
-# The table of clusters with at most 8 slots (factorial-8), for tests of such clusters;
-# NetSim itself uses its configs' table (``sim.table``, ``sim.buckets``, ``sim.empty``).
-BUCKETS = default_table().buckets
-EMPTY = empty(BUCKETS)
-
-
-def share_mask(live: frozenset[int], slot: int) -> BoolArray:
-    """``slot``'s share under ``live`` in the table of clusters of at most 8 slots."""
-    return table_share_mask(default_table(), live, slot)
-
+from tests.sim.netsim_config import DELAY_MAX, SETTLE
 
 INF = float("inf")
-# Timing of make_configs() and NetParams() defaults, for bounds in tests.
-INTERVAL = 1.0
-DEAD_AFTER = 4.0
-DELAY_MAX = 0.1
-# After any single event: detection, one heartbeat each way, the release/take handshake.
-SETTLE = DEAD_AFTER + 4 * (INTERVAL + DELAY_MAX)
 
 
 @dataclass
@@ -111,44 +94,6 @@ class SimNode:
 
 
 Observer = Callable[[SimNode, Kernel, Kernel, float], None]
-
-
-def make_configs(
-    n: int,
-    *,
-    groups: Mapping[str, Iterable[int]] | None = None,
-    interval: float = INTERVAL,
-    dead_after: float = DEAD_AFTER,
-    hold: float = 0.0,
-    margin: float = 0.1,
-    jitter: float = DELAY_MAX,
-    quorum: bool = False,
-    cluster: str = "sim",
-    key: bytes = KEY,
-    digest: bytes = b"cfg-1",
-) -> dict[str, MembershipConfig]:
-    """Configs of nodes ``n0..n{n-1}`` (slot = index); ``groups`` name member indexes."""
-    names = [f"n{i}" for i in range(n)]
-    members = {name: i for i, name in enumerate(names)}
-    spec = groups if groups is not None else {"all": range(n)}
-    gmap = {g: frozenset(names[i] for i in idx) for g, idx in spec.items()}
-    return {
-        name: MembershipConfig(
-            cluster=cluster,
-            node=name,
-            members=members,
-            groups=gmap,
-            key=key,
-            interval=interval,
-            dead_after=dead_after,
-            config_digest=digest,
-            quorum=quorum,
-            takeover_hold=hold,
-            lease_margin=margin,
-            jitter=jitter,
-        )
-        for name in names
-    }
 
 
 class NetSim:
@@ -472,57 +417,6 @@ class NetSim:
         core = self.nodes[name].core
         assert core is not None, f"{name} is down"
         return core
-
-
-class OutageWatch:
-    """Liveness after crashes: every bucket a survivor serves when a node crashes must stay
-    served by it (a crash only grows survivors' shares).  Records, per survivor, the longest
-    time any such bucket went unserved; :meth:`check` fails beyond ``bound``."""
-
-    def __init__(self, sim: NetSim) -> None:
-        self.sim = sim
-        self.kept: dict[str, dict[str, BoolArray]] = {}  # survivor -> group -> must serve
-        self.since: dict[str, float] = {}
-        self.longest: dict[str, float] = {}
-        sim.observers.append(self._observe)
-
-    def crashed(self) -> None:
-        """Call right after ``sim.crash``: snapshot what every up node serves now."""
-        for n in self.sim.nodes.values():
-            if n.up:
-                keep = self.kept.setdefault(n.name, {})
-                for g, mask in n.kernel.masks.items():
-                    keep[g] = keep.get(g, self.sim.empty) | mask
-        for name in list(self.kept):
-            if not self.sim.nodes[name].up:
-                del self.kept[name]
-                self.since.pop(name, None)
-
-    def _observe(self, node: SimNode, old: Kernel, new: Kernel, now: float) -> None:
-        keep = self.kept.get(node.name)
-        if keep is None:
-            return
-        if not node.up:  # crashed itself: no longer a survivor
-            del self.kept[node.name]
-            self.since.pop(node.name, None)
-            return
-        missing = any(np.any(m & ~new.masks.get(g, self.sim.empty)) for g, m in keep.items())
-        if missing:
-            self.since.setdefault(node.name, now)
-        elif node.name in self.since:
-            gap = now - self.since.pop(node.name)
-            self.longest[node.name] = max(self.longest.get(node.name, 0.0), gap)
-
-    def worst(self) -> float:
-        now = self.sim.now
-        open_gaps = (now - t for t in self.since.values())
-        return max([*self.longest.values(), *open_gaps], default=0.0)
-
-    def check(self, bound: float) -> None:
-        assert self.worst() <= bound, (
-            f"a survivor's own buckets went unserved for {self.worst():.3f} s "
-            f"(bound {bound}): {self.longest} open {self.since}"
-        )
 
 
 def settle(sim: NetSim, bound: float = SETTLE) -> float:

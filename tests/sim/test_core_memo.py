@@ -12,7 +12,8 @@ from __future__ import annotations
 from multihost.membership.leases import exempt, kernel_lease, lease_expiry, quorum_lease
 from multihost.membership.protocol import MembershipCore
 from multihost.membership.state import MemberState
-from tests.sim.netsim import DEAD_AFTER, NetParams, NetSim, make_configs
+from tests.sim.netsim import NetParams, NetSim
+from tests.sim.netsim_config import DEAD_AFTER, make_configs
 
 
 def _check(core: MembershipCore) -> None:

@@ -21,19 +21,8 @@ import pytest
 from multihost.membership.config import MembershipConfig
 from multihost.membership.ownership import BoolArray
 from multihost.membership.protocol import DEATH_ANNOUNCEMENTS
-from tests.sim.netsim import (
-    BUCKETS,
-    DEAD_AFTER,
-    EMPTY,
-    SETTLE,
-    Kernel,
-    NetParams,
-    NetSim,
-    SimNode,
-    make_configs,
-    settle,
-    share_mask,
-)
+from tests.sim.netsim import Kernel, NetParams, NetSim, SimNode, settle
+from tests.sim.netsim_config import BUCKETS, DEAD_AFTER, EMPTY, SETTLE, make_configs, share_mask
 
 # Agent-like timing (seconds): 100 ms heartbeats, the default dead_after, a LAN's delays.
 DEAD = 0.23

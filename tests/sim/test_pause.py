@@ -13,7 +13,8 @@ import pytest
 
 from multihost.membership import leases
 from multihost.membership.state import PeerRecord
-from tests.sim.netsim import DEAD_AFTER, DELAY_MAX, INTERVAL, NetSim, make_configs, settle
+from tests.sim.netsim import NetSim, settle
+from tests.sim.netsim_config import DEAD_AFTER, DELAY_MAX, INTERVAL, make_configs
 
 
 def _events(sim: NetSim, event: str, since: float = 0.0) -> list[tuple[str, float]]:

@@ -19,17 +19,9 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.sim.netsim import (
-    DEAD_AFTER,
-    DELAY_MAX,
-    INTERVAL,
-    SETTLE,
-    NetParams,
-    NetSim,
-    OutageWatch,
-    make_configs,
-    settle,
-)
+from tests.sim.netsim import NetParams, NetSim, settle
+from tests.sim.netsim_config import DEAD_AFTER, DELAY_MAX, INTERVAL, SETTLE, make_configs
+from tests.sim.netsim_outage import OutageWatch
 
 # CI runs a fixed, derandomized set; MULTIHOST_SIM_EXAMPLES=N runs a fresh random search
 # (reproduce a failure with the printed blob or --hypothesis-seed).

@@ -20,7 +20,8 @@ from multihost.membership.protocol import MembershipCore
 from multihost.membership.wire import Heartbeat
 from multihost.minwise import lcm_upto
 from multihost.tablechoice import table_for, weighted_table
-from tests.sim.netsim import INTERVAL, KEY, NetSim, make_configs, settle
+from tests.sim.netsim import NetSim, settle
+from tests.sim.netsim_config import INTERVAL, KEY, make_configs
 from tests.wire_v1 import encode_v1
 
 

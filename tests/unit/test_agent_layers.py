@@ -22,7 +22,7 @@ from multihost.agent_membership import (
     Retarget,
 )
 from multihost.metrics import Snapshot
-from tests.sim.netsim import make_configs
+from tests.sim.netsim_config import make_configs
 
 SRC = Path(multihost.__file__).parent
 
