@@ -3,8 +3,12 @@
 Run (root): .venv/bin/python bench/bench_dataplane.py [--quick] [--md bench/results_dataplane.md]
             [--json bench/results_dataplane.json]
 
-Owns: the data-plane benchmark -- its variants, the interleaved schedule, the measurement
-and the report (a table, one JSON object, optionally the BENCHMARKS.md section).
+Owns: the data-plane benchmark's run -- building the declared variants
+(:mod:`bench.dp_variants`) in their namespaces, the generator, the interleaved UDP schedule
+and its measurement, the XDP program alone under ``BPF_PROG_RUN``, and the command line
+that ties in the TCP pass (:mod:`bench.dp_tcp`), the summaries and verdicts
+(:mod:`bench.dp_summary`) and the report (a table, one JSON object, optionally the
+BENCHMARKS.md section, :mod:`bench.dp_report`).
 
 Must not: change anything outside the ``mhtB-<pid>-*`` namespaces it creates (see
 :mod:`bench.dp_net`), or edit ``src``; the nft filter is the project's own
@@ -36,6 +40,9 @@ Method (details in the generated markdown):
   XDP row with the kernel's run-time statistics on (``--tcp-stat-runs``) give the program's
   own share of the saturated CPU, bounded by what the statistics' clock reads add (timed on
   the wire's one-call program): a capacity figure without the throughput's run-to-run noise.
+  Last, a toggled A/B pass (``--tcp-ab-seconds``): one long stream over that wire while the
+  program is detached and re-attached every 1.25 s, each "on" stretch against the "off"
+  stretches beside it -- the comparison of the two rows without the minutes between them.
 """
 
 from __future__ import annotations
@@ -45,175 +52,49 @@ import ipaddress
 import json
 import os
 import socket
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bpfgen, dp_flows, dp_net, dp_report
+from bench.dp_summary import load_report, stats, summarise, summarise_tcp, table, verdicts
+from bench.dp_tcp import TcpRuns
+from bench.dp_variants import (
+    BUCKETS,
+    CT_ONLY,
+    DPORT,
+    FEW_FLOWS,
+    FEW_KEYS,
+    FLOWS,
+    GROUP,
+    GROUP_IP,
+    NODE,
+    SEED,
+    SLOTS,
+    TCP_VARIANTS,
+    VARIANTS,
+    VIP,
+    XDP_KINDS,
+    Variant,
+    flow_sets,
+    min_filter,
+    owned,
+    spec,
+    xt_rules,
+)
 from multihost.assignment import assign
-from multihost.dataplane import libbpf
 from multihost.dataplane.nft import Dataplane, Nft, netns_entered
-from multihost.dataplane.ruleset import GroupBuckets, GroupSpec, RulesetSpec
-from multihost.dataplane.rulesettables import jhash_expr
+from multihost.dataplane.ruleset import GroupBuckets
 from multihost.dataplane.xdp import XdpDataplane
 from multihost.flowhash import Flow, flow_bucket
-from multihost.macaddr import format_mac, multicast_mac
+from multihost.macaddr import multicast_mac
 from multihost.tablechoice import table_for
-
-VIP = "198.19.0.1"
-GROUP_IP = "239.192.0.1"
-DPORT = 9000
-IPERF_PORT = 5201
-BUCKETS = 40320  # the default ("factorial") table of 8 slots
-SEED = 0x2B7E1516
-SLOTS = 8
-NODE = 0  # the measured node's slot
-FLOWS = 16384  # per flow set (a power of two: the generator masks its counter)
-GROUP = "bench"
-ACCEPT_TARGET = 0.97  # accepted-path TCP throughput vs no filter
-CAPACITY_TARGET = 0.95  # receive capacity vs no filter, every live-set case
-XDP_TCP_TARGET = 0.98  # XDP accepted-path TCP throughput vs no filter
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    flows: str  # flow set name
-    # "gen", "none", "ct", "nft", "xt", "xdp" (native), "xdpg" (generic XDP), "xdp0" (native,
-    # a program that only returns XDP_PASS: the floor of any XDP filter on the accepted path)
-    kind: str
-    live: tuple[int, ...] = ()
-    accepted: float = 1.0  # expected share of packets that reach the socket
-    table: str = "factorial"  # [cluster] table: "minimal" is 840 buckets for 8 slots
-
-
-_ALL = tuple(range(8))
-VARIANTS = (
-    Variant("gen", "generator only (XDP_DROP, calibration)", "random", "gen", accepted=0.0),
-    Variant("none", "(a) no filter", "random", "none"),
-    Variant("ct", "(a') conntrack only (one nft ct rule), no filter", "random", "ct"),
-    Variant("min", "(m) one nft rule, hash set as in (b), no conntrack", "own2", "min", (0, 1)),
-    Variant("minb", "(m') one nft rule, bitmap set, no conntrack", "own2", "minb", (0, 1)),
-    Variant("nft8", "(b) multihost ruleset, 8 of 8 live, owned flows", "own8", "nft", _ALL),
-    Variant("nft4", "(b) multihost ruleset, 4 of 8 live, owned flows", "own4", "nft", (0, 1, 2, 3)),
-    Variant(
-        "nft2", "(b) multihost ruleset, 2 of 8 live (worst), owned flows", "own2", "nft", (0, 1)
-    ),
-    Variant(
-        "nftN", "(b) multihost ruleset, non-owner: 8 of 8, all flows", "random", "nft", _ALL, 1 / 8
-    ),
-    Variant("xt", "(c) xt_cluster node 1 of 8, owned flows", "xtown", "xt"),
-    Variant("xtN", "(c) xt_cluster node 1 of 8, non-owner: all flows", "random", "xt", (), 1 / 8),
-    Variant("xdp8", "(x) XDP program (native), 8 of 8 live, owned flows", "own8", "xdp", _ALL),
-    Variant("xdp2", "(x) XDP program (native), 2 of 8 live, owned flows", "own2", "xdp", (0, 1)),
-    Variant(
-        "xdpN",
-        "(x) XDP program (native), non-owner: 8 of 8, all flows",
-        "random",
-        "xdp",
-        _ALL,
-        1 / 8,
-    ),
-    Variant(
-        "nft2m",
-        "(b) multihost ruleset, minimal table (840 buckets), 2 of 8 live, owned flows",
-        "own2m",
-        "nft",
-        (0, 1),
-        table="minimal",
-    ),
-    Variant(
-        "nftNm",
-        "(b) multihost ruleset, minimal table, non-owner: 8 of 8, all flows",
-        "random",
-        "nft",
-        _ALL,
-        1 / 8,
-        table="minimal",
-    ),
-    Variant(
-        "xdp2m",
-        "(x) XDP program (native), minimal table (840 buckets), 2 of 8 live, owned flows",
-        "own2m",
-        "xdp",
-        (0, 1),
-        table="minimal",
-    ),
-    Variant(
-        "xdpNm",
-        "(x) XDP program (native), minimal table, non-owner: 8 of 8, all flows",
-        "random",
-        "xdp",
-        _ALL,
-        1 / 8,
-        table="minimal",
-    ),
-    Variant("xdp0", "(x0) floor: XDP program that only passes (native)", "random", "xdp0"),
-    Variant("xdpg", "(x') XDP program (generic), owns every bucket", "random", "xdpg", _ALL),
-    Variant("xdpgN", "(x') XDP program (generic), owns no bucket", "random", "xdpg", (), 0.0),
-)
-TCP_VARIANTS = ("none", "nft2", "xt", "xdpg", "wnone", "wxdp")
-# The baseline each TCP variant's ratio is taken against: the emulated-NIC pair ("w": frames
-# reach r0 one MTU segment at a time through an XDP wire, see dp_net.Lab.wire) against the
-# same wire without a filter; the others against plain veth without a filter.
-TCP_BASE = {"wnone": "wnone", "wxdp": "wnone"}
-WIRE_ROLES = ("wnone", "wxdp")
-XDP_KINDS = ("xdp", "xdpg")
-# The second, short pass with few flows (everything cache-hot): what is cache misses.
-FEW_FLOWS = 256
-FEW_KEYS = ("gen", "none", "ct", "min", "minb", "nft2")
-
-
-def spec(kind: str = "factorial") -> RulesetSpec:
-    group = GroupSpec(GROUP, (ipaddress.IPv4Address(VIP),))
-    return RulesetSpec(buckets=table_for(SLOTS, kind).buckets, seed=SEED, groups=(group,))
-
-
-def owned(live: tuple[int, ...], kind: str = "factorial") -> frozenset[int]:
-    return assign(live, table_for(SLOTS, kind)).buckets(NODE)
-
-
-def owned_mask(buckets: frozenset[int], size: int = BUCKETS) -> npt.NDArray[np.bool_]:
-    mask = np.zeros(size, dtype=bool)
-    mask[np.fromiter(buckets, dtype=np.int64)] = True
-    return mask
-
-
-def flow_sets(rng: np.random.Generator, n: int) -> dict[str, dp_flows.FlowSet]:
-    vip = ipaddress.IPv4Address(VIP).packed
-    sets = {"random": dp_flows.pick("random", rng, n, lambda s, p: np.ones(len(p), bool))}
-    for name, live, kind in (
-        ("own8", tuple(range(8)), "factorial"),
-        ("own4", (0, 1, 2, 3), "factorial"),
-        ("own2", (0, 1), "factorial"),
-        ("own2m", (0, 1), "minimal"),
-    ):
-        size = table_for(SLOTS, kind).buckets
-        mask = owned_mask(owned(live, kind), size)
-
-        def keep(
-            s: npt.NDArray[np.uint8],
-            p: npt.NDArray[np.uint16],
-            m: npt.NDArray[np.bool_] = mask,
-            size: int = size,
-        ) -> npt.NDArray[np.bool_]:
-            return m[dp_flows.nft_buckets(s, p, vip, DPORT, buckets=size, seed=SEED)]
-
-        sets[name] = dp_flows.pick(name, rng, n, keep)
-    sets["xtown"] = dp_flows.pick(
-        "xtown", rng, n, lambda s, p: dp_flows.xt_cluster_nodes(s, SLOTS, SEED) == 0
-    )
-    return sets
 
 
 class Generator:
@@ -260,9 +141,6 @@ class Bench:
         self.ifindex: dict[str, int] = {}
         self.ksoftirqd = dp_net.ksoftirqd_pid(self.cpu)
         self.flows = flows
-        self.cports: list[int] = []
-        self.clients: dict[str, str] = {}
-        self.client_ns: dict[str, str] = {}  # the iperf3 client's namespace if not the sender
         self.bpffs: Path | None = None  # a BPF filesystem of its own for the XDP pins
         self.floor_fds: list[int] = []  # the floor programs and their links (closed: detached)
 
@@ -305,12 +183,7 @@ class Bench:
                 with netns_entered(ns):
                     self.floor_fds.append(bpfgen.xdp_link(prog, socket.if_nametoindex("r0")))
             elif v.kind in XDP_KINDS:
-                mode = "native" if v.kind == "xdp" else "generic"
-                if self.bpffs is None:  # a fresh machine has none mounted at /sys/fs/bpf
-                    self.bpffs = dp_net.mount_bpffs()
-                pins = self.bpffs / f"{ns}-pins"
-                x = XdpDataplane(spec(v.table), "r0", pins, netns=ns, mode=mode)
-                self.xdp[v.key] = x
+                x = self.attach_xdp(v.key, "native" if v.kind == "xdp" else "generic", v.table)
                 mine = owned(v.live, v.table) if v.kind == "xdp" else frozenset(range(BUCKETS))
                 if v.kind == "xdpg" and not v.live:
                     mine = frozenset()
@@ -326,6 +199,16 @@ class Bench:
             v.key: len(owned(v.live, v.table)) for v in self.variants if v.kind == "nft"
         }
         return info
+
+    def attach_xdp(self, key: str, mode: str, table: str = "factorial") -> XdpDataplane:
+        """The multihost program on the r0 of ``key``'s receiver (pinned in a BPF
+        filesystem of the bench's own), removed by :meth:`close`."""
+        if self.bpffs is None:  # a fresh machine has none mounted at /sys/fs/bpf
+            self.bpffs = dp_net.mount_bpffs()
+        ns = self.lab.receivers[key]
+        x = XdpDataplane(spec(table), "r0", self.bpffs / f"{ns}-pins", netns=ns, mode=mode)
+        self.xdp[key] = x
+        return x
 
     def close(self) -> None:
         for d in self.dataplanes:
@@ -426,148 +309,6 @@ class Bench:
             )
         return out
 
-    # --- TCP -----------------------------------------------------------------------------
-    def tcp_setup(self) -> dict[str, Any]:
-        mac = format_mac(multicast_mac(GROUP_IP))
-        i2 = self.lab.index["nft2"]
-        clients = {"none": f"198.18.{self.lab.index['none']}.1", "nft2": f"198.18.{i2}.1"}
-        ix = self.lab.index["xt"]
-        for host in range(3, 255):
-            addr = np.frombuffer(ipaddress.IPv4Address(f"198.18.{ix}.{host}").packed, np.uint8)
-            if dp_flows.xt_cluster_nodes(addr.reshape(1, 4), SLOTS, SEED)[0] == 0:
-                clients["xt"] = f"198.18.{ix}.{host}"
-                break
-        self.lab.tcp_route("none", clients["none"], None)
-        self.lab.tcp_route("nft2", clients["nft2"], mac)
-        self.lab.tcp_route("xt", clients["xt"], mac)
-        if "xdpg" in self.lab.index:  # owns every bucket: any client port is its flow
-            clients["xdpg"] = f"198.18.{self.lab.index['xdpg']}.1"
-            self.lab.tcp_route("xdpg", clients["xdpg"], mac)
-        for role in WIRE_ROLES:  # the emulated NIC: native XDP that owns every bucket
-            ns = self.lab.add(role)
-            self.client_ns[role] = self.lab.wire(role, mac if role == "wxdp" else None)
-            clients[role] = f"198.18.{self.lab.index[role]}.1"
-            if role == "wxdp":
-                if self.bpffs is None:
-                    self.bpffs = dp_net.mount_bpffs()
-                x = XdpDataplane(spec(), "r0", self.bpffs / f"{ns}-pins", netns=ns, mode="native")
-                self.xdp[role] = x
-                x.install({GROUP: GroupBuckets(owned=frozenset(range(BUCKETS)))})
-        # Ports the worst-case node owns for (nft2 client, any port, VIP, 5201): a run of 8
-        # for the control connections (the ephemeral range of the sender namespace) and
-        # single ones for the data connections (iperf3 --cport), a fresh one per run.
-        ports = np.arange(1024, 65536, dtype=np.uint16)
-        src = np.tile(
-            np.frombuffer(ipaddress.IPv4Address(clients["nft2"]).packed, np.uint8), (len(ports), 1)
-        )
-        vip = ipaddress.IPv4Address(VIP).packed
-        b = dp_flows.nft_buckets(src, ports, vip, IPERF_PORT, buckets=BUCKETS, seed=SEED)
-        ok = owned_mask(owned((0, 1)))[b]
-        starts = [i for i in range(len(ports) - 8) if ports[i] >= 40000 and ok[i : i + 8].all()]
-        run8 = int(ports[starts[0]])
-        self.cports = [int(p) for p, good in zip(ports, ok, strict=True) if good and p < 30000]
-        dp_net.ns_run(
-            self.lab.sender, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={run8} {run8 + 7}"
-        )
-        self.clients = clients
-        return {"clients": clients, "ephemeral_range": [run8, run8 + 7]}
-
-    def iperf(self, key: str, seconds: int, n: int) -> dict[str, Any]:
-        ns = self.lab.receivers[key]
-        pin = ("taskset", "-c", str(self.cpu))  # both ends on the measured CPU
-        server = self.lab.start(ns, *pin, "iperf3", "-s", "-1", "-B", VIP, "-p", str(IPERF_PORT))
-        try:
-            dp_net.wait_listen(ns, IPERF_PORT)
-            before = dp_net.snmp(ns)["Ip.InReceives"]
-            cport = self.cports[(n * 7 + self.lab.index[key]) % len(self.cports)]
-            out = dp_net.ns_run(
-                self.client_ns.get(key, self.lab.sender), *pin,
-                "iperf3", "-c", VIP, "-B", self.clients[key], "-p",
-                str(IPERF_PORT), "--cport", str(cport), "-t", str(seconds), "-J",
-                check=False,
-            )  # fmt: skip
-            skbs = dp_net.snmp(ns)["Ip.InReceives"] - before
-        finally:
-            self.lab.stop(server)
-        doc = json.loads(out)
-        if "error" in doc:
-            raise RuntimeError(f"iperf3 {key}: {doc['error']}")
-        end = doc["end"]
-        return {
-            "variant": key,
-            "gbps": end["sum_received"]["bits_per_second"] / 1e9,
-            "seconds": end["sum_received"]["seconds"],
-            # skbs through the receiver's netfilter hooks (GSO/GRO super-packets)
-            "rx_skbs_per_s": skbs / end["sum_received"]["seconds"],
-            "retransmits": end["sum_sent"].get("retransmits", 0),
-            "cpu_client_pct": end["cpu_utilization_percent"]["host_total"],
-            "cpu_server_pct": end["cpu_utilization_percent"]["remote_total"],
-            # both ends share one CPU: throughput per CPU-second they (and the softirqs
-            # run in their context) used, insensitive to time other processes take
-            "gbit_per_cpu_s": end["sum_received"]["bits_per_second"]
-            / 1e9
-            / max(
-                (
-                    end["cpu_utilization_percent"]["host_total"]
-                    + end["cpu_utilization_percent"]["remote_total"]
-                )
-                / 100,
-                1e-9,
-            ),
-        }
-
-    def tcp_program_share(self, seconds: int, runs: int) -> dict[str, Any]:
-        """The XDP program's own CPU on the emulated NIC's TCP path: ``runs`` iperf3 runs of
-        (w) XDP with the kernel's run-time statistics on (``BPF_ENABLE_STATS``), each giving
-        ns per frame and the share of the (saturated) CPU spent in the program; without the
-        program that CPU would carry 1 / (1 - share) as much, so 1 - share is the program's
-        capacity ratio on this path, measured apart from the run-to-run noise of throughput."""
-        x = self.xdp.get("wxdp")
-        if x is None or not runs:
-            return {}
-        prog_id = x.describe()["program_id"]
-        # The wire's one-call program on the same frames: what the statistics' own two clock
-        # reads add to a run (an upper bound: it includes bpf_redirect itself).
-        wire_id = libbpf.prog_id(self.lab.wire_to_node["wxdp"])
-        out: list[dict[str, float]] = []
-        stats_fd = bpfgen.enable_run_time_stats()
-        try:
-            for n in range(runs):
-                t0, c0 = _prog_stats(prog_id)
-                w0, k0 = _prog_stats(wire_id)
-                r = self.iperf("wxdp", seconds, 100 + n)
-                t1, c1 = _prog_stats(prog_id)
-                w1, k1 = _prog_stats(wire_id)
-                wall, frames = r["seconds"], max(c1 - c0, 1)
-                clock = (w1 - w0) / max(k1 - k0, 1)
-                ns = (t1 - t0) / frames
-                out.append(
-                    {
-                        "gbps": r["gbps"],
-                        "frames_per_s": frames / wall,
-                        "ns_per_frame": ns,
-                        "wire_ns_per_frame": clock,
-                        "cpu_share": ns * frames / (wall * 1e9),
-                        "cpu_share_net": max(ns - clock, 0.0) * frames / (wall * 1e9),
-                    }
-                )
-        finally:
-            bpfgen.close(stats_fd)
-        share = stats([e["cpu_share"] for e in out])
-        net = stats([e["cpu_share_net"] for e in out])
-        return {
-            "runs": out,
-            "ns_per_frame": stats([e["ns_per_frame"] for e in out]),
-            "wire_ns_per_frame": stats([e["wire_ns_per_frame"] for e in out]),
-            "frames_per_s": stats([e["frames_per_s"] for e in out]),
-            "cpu_share": share,
-            "cpu_share_net": net,
-            # raw: the program as the statistics time it (its lower bound); net: less the
-            # wire program's time, i.e. without the clock reads (its upper bound)
-            "capacity_ratio": round(1 - share["median"], 4),
-            "capacity_ratio_net": round(1 - net["median"], 4),
-        }
-
     def prog_ns(self, repeat: int = 200_000) -> dict[str, Any]:
         """The XDP program alone (``BPF_PROG_RUN`` with ``repeat``): ns per owned and per
         dropped frame, and the same for the no-filter pass-through of a non-VIP frame."""
@@ -606,274 +347,12 @@ class Bench:
         return out
 
 
-CT_ONLY = """table inet mhtB_ct {
-\tchain pre {
-\t\ttype filter hook prerouting priority -250; policy accept;
-\t\tct state invalid continue
-\t}
-}
-"""
-
-
-def _prog_stats(prog_id: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a program (0, 0 while statistics were never on)."""
-    info = json.loads(dp_net.run("bpftool", "-j", "prog", "show", "id", str(prog_id)))
-    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
-
-
 def _xdp_seen(x: XdpDataplane | None) -> int:
     """Frames the XDP program decided on (passed or dropped)."""
     if x is None:
         return 0
     c = x.counters()[GROUP]
     return c["accepted_packets"] + c["dropped_packets"]
-
-
-def min_filter(buckets: frozenset[int], bitmap: bool = False) -> str:
-    """The filter primitive alone: one jhash + set lookup rule at -300, no conntrack.
-
-    ``bitmap``: a 16-bit key (``typeof ct zone``), for which the kernel picks its bitmap set
-    (the hand-built filters of earlier measurements); else the project's 32-bit key with a
-    fixed ``size`` (the kernel's fixed-size hash set).
-    """
-    g = spec().groups[0]
-    h = jhash_expr(spec(), g, 4, has_ports=True)
-    elems = ", ".join(str(b) for b in sorted(buckets))
-    key = "typeof ct zone;" if bitmap else f"typeof meta length; size {BUCKETS};"
-    return (
-        "table inet mhtB_min {\n"
-        f"\tset owned {{ {key} elements = {{ {elems} }} }}\n"
-        "\tchain pre {\n\t\ttype filter hook prerouting priority -300; policy accept;\n"
-        f"\t\tip daddr {VIP} meta l4proto udp {h} @owned meta pkttype set host accept\n"
-        f"\t\tip daddr {VIP} drop\n\t}}\n}}\n"
-    )
-
-
-def xt_rules() -> list[list[str]]:
-    """The iptables-extensions(8) ``cluster`` example, for node 1 of 8."""
-    return [
-        [
-            "-i", "r0", "-d", VIP, "-m", "cluster", "--cluster-total-nodes", str(SLOTS),
-            "--cluster-local-node", "1", "--cluster-hash-seed", f"{SEED:#x}",
-            "-j", "MARK", "--set-mark", "0xffff",
-        ],
-        ["-i", "r0", "-d", VIP, "-m", "mark", "!", "--mark", "0xffff", "-j", "DROP"],
-    ]  # fmt: skip
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "min": round(min(values), 3),
-        "median": round(statistics.median(values), 3),
-        "max": round(max(values), 3),
-    }
-
-
-def summarise(runs: list[list[dict[str, Any]]], variants: tuple[Variant, ...]) -> dict[str, Any]:
-    """Per variant: medians and per-round ratios against the same round's no-filter run."""
-    out: dict[str, Any] = {}
-    per_round = [{r["variant"]: r for r in rnd} for rnd in runs]
-    for v in variants:
-        rows = [rnd[v.key] for rnd in per_round]
-        entry: dict[str, Any] = {
-            "label": v.label,
-            "ns_per_pkt": stats([r["ns_per_pkt"] for r in rows]),
-            "mpps_wall": stats([r["mpps_wall"] for r in rows]),
-            "mpps_loop": stats([r["mpps_loop"] for r in rows]),
-            "accepted_share": stats([r["accepted_share"] for r in rows]),
-            "loss": max(r["sent"] - r["received"] for r in rows),
-        }
-        if v.kind != "gen":
-            rx = [rnd[v.key]["ns_per_pkt"] - rnd["gen"]["ns_per_pkt"] for rnd in per_round]
-            rx_none = [rnd["none"]["ns_per_pkt"] - rnd["gen"]["ns_per_pkt"] for rnd in per_round]
-            rx_ct = [rnd["ct"]["ns_per_pkt"] - rnd["gen"]["ns_per_pkt"] for rnd in per_round]
-            entry["rx_ns_per_pkt"] = stats(rx)
-            entry["rx_mpps_capacity"] = stats([1e3 / x for x in rx])
-            entry["ratio_rx_capacity"] = stats([n / x for n, x in zip(rx_none, rx, strict=True)])
-            entry["ratio_rx_capacity_vs_ct"] = stats(
-                [c / x for c, x in zip(rx_ct, rx, strict=True)]
-            )
-            entry["ratio_e2e_pkts_per_cpu_s"] = stats(
-                [rnd["none"]["ns_per_pkt"] / rnd[v.key]["ns_per_pkt"] for rnd in per_round]
-            )
-            entry["ratio_loop_pps"] = stats(
-                [rnd[v.key]["mpps_loop"] / rnd["none"]["mpps_loop"] for rnd in per_round]
-            )
-            entry["added_ns_per_pkt"] = stats(
-                [rnd[v.key]["ns_per_pkt"] - rnd["none"]["ns_per_pkt"] for rnd in per_round]
-            )
-        out[v.key] = entry
-    return out
-
-
-def summarise_tcp(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    per_round = [{r["variant"]: r for r in rnd} for rnd in runs]
-    for key in TCP_VARIANTS:
-        base = TCP_BASE.get(key, "none")
-        out[key] = {
-            "baseline": base,
-            "gbps": stats([rnd[key]["gbps"] for rnd in per_round]),
-            "ratio": stats([rnd[key]["gbps"] / rnd[base]["gbps"] for rnd in per_round]),
-            "gbit_per_cpu_s": stats([rnd[key]["gbit_per_cpu_s"] for rnd in per_round]),
-            "ratio_per_cpu": stats(
-                [rnd[key]["gbit_per_cpu_s"] / rnd[base]["gbit_per_cpu_s"] for rnd in per_round]
-            ),
-            "retransmits": sum(rnd[key]["retransmits"] for rnd in per_round),
-            "rx_skbs_per_s": stats([rnd[key]["rx_skbs_per_s"] for rnd in per_round]),
-            "best_ratio": round(
-                max(r[key]["gbps"] for r in per_round) / max(r[base]["gbps"] for r in per_round),
-                3,
-            ),
-        }
-    return out
-
-
-def table(summary: dict[str, Any], tcp: dict[str, Any], variants: tuple[Variant, ...]) -> str:
-    head = (
-        f"{'variant':<6} {'rx ns/pkt':>9} {'rx Mpps':>8} {'capacity ratio min/med/max':>27} "
-        f"{'e2e ratio med':>13} {'loop Mpps':>9} {'accepted':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for v in variants:
-        e = summary[v.key]
-        if v.kind == "gen":
-            lines.append(
-                f"{v.key:<6} {e['ns_per_pkt']['median']:>9.1f} {'':>8} {'(generator only)':>27} "
-                f"{'':>13} {e['mpps_loop']['median']:>9.2f} {'':>8}"
-            )
-            continue
-        r = e["ratio_rx_capacity"]
-        lines.append(
-            f"{v.key:<6} {e['rx_ns_per_pkt']['median']:>9.1f} "
-            f"{e['rx_mpps_capacity']['median']:>8.2f} "
-            f"{r['min']:>9.3f} {r['median']:>8.3f} {r['max']:>8.3f} "
-            f"{e['ratio_e2e_pkts_per_cpu_s']['median']:>13.3f} "
-            f"{e['mpps_loop']['median']:>9.2f} {e['accepted_share']['median']:>8.3f}"
-        )
-    lines.append("")
-    if tcp:
-        lines.append(
-            f"{'TCP':<6} {'Gbit/s med':>10} {'ratio min/med/max':>26} "
-            f"{'per-CPU-s ratio min/med/max':>28}"
-        )
-    for key, e in tcp.items():
-        r, c = e["ratio"], e["ratio_per_cpu"]
-        lines.append(
-            f"{key:<6} {e['gbps']['median']:>10.2f} "
-            f"{r['min']:>8.3f} {r['median']:>8.3f} {r['max']:>8.3f} "
-            f"{c['min']:>10.3f} {c['median']:>8.3f} {c['max']:>8.3f}"
-        )
-    return "\n".join(lines)
-
-
-def verdicts(
-    summary: dict[str, Any],
-    tcp: dict[str, Any],
-    few: dict[str, Any],
-    share: dict[str, Any] | None = None,
-    prog_ns: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("nft8", "nft4", "nft2"):
-        r = summary[key]["ratio_rx_capacity"]
-        e = summary[key]["ratio_e2e_pkts_per_cpu_s"]
-        out[f"capacity_{key}"] = {
-            "target": CAPACITY_TARGET,
-            "median": r["median"],
-            "min": r["min"],
-            "met": r["median"] >= CAPACITY_TARGET,
-            "e2e_median": e["median"],
-            "vs_conntrack_only_median": summary[key]["ratio_rx_capacity_vs_ct"]["median"],
-        }
-    for key, target in (("xdp8", CAPACITY_TARGET), ("xdp2", CAPACITY_TARGET), ("xdpN", 3.0)):
-        if key in summary:
-            r = summary[key]["ratio_rx_capacity"]
-            out[f"capacity_{key}"] = {
-                "target": target,
-                "median": r["median"],
-                "min": r["min"],
-                "met": r["median"] >= target,
-            }
-    for key in ("xdpg", "wxdp"):  # generic XDP on GSO skbs; native XDP per MTU frame
-        if key in tcp:
-            r, c = tcp[key]["ratio"], tcp[key]["ratio_per_cpu"]
-            v: dict[str, Any] = {
-                "target": XDP_TCP_TARGET,
-                "baseline": tcp[key]["baseline"],
-                "median": r["median"],
-                "min": r["min"],
-                "per_cpu_median": c["median"],
-                "met": r["median"] >= XDP_TCP_TARGET,
-            }
-            if key == "wxdp" and share:  # as for nft2: met only if every figure agrees
-                # In the path, the statistics time the program with two clock reads that
-                # cost as much as the program here: the truth lies between raw and net.
-                v["program_capacity_ratio"] = share["capacity_ratio"]
-                v["program_capacity_ratio_net"] = share["capacity_ratio_net"]
-                v["program_ns_per_frame"] = share["ns_per_frame"]["median"]
-                # Expected from the program's own cost (BPF_PROG_RUN, owned frame) at the
-                # frame rate the path carried.
-                fps = share["frames_per_s"]["median"]
-                owned_ns = (prog_ns or {}).get("owned_ns", {}).get("median")
-                model = 1 - owned_ns * fps / 1e9 if owned_ns else share["capacity_ratio"]
-                v["model_ratio"] = round(model, 4)
-                figures = (r["median"], c["median"], model)
-                v["met"] = min(figures) >= XDP_TCP_TARGET
-                v["status"] = (
-                    "met"
-                    if v["met"]
-                    else "NOT met"
-                    if max(figures) < XDP_TCP_TARGET
-                    else "not resolved (borderline)"
-                )
-            out[f"tcp_accepted_{key}"] = v
-    if not tcp:
-        return out
-    r, c = tcp["nft2"]["ratio"], tcp["nft2"]["ratio_per_cpu"]
-    # Expected from the per-packet cost: the ruleset's added ns per skb (cache-hot pass:
-    # one flow) times the skbs per second the filter saw, as a share of one CPU.
-    per_skb = (few.get("summary") or summary)["nft2"]["added_ns_per_pkt"]["median"]
-    skbs = tcp["nft2"]["rx_skbs_per_s"]["median"]
-    model = 1 / (1 + per_skb * skbs / 1e9)
-    both = r["median"] >= ACCEPT_TARGET and c["median"] >= ACCEPT_TARGET
-    if both and r["min"] >= ACCEPT_TARGET and model >= ACCEPT_TARGET:
-        status = "met"
-    elif r["median"] < ACCEPT_TARGET and c["median"] < ACCEPT_TARGET:
-        status = "NOT met"
-    else:
-        status = "not resolved (borderline)"
-    out["tcp_accepted_nft2"] = {
-        "target": ACCEPT_TARGET,
-        "median": r["median"],
-        "min": r["min"],
-        "per_cpu_median": c["median"],
-        "model_added_ns_per_skb": round(per_skb, 1),
-        "model_skbs_per_s": round(skbs),
-        "model_ratio": round(model, 3),
-        "status": status,
-    }
-    return out
-
-
-def load_report(
-    load0: tuple[float, float, float], stat0: dict[str, int], times0: os.times_result
-) -> dict[str, Any]:
-    """The machine's load over the run: what other processes used of all CPUs."""
-    stat1, times1 = dp_net.cpu_times(None), os.times()
-    hz = os.sysconf("SC_CLK_TCK")
-    d = {k: (stat1[k] - stat0[k]) / hz for k in stat0}
-    total = sum(d.values())
-    busy = total - d["idle"] - d["iowait"]
-    ours = sum(b - a for a, b in zip(times0[:4], times1[:4], strict=True))
-    return {
-        "loadavg_start": load0,
-        "loadavg_end": os.getloadavg(),
-        "cpu_seconds_total": round(total, 1),
-        "cpu_seconds_ours": round(ours, 1),
-        "other_busy_share": round(max(busy - ours, 0) / total, 3),
-        "steal_share": round(d["steal"] / total, 4),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -890,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         default=5,
         help="(w) XDP runs with the kernel's run-time statistics on (default 5; 0: none)",
     )
+    ap.add_argument(
+        "--tcp-ab-seconds",
+        type=int,
+        help="length of the toggled A/B stream over the (w) XDP wire (default 120, quick 30; "
+        "0: none)",
+    )
     ap.add_argument("--flows", type=int, default=FLOWS, help="flows per set (a power of 2)")
     ap.add_argument("--cpu", type=int, help="CPU to pin the generator to (default: highest)")
     ap.add_argument("--no-tcp", action="store_true", help="skip the iperf3 part")
@@ -904,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     packets = args.packets or (300_000 if args.quick else 2_000_000)
     tcp_seconds = args.tcp_seconds or 2
     tcp_rounds = args.tcp_rounds or (3 if args.quick else 13)
+    ab_seconds = (
+        args.tcp_ab_seconds if args.tcp_ab_seconds is not None else 30 if args.quick else 120
+    )
     bursts = args.bursts or (4 if args.quick else 10)
     if args.flows < 2 or args.flows & (args.flows - 1):
         raise SystemExit("--flows must be a power of two >= 2")
@@ -925,13 +413,18 @@ def main(argv: list[str] | None = None) -> int:
         tcp_runs: list[list[dict[str, Any]]] = []
         tcp_info: dict[str, Any] = {}
         share: dict[str, Any] = {}
+        ab: dict[str, Any] = {}
         if not args.no_tcp:
-            tcp_info = bench.tcp_setup()
+            tcp_pass = TcpRuns(bench.lab, bench.cpu, bench.attach_xdp)
+            tcp_info = tcp_pass.setup()
             for n in range(tcp_rounds):
-                tcp_runs.append([bench.iperf(k, tcp_seconds, n) for k in TCP_VARIANTS])
+                tcp_runs.append([tcp_pass.iperf(k, tcp_seconds, n) for k in TCP_VARIANTS])
                 done = ", ".join(f"{r['variant']} {r['gbps']:.1f}" for r in tcp_runs[-1])
                 print(f"tcp round {n + 1}/{tcp_rounds} (Gbit/s): {done}", file=sys.stderr)
-            share = bench.tcp_program_share(tcp_seconds, args.tcp_stat_runs)
+            share = tcp_pass.program_share(tcp_seconds, args.tcp_stat_runs)
+            if ab_seconds:
+                print(f"tcp toggled A/B, {ab_seconds} s ...", file=sys.stderr)
+                ab = tcp_pass.toggled(ab_seconds)
     finally:
         bench.close()
     few: dict[str, Any] = {}
@@ -960,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": SEED,
             "tcp_rounds": len(tcp_runs),
             "tcp_seconds": tcp_seconds,
+            "tcp_ab_seconds": ab_seconds if not args.no_tcp else 0,
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
         },
@@ -970,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "tcp": tcp,
         "tcp_program_share": share,
-        "verdicts": verdicts(summary, tcp, few, share, prog_ns),
+        "tcp_toggled": ab,
+        "verdicts": verdicts(summary, tcp, few, share=share, prog_ns=prog_ns, toggled=ab),
         "few_flows": few,
         "filter_counters_total": counters,
         "xdp_program_ns": prog_ns,
@@ -985,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{share['cpu_share']['median']:.2%} of the CPU -> capacity "
             f"{share['capacity_ratio']:.3f} ({share['capacity_ratio_net']:.3f} less the "
             f"statistics' clock reads, {share['wire_ns_per_frame']['median']:.0f} ns/frame)"
+        )
+    if ab.get("ratio"):
+        print(
+            f"(w) XDP toggled on one stream: on / off {ab['ratio']['median']:.3f} (95 % CI "
+            f"{ab['ratio_ci95'][0]:.3f}-{ab['ratio_ci95'][1]:.3f}, {len(ab['ratios'])} on "
+            f"stretches), pooled {ab['pooled_ratio']:.3f}: {ab['on_gbps']:.2f} vs "
+            f"{ab['off_gbps']:.2f} Gbit/s"
         )
     if few:
         subset = tuple(v for v in VARIANTS if v.key in FEW_KEYS)

@@ -217,6 +217,22 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{share['wire_ns_per_frame']['median']:.0f} ns a frame)."
             )
             add("")
+        ab = result.get("tcp_toggled") or {}
+        if ab.get("ratio"):
+            v = result["verdicts"].get("tcp_accepted_wxdp", {})
+            lo, hi = ab["ratio_ci95"]
+            add(
+                f"Toggled on one stream ({result['config']['tcp_ab_seconds']} s over the (w) "
+                f"wire, the program detached and re-attached every "
+                f"{ab['interval_s'] * (ab['hold'] + 1):g} s, the first "
+                f"{ab['interval_s']:g} s after each switch not counted): each of "
+                f"{len(ab['ratios'])} stretches with the program against the two without it "
+                f"on either side, {_r(ab['ratio'])}, median 95 % interval {lo:.3f}-{hi:.3f}; "
+                f"all bytes {ab['on_gbps']:.2f} vs {ab['off_gbps']:.2f} Gbit/s "
+                f"({ab['pooled_ratio']:.3f}).  TCP >= 0.98 on native XDP: "
+                f"**{v.get('status', 'n/a')}**."
+            )
+            add("")
     add("**Verdict.**")
     add("")
     live_meds = [s[k]["ratio_rx_capacity"]["median"] for k in ("nft8", "nft4", "nft2")]
