@@ -41,8 +41,9 @@ Method (details in the generated markdown):
   own share of the saturated CPU, bounded by what the statistics' clock reads add (timed on
   the wire's one-call program): a capacity figure without the throughput's run-to-run noise.
   Last, a toggled A/B pass (``--tcp-ab-seconds``): one long stream over that wire while the
-  program is detached and re-attached every 1.25 s, each "on" stretch against the "off"
-  stretches beside it -- the comparison of the two rows without the minutes between them.
+  program is detached and re-attached every 1.5 s, the mean rate with it over the mean rate
+  without -- the comparison of the two rows without the minutes between them -- and an A/A
+  control of the same schedule with nothing switched (``--tcp-aa-seconds``).
 """
 
 from __future__ import annotations
@@ -375,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         help="length of the toggled A/B stream over the (w) XDP wire (default 120, quick 30; "
         "0: none)",
     )
+    ap.add_argument(
+        "--tcp-aa-seconds",
+        type=int,
+        help="length of the A/A control stream (the same schedule, nothing switched; "
+        "default: half the A/B stream, 0: none)",
+    )
     ap.add_argument("--flows", type=int, default=FLOWS, help="flows per set (a power of 2)")
     ap.add_argument("--cpu", type=int, help="CPU to pin the generator to (default: highest)")
     ap.add_argument("--no-tcp", action="store_true", help="skip the iperf3 part")
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ab_seconds = (
         args.tcp_ab_seconds if args.tcp_ab_seconds is not None else 30 if args.quick else 120
     )
+    aa_seconds = args.tcp_aa_seconds if args.tcp_aa_seconds is not None else ab_seconds // 2
     bursts = args.bursts or (4 if args.quick else 10)
     if args.flows < 2 or args.flows & (args.flows - 1):
         raise SystemExit("--flows must be a power of two >= 2")
@@ -414,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         tcp_info: dict[str, Any] = {}
         share: dict[str, Any] = {}
         ab: dict[str, Any] = {}
+        aa: dict[str, Any] = {}
         if not args.no_tcp:
             tcp_pass = TcpRuns(bench.lab, bench.cpu, bench.attach_xdp)
             tcp_info = tcp_pass.setup()
@@ -425,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             if ab_seconds:
                 print(f"tcp toggled A/B, {ab_seconds} s ...", file=sys.stderr)
                 ab = tcp_pass.toggled(ab_seconds)
+            if aa_seconds:
+                print(f"tcp A/A control, {aa_seconds} s ...", file=sys.stderr)
+                aa = tcp_pass.toggled(aa_seconds, control=True)
     finally:
         bench.close()
     few: dict[str, Any] = {}
@@ -454,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "tcp_rounds": len(tcp_runs),
             "tcp_seconds": tcp_seconds,
             "tcp_ab_seconds": ab_seconds if not args.no_tcp else 0,
+            "tcp_aa_seconds": aa_seconds if not args.no_tcp else 0,
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
         },
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "tcp": tcp,
         "tcp_program_share": share,
         "tcp_toggled": ab,
+        "tcp_toggled_control": aa,
         "verdicts": verdicts(summary, tcp, few, share=share, prog_ns=prog_ns, toggled=ab),
         "few_flows": few,
         "filter_counters_total": counters,
@@ -481,13 +495,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{share['capacity_ratio']:.3f} ({share['capacity_ratio_net']:.3f} less the "
             f"statistics' clock reads, {share['wire_ns_per_frame']['median']:.0f} ns/frame)"
         )
-    if ab.get("ratio"):
-        print(
-            f"(w) XDP toggled on one stream: on / off {ab['ratio']['median']:.3f} (95 % CI "
-            f"{ab['ratio_ci95'][0]:.3f}-{ab['ratio_ci95'][1]:.3f}, {len(ab['ratios'])} on "
-            f"stretches), pooled {ab['pooled_ratio']:.3f}: {ab['on_gbps']:.2f} vs "
-            f"{ab['off_gbps']:.2f} Gbit/s"
-        )
+    for name, t in (("A/B: on / off", ab), ("A/A control (nothing switched)", aa)):
+        if t.get("pooled_ci95"):
+            lo, hi = t["pooled_ci95"]
+            print(
+                f"(w) XDP toggled on one stream, {name}: {t['pooled_ratio']:.3f} (95 % "
+                f"{lo:.3f}-{hi:.3f}, {t['on_blocks']} + {t['off_blocks']} stretches; "
+                f"{t['on_gbps']:.2f} vs {t['off_gbps']:.2f} Gbit/s)"
+            )
     if few:
         subset = tuple(v for v in VARIANTS if v.key in FEW_KEYS)
         print(f"\nwith {FEW_FLOWS} flows (cache-hot):")

@@ -218,18 +218,26 @@ def markdown(result: dict[str, Any]) -> str:
             )
             add("")
         ab = result.get("tcp_toggled") or {}
-        if ab.get("ratio"):
+        if ab.get("pooled_ci95"):
             v = result["verdicts"].get("tcp_accepted_wxdp", {})
-            lo, hi = ab["ratio_ci95"]
+            aa = result.get("tcp_toggled_control") or {}
+            every = ab["interval_s"] * (ab["hold"] + ab["settle"])
+            control = (
+                f"  The A/A control (same schedule, nothing switched, {aa['seconds']} s): "
+                f"{aa['pooled_ratio']:.3f} ({aa['pooled_ci95'][0]:.3f}-"
+                f"{aa['pooled_ci95'][1]:.3f})."
+                if aa.get("pooled_ci95")
+                else ""
+            )
             add(
-                f"Toggled on one stream ({result['config']['tcp_ab_seconds']} s over the (w) "
-                f"wire, the program detached and re-attached every "
-                f"{ab['interval_s'] * (ab['hold'] + 1):g} s, the first "
-                f"{ab['interval_s']:g} s after each switch not counted): each of "
-                f"{len(ab['ratios'])} stretches with the program against the two without it "
-                f"on either side, {_r(ab['ratio'])}, median 95 % interval {lo:.3f}-{hi:.3f}; "
-                f"all bytes {ab['on_gbps']:.2f} vs {ab['off_gbps']:.2f} Gbit/s "
-                f"({ab['pooled_ratio']:.3f}).  TCP >= 0.98 on native XDP: "
+                f"Toggled on one stream ({ab['seconds']} s over the (w) wire, the program "
+                f"detached and re-attached every {every:g} s, the first "
+                f"{ab['interval_s'] * ab['settle']:g} s after each switch not counted; a "
+                f"switch took {ab['switch_ms']['median']:.0f} ms): {ab['on_gbps']:.2f} Gbit/s "
+                f"with the program against {ab['off_gbps']:.2f} without, "
+                f"**{ab['pooled_ratio']:.3f}** (95 % {ab['pooled_ci95'][0]:.3f}-"
+                f"{ab['pooled_ci95'][1]:.3f}, {ab['on_blocks']} + {ab['off_blocks']} "
+                f"stretches).{control}  TCP >= 0.98 on native XDP: "
                 f"**{v.get('status', 'n/a')}**."
             )
             add("")
