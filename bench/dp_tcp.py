@@ -120,7 +120,11 @@ class TcpRuns:
     def _server(self, key: str) -> Any:
         ns = self.lab.receivers[key]
         pin = ("taskset", "-c", str(self.cpu))
-        server = self.lab.start(ns, *pin, "iperf3", "-s", "-1", "-B", VIP, "-p", str(IPERF_PORT))
+        # -i 0: no interval reports -- nobody reads the server's stdout, and a long run's
+        # reports would fill the pipe and stop the server (and the stream) mid-run
+        server = self.lab.start(
+            ns, *pin, "iperf3", "-s", "-1", "-i", "0", "-B", VIP, "-p", str(IPERF_PORT)
+        )
         try:
             dp_net.wait_listen(ns, IPERF_PORT)
         except Exception:
