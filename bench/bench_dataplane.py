@@ -64,7 +64,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bpfgen, dp_flows, dp_net, dp_report
-from bench.dp_summary import load_report, stats, summarise, summarise_tcp, table, verdicts
+from bench.dp_summary import load_report, stats, summarise, summarise_tcp, text, verdicts
 from bench.dp_tcp import TcpRuns
 from bench.dp_variants import (
     BUCKETS,
@@ -486,27 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "tcp_runs": tcp_runs,
     }
-    print(table(summary, tcp, VARIANTS))
-    if share:
-        print(
-            f"(w) XDP program on the TCP path: {share['ns_per_frame']['median']:.0f} ns/frame, "
-            f"{share['frames_per_s']['median']:,.0f} frames/s, "
-            f"{share['cpu_share']['median']:.2%} of the CPU -> capacity "
-            f"{share['capacity_ratio']:.3f} ({share['capacity_ratio_net']:.3f} less the "
-            f"statistics' clock reads, {share['wire_ns_per_frame']['median']:.0f} ns/frame)"
-        )
-    for name, t in (("A/B: on / off", ab), ("A/A control (nothing switched)", aa)):
-        if t.get("pooled_ci95"):
-            lo, hi = t["pooled_ci95"]
-            print(
-                f"(w) XDP toggled on one stream, {name}: {t['pooled_ratio']:.3f} (95 % "
-                f"{lo:.3f}-{hi:.3f}, {t['on_blocks']} + {t['off_blocks']} stretches; "
-                f"{t['on_gbps']:.2f} vs {t['off_gbps']:.2f} Gbit/s)"
-            )
-    if few:
-        subset = tuple(v for v in VARIANTS if v.key in FEW_KEYS)
-        print(f"\nwith {FEW_FLOWS} flows (cache-hot):")
-        print(table(few["summary"], {}, subset))
+    print(text(result))
     print(json.dumps(result, separators=(",", ":")))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

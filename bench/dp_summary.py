@@ -18,8 +18,11 @@ from bench import dp_net
 from bench.dp_variants import (
     ACCEPT_TARGET,
     CAPACITY_TARGET,
+    FEW_FLOWS,
+    FEW_KEYS,
     TCP_BASE,
     TCP_VARIANTS,
+    VARIANTS,
     XDP_TCP_TARGET,
     Variant,
 )
@@ -128,6 +131,38 @@ def table(summary: dict[str, Any], tcp: dict[str, Any], variants: tuple[Variant,
             f"{r['min']:>8.3f} {r['median']:>8.3f} {r['max']:>8.3f} "
             f"{c['min']:>10.3f} {c['median']:>8.3f} {c['max']:>8.3f}"
         )
+    return "\n".join(lines)
+
+
+def text(result: dict[str, Any]) -> str:
+    """The run's plain-text report: the tables, the program's share and the toggled pass."""
+    lines = [table(result["summary"], result["tcp"], VARIANTS)]
+    share = result.get("tcp_program_share") or {}
+    if share:
+        lines.append(
+            f"(w) XDP program on the TCP path: {share['ns_per_frame']['median']:.0f} ns/frame, "
+            f"{share['frames_per_s']['median']:,.0f} frames/s, "
+            f"{share['cpu_share']['median']:.2%} of the CPU -> capacity "
+            f"{share['capacity_ratio']:.3f} ({share['capacity_ratio_net']:.3f} less the "
+            f"statistics' clock reads, {share['wire_ns_per_frame']['median']:.0f} ns/frame)"
+        )
+    for name, key in (
+        ("A/B: on / off", "tcp_toggled"),
+        ("A/A control (nothing switched)", "tcp_toggled_control"),
+    ):
+        t = result.get(key) or {}
+        if t.get("pooled_ci95"):
+            lo, hi = t["pooled_ci95"]
+            lines.append(
+                f"(w) XDP toggled on one stream, {name}: {t['pooled_ratio']:.3f} (95 % "
+                f"{lo:.3f}-{hi:.3f}, {t['on_blocks']} + {t['off_blocks']} stretches; "
+                f"{t['on_gbps']:.2f} vs {t['off_gbps']:.2f} Gbit/s)"
+            )
+    few = result.get("few_flows") or {}
+    if few:
+        subset = tuple(v for v in VARIANTS if v.key in FEW_KEYS)
+        lines.append(f"\nwith {FEW_FLOWS} flows (cache-hot):")
+        lines.append(table(few["summary"], {}, subset))
     return "\n".join(lines)
 
 
