@@ -266,11 +266,13 @@ class Lab:
             cmds.append(f"neigh replace {self.vip} lladdr {neigh_mac} dev s-{role} nud permanent")
         ip_batch(self.sender, cmds)
 
-    def start(self, ns: str, *args: str) -> subprocess.Popen[str]:
+    def start(self, ns: str, *args: str, output: bool = True) -> subprocess.Popen[str]:
+        """Start ``args`` in ``ns``; ``output``: its stdout is a pipe for the caller to read
+        (else discarded: an unread pipe fills and stops a long-running writer)."""
         assert ns.startswith(PREFIX), ns
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *args],
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if output else subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -120,10 +120,9 @@ class TcpRuns:
     def _server(self, key: str) -> Any:
         ns = self.lab.receivers[key]
         pin = ("taskset", "-c", str(self.cpu))
-        # -i 0: no interval reports -- nobody reads the server's stdout, and a long run's
-        # reports would fill the pipe and stop the server (and the stream) mid-run
+        # nobody reads the server's reports (the client's JSON carries what is used)
         server = self.lab.start(
-            ns, *pin, "iperf3", "-s", "-1", "-i", "0", "-B", VIP, "-p", str(IPERF_PORT)
+            ns, *pin, "iperf3", "-s", "-1", "-B", VIP, "-p", str(IPERF_PORT), output=False
         )
         try:
             dp_net.wait_listen(ns, IPERF_PORT)
@@ -380,7 +379,8 @@ def ab_summary(windows: list[dict[str, Any]], resamples: int = 4000) -> dict[str
 
 def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
     """Distribution-free confidence interval of the median: the order statistics at
-    n/2 -+ z * sqrt(n)/2 (the normal approximation of the binomial; whole range if n < 6)."""
+    n/2 -+ z * sqrt(n)/2 (the normal approximation of the binomial; the whole range if
+    n < 8)."""
     v = sorted(values)
     n = len(v)
     half = z * math.sqrt(n) / 2

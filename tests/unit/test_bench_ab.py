@@ -67,3 +67,8 @@ def test_pooled_interval_covers_the_true_ratio_and_excludes_none() -> None:
     flat = [(on, [x / (0.97 if on else 1.0) for x in v]) for on, v in stretches]
     lo, hi = ab_summary(windows(flat))["pooled_ci95"]
     assert lo < 1.0 < hi
+
+
+def test_median_interval_is_the_whole_range_below_eight_values() -> None:
+    assert median_ci([float(v) for v in range(7)]) == (0.0, 6.0)
+    assert median_ci([float(v) for v in range(8)]) == (1.0, 6.0)
