@@ -43,7 +43,8 @@ Method (details in the generated markdown):
   Last, a toggled A/B pass (``--tcp-ab-seconds``): one long stream over that wire while the
   program is detached and re-attached every 1.5 s, the mean rate with it over the mean rate
   without -- the comparison of the two rows without the minutes between them -- and an A/A
-  control of the same schedule with nothing switched (``--tcp-aa-seconds``).
+  control of the same schedule with nothing switched (``--tcp-aa-seconds``); optionally the
+  same with an empty XDP_PASS program, the hook's own cost (``--tcp-floor-seconds``).
 """
 
 from __future__ import annotations
@@ -382,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         help="length of the A/A control stream (the same schedule, nothing switched; "
         "default: half the A/B stream, 0: none)",
     )
+    ap.add_argument(
+        "--tcp-floor-seconds",
+        type=int,
+        default=0,
+        help="length of the toggled floor stream: an empty XDP_PASS program toggled instead "
+        "of multihost's, the cost of the XDP hook itself (default 0: none)",
+    )
     ap.add_argument("--flows", type=int, default=FLOWS, help="flows per set (a power of 2)")
     ap.add_argument("--cpu", type=int, help="CPU to pin the generator to (default: highest)")
     ap.add_argument("--no-tcp", action="store_true", help="skip the iperf3 part")
@@ -396,9 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     packets = args.packets or (300_000 if args.quick else 2_000_000)
     tcp_seconds = args.tcp_seconds or 2
     tcp_rounds = args.tcp_rounds or (3 if args.quick else 13)
-    ab_seconds = (
-        args.tcp_ab_seconds if args.tcp_ab_seconds is not None else 30 if args.quick else 120
-    )
+    ab_seconds = 30 if args.quick else 120
+    ab_seconds = args.tcp_ab_seconds if args.tcp_ab_seconds is not None else ab_seconds
     aa_seconds = args.tcp_aa_seconds if args.tcp_aa_seconds is not None else ab_seconds // 2
     bursts = args.bursts or (4 if args.quick else 10)
     if args.flows < 2 or args.flows & (args.flows - 1):
@@ -418,25 +425,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {n + 1}/{rounds} (ns/pkt): {done}", file=sys.stderr)
         counters = bench.counters()
         prog_ns = bench.prog_ns()
-        tcp_runs: list[list[dict[str, Any]]] = []
-        tcp_info: dict[str, Any] = {}
-        share: dict[str, Any] = {}
-        ab: dict[str, Any] = {}
-        aa: dict[str, Any] = {}
+        passes: dict[str, Any] = {}
         if not args.no_tcp:
-            tcp_pass = TcpRuns(bench.lab, bench.cpu, bench.attach_xdp)
-            tcp_info = tcp_pass.setup()
-            for n in range(tcp_rounds):
-                tcp_runs.append([tcp_pass.iperf(k, tcp_seconds, n) for k in TCP_VARIANTS])
-                done = ", ".join(f"{r['variant']} {r['gbps']:.1f}" for r in tcp_runs[-1])
-                print(f"tcp round {n + 1}/{tcp_rounds} (Gbit/s): {done}", file=sys.stderr)
-            share = tcp_pass.program_share(tcp_seconds, args.tcp_stat_runs)
-            if ab_seconds:
-                print(f"tcp toggled A/B, {ab_seconds} s ...", file=sys.stderr)
-                ab = tcp_pass.toggled(ab_seconds)
-            if aa_seconds:
-                print(f"tcp A/A control, {aa_seconds} s ...", file=sys.stderr)
-                aa = tcp_pass.toggled(aa_seconds, control=True)
+            passes = TcpRuns(bench.lab, bench.cpu, bench.attach_xdp).run_all(
+                TCP_VARIANTS,
+                rounds=tcp_rounds,
+                seconds=tcp_seconds,
+                stat_runs=args.tcp_stat_runs,
+                toggled={"ab": ab_seconds, "aa": aa_seconds, "floor": args.tcp_floor_seconds},
+            )
+        tcp_runs: list[list[dict[str, Any]]] = passes.get("runs", [])
+        share, ab = passes.get("share", {}), passes.get("ab", {})
     finally:
         bench.close()
     few: dict[str, Any] = {}
@@ -467,18 +466,20 @@ def main(argv: list[str] | None = None) -> int:
             "tcp_seconds": tcp_seconds,
             "tcp_ab_seconds": ab_seconds if not args.no_tcp else 0,
             "tcp_aa_seconds": aa_seconds if not args.no_tcp else 0,
+            "tcp_floor_seconds": args.tcp_floor_seconds if not args.no_tcp else 0,
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
         },
         "setup": info,
-        "tcp_setup": tcp_info,
+        "tcp_setup": passes.get("info", {}),
         "load": load_report(load0, stat0, times0),
         "elapsed_s": round(time.time() - started, 1),
         "summary": summary,
         "tcp": tcp,
         "tcp_program_share": share,
         "tcp_toggled": ab,
-        "tcp_toggled_control": aa,
+        "tcp_toggled_control": passes.get("aa", {}),
+        "tcp_toggled_floor": passes.get("floor", {}),
         "verdicts": verdicts(summary, tcp, few, share=share, prog_ns=prog_ns, toggled=ab),
         "few_flows": few,
         "filter_counters_total": counters,

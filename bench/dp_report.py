@@ -229,6 +229,13 @@ def markdown(result: dict[str, Any]) -> str:
                 if aa.get("pooled_ci95")
                 else ""
             )
+            fl = result.get("tcp_toggled_floor") or {}
+            if fl.get("pooled_ci95"):
+                control += (
+                    f"  The floor (an empty XDP_PASS program toggled instead, "
+                    f"{fl['seconds']} s): {fl['pooled_ratio']:.3f} ({fl['pooled_ci95'][0]:.3f}-"
+                    f"{fl['pooled_ci95'][1]:.3f}), the cost of the XDP hook on this path alone."
+                )
             add(
                 f"Toggled on one stream ({ab['seconds']} s over the (w) wire, the program "
                 f"detached and re-attached every {every:g} s, the first "

@@ -149,6 +149,7 @@ def text(result: dict[str, Any]) -> str:
     for name, key in (
         ("A/B: on / off", "tcp_toggled"),
         ("A/A control (nothing switched)", "tcp_toggled_control"),
+        ("floor: an empty XDP_PASS program on / off", "tcp_toggled_floor"),
     ):
         t = result.get(key) or {}
         if t.get("pooled_ci95"):

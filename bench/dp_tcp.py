@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -108,6 +109,31 @@ class TcpRuns:
         )
         self.clients = clients
         return {"clients": clients, "ephemeral_range": [run8, run8 + 7]}
+
+    def run_all(
+        self,
+        variants: tuple[str, ...],
+        *,
+        rounds: int,
+        seconds: int,
+        stat_runs: int,
+        toggled: dict[str, int],
+    ) -> dict[str, Any]:
+        """The whole TCP pass in order, with progress on stderr: set-up (``info``),
+        ``rounds`` interleaved iperf3 rounds over ``variants`` (``runs``), the program's
+        share (``share``), then the toggled streams of ``toggled`` seconds: ``ab`` (the
+        program), ``aa`` (the control), ``floor`` (the empty program); 0 skips one."""
+        out: dict[str, Any] = {"info": self.setup(), "runs": []}
+        for n in range(rounds):
+            out["runs"].append([self.iperf(k, seconds, n) for k in variants])
+            done = ", ".join(f"{r['variant']} {r['gbps']:.1f}" for r in out["runs"][-1])
+            print(f"tcp round {n + 1}/{rounds} (Gbit/s): {done}", file=sys.stderr)
+        out["share"] = self.program_share(seconds, stat_runs)
+        for key, what in (("ab", "A/B"), ("aa", "A/A control"), ("floor", "floor A/B")):
+            if toggled.get(key):
+                print(f"tcp toggled {what}, {toggled[key]} s ...", file=sys.stderr)
+                out[key] = self.toggled(toggled[key], control=key == "aa", floor=key == "floor")
+        return out
 
     def _client_args(self, key: str, n: int, seconds: int) -> tuple[str, ...]:
         cport = self.cports[(n * 7 + self.lab.index[key]) % len(self.cports)]
@@ -230,7 +256,9 @@ class TcpRuns:
         interval: float = 0.25,
         hold: int = 4,
         settle: int = 2,
+        *,
         control: bool = False,
+        floor: bool = False,
     ) -> dict[str, Any]:
         """One iperf3 stream of ``seconds`` over the (w) XDP wire, reported every
         ``interval``; after every ``settle`` + ``hold`` intervals the multihost program is
@@ -239,7 +267,9 @@ class TcpRuns:
         each switch are not counted (in a first trial the first 0.25 s after attaching
         still ran 2.5 % slower than the rest of its stretch), nor the first two of the run
         (slow start).  ``control``: the same schedule and labels, nothing switched (an A/A
-        run: what the estimate shows when there is no difference).
+        run: what the estimate shows when there is no difference).  ``floor``: an empty
+        program (``return XDP_PASS``) is toggled instead, the client sending to r0's own
+        MAC in both states: the cost of any XDP program on this path, the hook itself.
 
         The figure is the pooled ratio -- the mean rate of the "on" stretches over that of
         the "off" ones -- with a 95 % bootstrap interval over (on, off) stretch pairs; see
@@ -251,22 +281,29 @@ class TcpRuns:
         with netns_entered(ns):
             ifindex = socket.if_nametoindex("r0")
         assert x.attached is not None
-        prog_fd = libbpf.prog_fd_by_id(x.attached.program_id)
+        own_fd = libbpf.prog_fd_by_id(x.attached.program_id)
         # off: frames to r0's own MAC, as the (w) no-filter row's client resolves by ARP
         # (nothing else would make them PACKET_HOST); on: to the cluster's multicast MAC
-        macs = {
+        own = {
             False: format_mac(dp_net.mac_of(ns, "r0")),
             True: format_mac(multicast_mac(GROUP_IP)),
         }
+        prog_fd, macs = own_fd, own
         mine = os.sched_getaffinity(0)
         others = set(range(os.cpu_count() or 1)) - {self.cpu}
         if others:  # this process reads and switches; keep it off the measured CPU
             os.sched_setaffinity(0, others)
-        server = self._server("wxdp")
+        server = None
         state, skip, left = True, 2, hold  # on: attached (as set up)
         windows: list[dict[str, Any]] = []
         switch_ms: list[float] = []
         try:
+            if floor:  # the empty program needs frames to r0's own MAC in both states
+                prog_fd = bpfgen.load_action_program(bpfgen.XDP_PASS)
+                macs = {True: own[False], False: own[False]}
+                self._switch(False, ifindex, own_fd, own)
+                self._switch(True, ifindex, prog_fd, macs)
+            server = self._server("wxdp")
             client = self.lab.start(
                 self.client_ns["wxdp"],
                 *self._client_args("wxdp", 200, seconds),
@@ -295,9 +332,11 @@ class TcpRuns:
             if rc:
                 raise RuntimeError(f"iperf3 wxdp (toggled): exit {rc}: {err.strip()}")
         finally:  # attached and fed as set up, whatever happened (re-attaching is a no-op)
-            self._switch(True, ifindex, prog_fd, macs)
-            os.close(prog_fd)
-            self.lab.stop(server)
+            self._switch(True, ifindex, own_fd, own)
+            for fd in {own_fd, prog_fd}:
+                os.close(fd)
+            if server is not None:
+                self.lab.stop(server)
             os.sched_setaffinity(0, mine)
         return {
             "seconds": seconds,
@@ -305,6 +344,7 @@ class TcpRuns:
             "hold": hold,
             "settle": settle,
             "control": control,
+            "floor": floor,
             **ab_summary(windows),
             "switch_ms": stats(switch_ms) if switch_ms else None,
             "counted": [[int(w["on"]), w["start"], w["mbps"]] for w in windows],
